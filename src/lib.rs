@@ -1,0 +1,26 @@
+//! pensieve: a local LLM server that speaks the Anthropic Messages API on MLX, and never lets a
+//! request push the machine into swap or the OOM killer.
+//!
+//! The public face is the tower layers ([`layers`]), the configuration ([`config`]), the memory
+//! sampler and snapshot ([`memory`]) and the backend trait ([`backend`]). [`server::router`]
+//! assembles them; `examples/embed_hyper.rs` shows the layers in front of a handler of your own.
+
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod layers;
+pub mod memory;
+pub mod server;
+
+use backend::mlx_recheck::Recheck;
+
+/// The backend's admission re-check, from the configuration.
+pub fn backend_recheck(config: &config::Config, snapshot: memory::SnapshotHandle) -> Recheck {
+    Recheck {
+        snapshot,
+        thresholds: memory::Thresholds::from_config(&config.memory),
+        retry_after_secs: config.memory.retry_after_secs,
+    }
+}

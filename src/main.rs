@@ -1,1 +1,135 @@
-fn main(){}
+//! The `pensieve` command line: `serve`, `config`, `memory`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pensieve::config::{Config, FlagBackend, FlagServer, Flags, LogFormat};
+use pensieve::memory::{MemoryProbe, MemorySnapshot, Sampler, SystemProbe, Thresholds};
+
+#[derive(Parser)]
+#[command(
+    name = "pensieve",
+    version,
+    about = "A local LLM server that speaks the Anthropic Messages API on MLX"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Messages API.
+    Serve {
+        /// Configuration file (default: config/pensieve.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A Hugging Face id, a local folder, or `demo`.
+        #[arg(long)]
+        model: Option<String>,
+        /// Address to bind.
+        #[arg(long)]
+        host: Option<String>,
+        /// Port to bind.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Print the effective configuration and where each value came from.
+    Config {
+        /// Configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the current memory snapshot and tier, as the server would see it.
+    Memory {
+        /// Configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            model,
+            host,
+            port,
+        } => {
+            let flags = Flags {
+                server: FlagServer { host, port },
+                backend: FlagBackend { model },
+            };
+            serve(config, flags)
+        }
+        Command::Config { config } => Config::explain(config.as_deref(), &Flags::default())
+            .map(|text| print!("{text}"))
+            .map_err(|e| e.to_string()),
+        Command::Memory { config } => memory(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("pensieve: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(file: Option<PathBuf>, flags: Flags) -> Result<(), String> {
+    let config = Config::load(file.as_deref(), &flags).map_err(|e| e.to_string())?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pensieve-io")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(pensieve::server::serve(config))
+}
+
+fn memory(file: Option<PathBuf>) -> Result<(), String> {
+    let config = Config::load(file.as_deref(), &Flags::default()).map_err(|e| e.to_string())?;
+    let mut probe = SystemProbe::new().map_err(|e| e.to_string())?;
+    let reading = probe.read();
+    let snap: MemorySnapshot = Sampler::sample(
+        &mut probe,
+        &Thresholds::from_config(&config.memory),
+        &MemorySnapshot::unknown(),
+        None,
+    );
+    let cgroup = probe
+        .cgroup()
+        .map(|c| format!("{} ({:?})", c.dir.display(), c.version));
+    let out = serde_json::json!({
+        "tier": snap.tier.as_str(),
+        "accepting_requests": snap.tier.admits(),
+        "available_gb": format!("{:.2}", snap.available_gb()),
+        "total_gb": format!("{:.2}", snap.total_gb()),
+        "available_bytes": reading.available_bytes,
+        "total_bytes": reading.total_bytes,
+        "source": snap.source.as_str(),
+        "cgroup": cgroup,
+        "pressure_some_avg10": snap.pressure_some_avg10,
+        "thresholds_gb": {"warning": config.memory.warning_gb, "critical": config.memory.critical_gb,
+                          "emergency": config.memory.emergency_gb, "hysteresis": config.memory.hysteresis},
+    });
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

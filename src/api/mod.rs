@@ -1,0 +1,124 @@
+//! The HTTP API: Anthropic's Messages API and the health endpoints.
+//!
+//! Handlers parse and check the request ([`translate`]), hand it to the [`Backend`], and answer
+//! with one JSON message or a stream ([`sse`]). Every error goes through [`error::ApiError`].
+
+pub mod error;
+mod health;
+pub mod sse;
+pub mod translate;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{OriginalUri, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{HeaderMap, Method};
+
+use crate::backend::{Backend, Event};
+use crate::layers::request_id;
+use crate::memory::{SnapshotHandle, Thresholds};
+use error::{ApiError, ErrorKind};
+
+pub use health::{health, live, ready};
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The backend that generates.
+    pub backend: Arc<dyn Backend>,
+    /// The latest memory snapshot.
+    pub snapshot: SnapshotHandle,
+    /// For `/health`'s view of the tiers.
+    pub thresholds: Thresholds,
+    /// Largest body accepted, for the 413 message.
+    pub max_body_bytes: usize,
+}
+
+/// `POST /v1/messages`
+pub async fn messages(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let span = tracing::Span::current();
+    match handle_messages(&app, body, &span).await {
+        Ok(res) => res,
+        Err(e) => e.to_response(request_id(&headers)),
+    }
+}
+
+async fn handle_messages(
+    app: &AppState,
+    body: Body,
+    span: &tracing::Span,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, app.max_body_bytes).await?;
+    let req = translate::parse(&bytes)?;
+    let backend_req = translate::to_backend(&req, false)?;
+    let mut generation = app.backend.generate(backend_req)?;
+    // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
+    // memory fell while queued) is a proper HTTP error rather than an event in a 200 stream.
+    let input_tokens = match generation.events.recv().await {
+        Some(Event::Started { input_tokens }) => input_tokens,
+        Some(Event::Failed(e)) => return Err(e.into()),
+        Some(other) => {
+            tracing::error!(?other, "backend sent an event before Started");
+            return Err(ApiError::new(
+                ErrorKind::Api,
+                "the backend answered out of order",
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                ErrorKind::Api,
+                "the backend dropped the request",
+            ))
+        }
+    };
+    span.record("input_tokens", input_tokens);
+    let model = app.backend.model().to_owned();
+    if req.stream {
+        Ok(sse::response(generation, model, input_tokens, span.clone()))
+    } else {
+        Ok(Json(sse::collect(generation, model, input_tokens, span).await?).into_response())
+    }
+}
+
+/// Reads a whole body; a body over the limit of `BodyLimitLayer` is a 413.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return crate::layers::too_large(limit);
+            }
+            source = err.source();
+        }
+        ApiError::invalid(format!("could not read the request body: {e}"))
+    })
+}
+
+/// Unknown paths: 404 `not_found_error`.
+pub async fn not_found(
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+    .to_response(request_id(&headers))
+}
+
+/// Known paths with the wrong method.
+pub async fn method_not_allowed(
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .to_response(request_id(&headers))
+}

@@ -1,0 +1,356 @@
+//! Anthropic request → the backend's normalised chat, with the checks that name the field.
+
+use serde_json::json;
+
+use super::error::ApiError;
+use super::types::{Block, Content, MessagesRequest, Role};
+use crate::backend::{Chat, ChatMessage, GenerateRequest, Sampling};
+
+/// Parses a request body; the error names the field (`messages[0].content[1].type: …`).
+pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(
+            "request body is empty: expected a JSON object",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(format!("request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::invalid(format!("{inner}"))
+        } else {
+            ApiError::invalid(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// Checks values and builds the backend request.
+pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest, ApiError> {
+    if req.max_tokens == 0 {
+        return Err(ApiError::invalid("max_tokens: must be at least 1"));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages: at least one message is required",
+        ));
+    }
+    if let Some(t) = req.temperature {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(ApiError::invalid(format!(
+                "temperature: must be between 0 and 1, got {t}"
+            )));
+        }
+    }
+    if let Some(p) = req.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid(format!(
+                "top_p: must be greater than 0 and at most 1, got {p}"
+            )));
+        }
+    }
+    let mut system = match &req.system {
+        None => String::new(),
+        Some(c) => text_of(c, "system", vision)?,
+    };
+    let mut messages: Vec<ChatMessage> = Vec::with_capacity(req.messages.len() + 1);
+    for (i, m) in req.messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        match m.role {
+            // A leading system message joins the system prompt; a later one becomes user text,
+            // which every chat template accepts (many refuse a system turn mid-conversation).
+            Role::System if messages.is_empty() => {
+                let text = text_of(&m.content, &at, vision)?;
+                if !system.is_empty() && !text.is_empty() {
+                    system.push('\n');
+                }
+                system.push_str(&text);
+            }
+            Role::System | Role::User => {
+                add_user(&mut messages, &m.content, &at, vision)?;
+            }
+            Role::Assistant => {
+                messages.push(assistant(&m.content, &at, vision)?);
+            }
+        }
+    }
+    if !system.is_empty() {
+        messages.insert(0, msg("system", system));
+    }
+    let tools = (!req.tools.is_empty()).then(|| {
+        req.tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name,
+                    "description": t.description.clone().unwrap_or_default(),
+                    "parameters": t.input_schema.clone().unwrap_or_else(|| json!({"type": "object"})),
+                }})
+            })
+            .collect()
+    });
+    Ok(GenerateRequest {
+        chat: Chat { messages, tools },
+        sampling: Sampling {
+            max_tokens: req.max_tokens,
+            temperature: req.temperature.unwrap_or(1.0),
+            top_p: req.top_p.filter(|p| *p < 1.0),
+            top_k: req.top_k.filter(|k| *k > 0),
+        },
+        stop_sequences: req.stop_sequences.clone(),
+    })
+}
+
+fn msg(role: &'static str, content: String) -> ChatMessage {
+    ChatMessage {
+        role,
+        content,
+        tool_calls: Vec::new(),
+        tool_call_id: None,
+    }
+}
+
+/// Appends user content: tool results become `tool` messages, text joins the previous user
+/// message when there is one (templates expect turns to alternate).
+fn add_user(
+    out: &mut Vec<ChatMessage>,
+    content: &Content,
+    at: &str,
+    vision: bool,
+) -> Result<(), ApiError> {
+    let blocks = match content {
+        Content::Text(t) => return Ok(push_user_text(out, t.clone())),
+        Content::Blocks(b) => b,
+    };
+    let mut text = String::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let at = format!("{at}.content[{j}]");
+        match b {
+            Block::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => {
+                let mut result = match content {
+                    None => String::new(),
+                    Some(c) => text_of(c, &at, vision)?,
+                };
+                if *is_error {
+                    result = format!("Error: {result}");
+                }
+                out.push(ChatMessage {
+                    role: "tool",
+                    content: result,
+                    tool_calls: Vec::new(),
+                    tool_call_id: Some(tool_use_id.clone()),
+                });
+            }
+            other => append_block_text(&mut text, other, &at, vision)?,
+        }
+    }
+    if !text.is_empty() || blocks.is_empty() {
+        push_user_text(out, text);
+    }
+    Ok(())
+}
+
+fn push_user_text(out: &mut Vec<ChatMessage>, text: String) {
+    match out.last_mut() {
+        Some(last) if last.role == "user" => {
+            last.content.push_str("\n\n");
+            last.content.push_str(&text);
+        }
+        _ => out.push(msg("user", text)),
+    }
+}
+
+fn assistant(content: &Content, at: &str, vision: bool) -> Result<ChatMessage, ApiError> {
+    let mut m = msg("assistant", String::new());
+    let Content::Blocks(blocks) = content else {
+        m.content = text_of(content, at, vision)?;
+        return Ok(m);
+    };
+    for (j, b) in blocks.iter().enumerate() {
+        match b {
+            Block::ToolUse { id, name, input } => m.tool_calls.push(json!({
+                "id": id, "type": "function", "function": {"name": name, "arguments": input},
+            })),
+            other => {
+                append_block_text(&mut m.content, other, &format!("{at}.content[{j}]"), vision)?
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// The text of a string or of text blocks.
+fn text_of(content: &Content, at: &str, vision: bool) -> Result<String, ApiError> {
+    match content {
+        Content::Text(t) => Ok(t.clone()),
+        Content::Blocks(blocks) => {
+            let mut s = String::new();
+            for (j, b) in blocks.iter().enumerate() {
+                append_block_text(&mut s, b, &format!("{at}.content[{j}]"), vision)?;
+            }
+            Ok(s)
+        }
+    }
+}
+
+fn append_block_text(
+    out: &mut String,
+    block: &Block,
+    at: &str,
+    vision: bool,
+) -> Result<(), ApiError> {
+    let text = match block {
+        Block::Text { text } => text,
+        // Earlier reasoning is not shown to the model again, as Anthropic's API does.
+        Block::Thinking { .. } | Block::RedactedThinking { .. } => return Ok(()),
+        Block::Image { .. } if !vision => {
+            return Err(ApiError::invalid(format!(
+                "{at}: this model does not accept images (the loaded model has no vision support)"
+            )))
+        }
+        Block::Image { .. } | Block::Document { .. } => {
+            return Err(ApiError::invalid(format!(
+                "{at}: {} blocks are not supported by this server",
+                kind(block)
+            )))
+        }
+        Block::ToolUse { .. } | Block::ToolResult { .. } => {
+            return Err(ApiError::invalid(format!(
+                "{at}: a {} block is not allowed here",
+                kind(block)
+            )))
+        }
+    };
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(text);
+    Ok(())
+}
+
+fn kind(b: &Block) -> &'static str {
+    match b {
+        Block::Text { .. } => "text",
+        Block::Image { .. } => "image",
+        Block::Document { .. } => "document",
+        Block::ToolUse { .. } => "tool_use",
+        Block::ToolResult { .. } => "tool_result",
+        Block::Thinking { .. } => "thinking",
+        Block::RedactedThinking { .. } => "redacted_thinking",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: serde_json::Value) -> Result<GenerateRequest, ApiError> {
+        to_backend(&parse(body.to_string().as_bytes())?, false)
+    }
+
+    #[test]
+    fn missing_max_tokens_names_the_field() {
+        let e = parse(br#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert!(e.message.contains("max_tokens"), "{}", e.message);
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let e = parse(br#"{"model":"m","max_tokens":"x","messages":[]}"#).unwrap_err();
+        assert!(e.message.starts_with("max_tokens:"), "{}", e.message);
+        let e = parse(br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"video"}]}]}"#)
+            .unwrap_err();
+        assert!(
+            e.message.contains("messages[0].content[0]") && e.message.contains("video"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn bad_json_says_so() {
+        assert!(parse(b"{not json")
+            .unwrap_err()
+            .message
+            .contains("not valid JSON"));
+        assert!(parse(b"").unwrap_err().message.contains("empty"));
+    }
+
+    #[test]
+    fn claude_code_shapes_are_accepted() {
+        let r = chat(json!({
+            "model": "claude-opus", "max_tokens": 10, "stream": true,
+            "system": [{"type": "text", "text": "billing"}, {"type": "text", "text": "You are", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "reminder"}, {"type": "text", "text": "say hi"}]},
+                {"role": "system", "content": [{"type": "text", "text": "env", "cache_control": {"type": "ephemeral"}}], "output_config": {"effort": "medium"}},
+            ],
+            "tools": [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}}],
+            "metadata": {"user_id": "u"}, "thinking": {"type": "enabled", "budget_tokens": 100},
+            "context_management": {"edits": []}, "output_config": {"effort": "high"},
+        }))
+        .unwrap();
+        let m = &r.chat.messages;
+        assert_eq!(m[0], msg("system", "billing\nYou are".into()));
+        assert_eq!(m[1], msg("user", "reminder\nsay hi\n\nenv".into()));
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            r.chat.tools.as_ref().unwrap()[0]["function"]["name"],
+            "Bash"
+        );
+    }
+
+    #[test]
+    fn tool_history_becomes_tool_calls_and_tool_messages() {
+        let r = chat(json!({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "checking"},
+                {"type": "tool_use", "id": "tu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "tu_1", "content": [{"type": "text", "text": "rain"}]},
+                {"type": "text", "text": "and now?"}]},
+        ]}))
+        .unwrap();
+        let m = &r.chat.messages;
+        assert_eq!(m[1].tool_calls[0]["function"]["arguments"]["city"], "Oslo");
+        assert_eq!(
+            (
+                m[2].role,
+                m[2].content.as_str(),
+                m[2].tool_call_id.as_deref()
+            ),
+            ("tool", "rain", Some("tu_1"))
+        );
+        assert_eq!((m[3].role, m[3].content.as_str()), ("user", "and now?"));
+    }
+
+    #[test]
+    fn images_are_refused_by_a_model_without_vision() {
+        let e = chat(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}))
+        .unwrap_err();
+        assert!(
+            e.message.contains("images") && e.message.contains("messages[0].content[0]"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn values_out_of_range_name_the_field() {
+        let base = |k: &str, v: serde_json::Value| {
+            let mut b = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+            b[k] = v;
+            chat(b).unwrap_err().message
+        };
+        assert!(base("temperature", json!(3.0)).starts_with("temperature"));
+        assert!(base("top_p", json!(0.0)).starts_with("top_p"));
+        assert!(base("max_tokens", json!(0)).starts_with("max_tokens"));
+        assert!(base("messages", json!([])).starts_with("messages"));
+    }
+}

@@ -1,0 +1,487 @@
+//! The MLX backend: mlx-lm through PyO3, on one dedicated thread.
+//!
+//! The thread owns the embedded interpreter's `pensieve_bridge.engine.Engine`. Requests reach it
+//! over a bounded queue; events go back over a bounded tokio channel per generation. Every
+//! generation is wrapped in a [`GenerationGuard`] whose `Drop` closes the Python generator,
+//! drops it and clears the MLX cache, so the cache is emptied on success, on a Python
+//! exception, when the client goes away, on an Emergency abort and when a panic unwinds.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::PyIterator;
+use tokio::sync::mpsc;
+use tracing::Span;
+
+use super::{
+    Backend, BackendError, BackendStatus, Event, GenerateRequest, Generation, StopMatcher,
+    StopReason,
+};
+use crate::config::BackendConfig;
+use crate::layers::admission::refusal;
+use crate::memory::{BackendMemory, SnapshotHandle, Thresholds, Tier};
+
+/// Events buffered per generation before the backend waits for the client.
+const EVENT_BUFFER: usize = 64;
+/// How long the backend waits for a client that does not read before it gives up.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The MLX backend. See the [module docs](self).
+pub struct MlxBackend {
+    jobs: SyncSender<Job>,
+    shared: Arc<Shared>,
+    model: String,
+}
+
+impl std::fmt::Debug for MlxBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlxBackend")
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    ready: AtomicBool,
+    active: AtomicU32,
+    queued: AtomicUsize,
+    active_bytes: AtomicU64,
+    cache_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+    context_length: AtomicU32,
+}
+
+impl BackendMemory for Shared {
+    fn backend_memory(&self) -> Option<(u64, u64)> {
+        self.ready.load(Ordering::Relaxed).then(|| {
+            (
+                self.active_bytes.load(Ordering::Relaxed),
+                self.cache_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+struct Job {
+    request: GenerateRequest,
+    events: mpsc::Sender<Event>,
+    span: Span,
+}
+
+/// Admission settings the backend re-checks when a queued request is about to start.
+#[derive(Clone, Debug)]
+pub struct Recheck {
+    /// The published memory snapshot.
+    pub snapshot: SnapshotHandle,
+    /// The thresholds, for the refusal message.
+    pub thresholds: Thresholds,
+    /// `retry-after` of refusals.
+    pub retry_after_secs: u32,
+}
+
+impl MlxBackend {
+    /// Starts the backend thread and loads the model; returns when the model is loaded, or
+    /// with a message that says which model failed, why, and what to do.
+    pub fn start(config: &BackendConfig, recheck: Recheck) -> Result<MlxBackend, String> {
+        let venv = resolve_venv(&config.python)?;
+        let (jobs, queue) = sync_channel::<Job>(config.max_queue.max(1));
+        let shared = Arc::new(Shared::default());
+        let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
+        let model = config.model.clone();
+        std::thread::Builder::new()
+            .name("pensieve-mlx".into())
+            .spawn({
+                let shared = shared.clone();
+                let model = model.clone();
+                move || {
+                    let engine = match Python::attach(|py| load_engine(py, &venv, &model, &shared))
+                    {
+                        Ok(engine) => engine,
+                        Err(message) => {
+                            let _ = ready_tx.send(Err(message));
+                            return;
+                        }
+                    };
+                    shared.ready.store(true, Ordering::SeqCst);
+                    let _ = ready_tx.send(Ok(()));
+                    worker(engine, queue, &shared, &recheck);
+                    shared.ready.store(false, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| format!("could not start the backend thread: {e}"))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(MlxBackend {
+                jobs,
+                shared,
+                model,
+            }),
+            Ok(Err(message)) => Err(message),
+            Err(_) => Err(format!(
+                "the backend thread died while loading model `{model}`"
+            )),
+        }
+    }
+
+    /// What the memory sampler reads of the backend.
+    pub fn memory_reporter(&self) -> Arc<dyn BackendMemory> {
+        self.shared.clone()
+    }
+
+    /// The model's context length in tokens (0 when unknown).
+    pub fn context_length(&self) -> u32 {
+        self.shared.context_length.load(Ordering::Relaxed)
+    }
+}
+
+impl Backend for MlxBackend {
+    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError> {
+        if !self.shared.ready.load(Ordering::Relaxed) {
+            return Err(BackendError::NotReady);
+        }
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        match self.jobs.try_send(Job {
+            request,
+            events,
+            span: Span::current(),
+        }) {
+            Ok(()) => Ok(Generation { events: rx }),
+            Err(e) => {
+                let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+                Err(match e {
+                    TrySendError::Full(_) => BackendError::QueueFull { queued },
+                    TrySendError::Disconnected(_) => BackendError::Stopped,
+                })
+            }
+        }
+    }
+
+    fn status(&self) -> BackendStatus {
+        let s = &self.shared;
+        BackendStatus {
+            model: self.model.clone(),
+            ready: s.ready.load(Ordering::Relaxed),
+            active_generations: s.active.load(Ordering::Relaxed),
+            queued: s.queued.load(Ordering::Relaxed) as u32,
+            active_bytes: s.active_bytes.load(Ordering::Relaxed),
+            cache_bytes: s.cache_bytes.load(Ordering::Relaxed),
+            peak_bytes: s.peak_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+/// The virtual environment: as configured (relative to the working directory), else the one
+/// beside this crate's sources.
+fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
+    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join(configured);
+    [configured.to_owned(), fallback]
+        .into_iter()
+        .find(|p| p.join("lib").is_dir())
+        .ok_or_else(|| {
+            format!(
+                "the Python environment `{}` (backend.python) was not found: run `make venv` in the \
+                 pensieve checkout, or point backend.python at a venv with mlx and mlx-lm",
+                configured.display()
+            )
+        })
+}
+
+fn load_engine(
+    py: Python<'_>,
+    venv: &Path,
+    model: &str,
+    shared: &Shared,
+) -> Result<Py<PyAny>, String> {
+    let v = py.version_info();
+    let site_packages = venv
+        .join("lib")
+        .join(format!("python{}.{}", v.major, v.minor))
+        .join("site-packages");
+    if !site_packages.is_dir() {
+        return Err(format!(
+            "{} does not exist: the venv was made for another Python than the one pensieve was built \
+             against ({}); rebuild with `make build`",
+            site_packages.display(),
+            pyo3::Python::version_str()
+        ));
+    }
+    let describe = |e: PyErr| python_error(py, &e);
+    let setup = || -> PyResult<Py<PyAny>> {
+        py.import("site")?
+            .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+        let module = py.import("pensieve_bridge.engine")?;
+        let engine = module.getattr("Engine")?.call1((model,))?;
+        let info: String = engine.call_method0("describe")?.extract()?;
+        tracing::info!(%info, "model loaded");
+        let ctx: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
+        shared.context_length.store(ctx, Ordering::Relaxed);
+        refresh_memory(&engine, shared);
+        Ok(engine.unbind())
+    };
+    setup().map_err(|e| {
+        format!(
+            "could not load model `{model}`: {}\n  backend.model must be `demo`, a local folder with \
+             config.json, tokenizer and safetensors weights, or a Hugging Face id that mlx-lm can \
+             download (this needs network access). The environment used was {}.",
+            describe(e),
+            venv.display()
+        )
+    })
+}
+
+fn python_error(py: Python<'_>, e: &PyErr) -> String {
+    let tb = e
+        .traceback(py)
+        .and_then(|tb| tb.format().ok())
+        .unwrap_or_default();
+    if !tb.is_empty() {
+        tracing::debug!(traceback = %tb, "python traceback");
+    }
+    e.to_string()
+}
+
+fn refresh_memory(engine: &Bound<'_, PyAny>, shared: &Shared) {
+    match engine
+        .call_method0("memory")
+        .and_then(|m| m.extract::<(u64, u64, u64)>())
+    {
+        Ok((active, cache, peak)) => {
+            shared.active_bytes.store(active, Ordering::Relaxed);
+            shared.cache_bytes.store(cache, Ordering::Relaxed);
+            shared.peak_bytes.store(peak, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
+    }
+}
+
+fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Recheck) {
+    for job in queue {
+        shared.queued.fetch_sub(1, Ordering::SeqCst);
+        let _enter = job.span.enter();
+        if job.events.is_closed() {
+            tracing::debug!("client left while queued");
+            continue;
+        }
+        // Memory may have fallen while the request waited.
+        if let Some(err) = refusal(
+            &recheck.snapshot.load(),
+            &recheck.thresholds,
+            recheck.retry_after_secs,
+        ) {
+            let _ = job.events.try_send(Event::Failed(BackendError::Refused {
+                message: err.message,
+                retry_after_secs: recheck.retry_after_secs,
+            }));
+            continue;
+        }
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(&engine, &job, shared, recheck)));
+        // The guard inside `run` has cleared the cache by now: the client hears of the end only
+        // once the backend is idle again.
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        let last = outcome.unwrap_or_else(|_| {
+            tracing::error!("generation panicked; the cache was cleared by its guard");
+            Some(Event::Failed(BackendError::Generation(
+                "internal error in the backend".into(),
+            )))
+        });
+        if let Some(event) = last {
+            send_blocking(&job.events, event);
+        }
+    }
+}
+
+/// Closes the Python generator and clears the MLX cache when dropped, however the generation
+/// ended (see the module docs).
+struct GenerationGuard<'a> {
+    generator: Option<Py<PyAny>>,
+    engine: &'a Py<PyAny>,
+    shared: &'a Shared,
+}
+
+impl Drop for GenerationGuard<'_> {
+    fn drop(&mut self) {
+        Python::attach(|py| {
+            if let Some(generator) = self.generator.take() {
+                if let Err(e) = generator.call_method0(py, "close") {
+                    tracing::warn!(error = %e, "closing the generator raised");
+                }
+                // Its frame and locals are freed here, before the cache is cleared.
+                drop(generator);
+            }
+            let engine = self.engine.bind(py);
+            if let Err(e) = engine.call_method0("clear_cache") {
+                tracing::error!(error = %e, "clearing the MLX cache failed");
+            }
+            refresh_memory(engine, self.shared);
+        });
+    }
+}
+
+/// Sends an event while holding the GIL; waits for a slow client with the GIL released.
+fn send(py: Python<'_>, events: &mpsc::Sender<Event>, event: Event) -> bool {
+    match events.try_send(event) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(event)) => py.detach(|| send_blocking(events, event)),
+    }
+}
+
+/// Sends an event, waiting up to [`CLIENT_WRITE_TIMEOUT`] for room; `false` when the client is
+/// gone or does not read.
+fn send_blocking(events: &mpsc::Sender<Event>, mut event: Event) -> bool {
+    let deadline = Instant::now() + CLIENT_WRITE_TIMEOUT;
+    loop {
+        match events.try_send(event) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(e)) if Instant::now() < deadline => event = e,
+            Err(_) => {
+                tracing::warn!("client stopped reading; generation abandoned");
+                return false;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Runs one generation, streaming its text; returns the final event (`Done` or `Failed`),
+/// which the caller sends after the guard has cleared the cache, or `None` when the client left.
+fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Option<Event> {
+    Python::attach(|py| {
+        let mut guard = GenerationGuard {
+            generator: None,
+            engine,
+            shared,
+        };
+        let engine = engine.bind(py);
+        let events = &job.events;
+        let request = &job.request;
+        let chat = serde_json::to_string(&request.chat).expect("chat serialises");
+        let tokens = match engine
+            .call_method1("render", (chat,))
+            .and_then(|t| t.extract::<Vec<u32>>())
+        {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                let msg = format!(
+                    "the model's chat template cannot render this conversation: {}",
+                    python_error(py, &e)
+                );
+                return Some(Event::Failed(BackendError::InvalidRequest(msg)));
+            }
+        };
+        let input_tokens = tokens.len() as u32;
+        let context = shared.context_length.load(Ordering::Relaxed);
+        if context > 0 && input_tokens > context {
+            let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
+            return Some(Event::Failed(BackendError::InvalidRequest(msg)));
+        }
+        if !send(py, events, Event::Started { input_tokens }) {
+            return None;
+        }
+        let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
+        let generator = match engine.call_method1("generate", (tokens, params)) {
+            Ok(g) => g,
+            Err(e) => {
+                return Some(Event::Failed(BackendError::Generation(python_error(
+                    py, &e,
+                ))));
+            }
+        };
+        guard.generator = Some(generator.clone().unbind());
+        let mut iter = match PyIterator::from_object(&generator) {
+            Ok(it) => it,
+            Err(e) => {
+                return Some(Event::Failed(BackendError::Generation(python_error(
+                    py, &e,
+                ))));
+            }
+        };
+        let mut stops = StopMatcher::new(&request.stop_sequences);
+        let mut output_tokens = 0u32;
+        loop {
+            if events.is_closed() {
+                tracing::info!(output_tokens, "client went away; generation stopped");
+                return None;
+            }
+            let snapshot = recheck.snapshot.load();
+            if snapshot.tier == Tier::Emergency {
+                let message = format!(
+                    "generation aborted: memory tier Emergency ({:.2} GB available)",
+                    snapshot.available_gb()
+                );
+                tracing::warn!(output_tokens, "{message}");
+                let retry_after_secs = recheck.retry_after_secs;
+                return Some(Event::Failed(BackendError::Refused {
+                    message,
+                    retry_after_secs,
+                }));
+            }
+            let item = match iter.next() {
+                None => {
+                    let text = stops.finish();
+                    if !text.is_empty() {
+                        send(py, events, Event::Text(text));
+                    }
+                    return Some(Event::Done {
+                        reason: StopReason::EndTurn,
+                        stop_sequence: None,
+                        output_tokens,
+                    });
+                }
+                Some(Err(e)) => {
+                    let msg = python_error(py, &e);
+                    tracing::error!(error = %msg, output_tokens, "generation raised");
+                    return Some(Event::Failed(BackendError::Generation(msg)));
+                }
+                Some(Ok(item)) => item,
+            };
+            let (piece, finish): (String, Option<String>) = match item.extract() {
+                Ok(v) => v,
+                Err(e) => {
+                    return Some(Event::Failed(BackendError::Generation(e.to_string())));
+                }
+            };
+            output_tokens += 1;
+            let matched = stops.push(&piece);
+            if !matched.text.is_empty() && !send(py, events, Event::Text(matched.text)) {
+                return None;
+            }
+            if let Some(stop) = matched.stop {
+                let done = Event::Done {
+                    reason: StopReason::StopSequence,
+                    stop_sequence: Some(stop),
+                    output_tokens,
+                };
+                return Some(done);
+            }
+            if let Some(finish) = finish {
+                let rest = stops.finish();
+                if !rest.is_empty() && !send(py, events, Event::Text(rest)) {
+                    return None;
+                }
+                let reason = if finish == "length" {
+                    StopReason::MaxTokens
+                } else {
+                    StopReason::EndTurn
+                };
+                return Some(Event::Done {
+                    reason,
+                    stop_sequence: None,
+                    output_tokens,
+                });
+            }
+        }
+    })
+}

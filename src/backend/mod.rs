@@ -1,0 +1,170 @@
+//! The backend boundary: a normalised chat goes in, a stream of [`Event`]s comes out.
+//!
+//! [`Backend`] is what the API calls; [`MlxBackend`] is the implementation that runs mlx-lm
+//! through PyO3 on a dedicated thread. No Python object escapes [`mlx`].
+
+mod mlx;
+mod stop;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use mlx::{MlxBackend, Recheck};
+#[doc(hidden)]
+pub mod mlx_recheck {
+    pub use super::mlx::Recheck;
+}
+pub use stop::StopMatcher;
+
+/// One message of the normalised chat, as the chat template takes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: &'static str,
+    /// The text.
+    pub content: String,
+    /// Tool calls of an assistant turn (OpenAI-style, as chat templates expect).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// For `tool` messages: the call answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// The conversation and tools, ready for the chat template.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Chat {
+    /// Messages, system first when there is one.
+    pub messages: Vec<ChatMessage>,
+    /// Tool definitions (`{"type": "function", "function": {...}}`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<serde_json::Value>>,
+}
+
+/// Sampling settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Sampling {
+    /// At most this many tokens are generated.
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus sampling; `None` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Top-k sampling; `None` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+}
+
+/// One generation to run.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// What the model sees.
+    pub chat: Chat,
+    /// How it samples.
+    pub sampling: Sampling,
+    /// Generation ends when one of these appears; it is not part of the text.
+    pub stop_sequences: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model ended its turn.
+    EndTurn,
+    /// `max_tokens` was reached.
+    MaxTokens,
+    /// A stop sequence appeared.
+    StopSequence,
+}
+
+/// What a generation reports, in order: `Started`, any number of `Text`, then `Done` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The prompt is tokenised and about to be processed.
+    Started {
+        /// Prompt tokens.
+        input_tokens: u32,
+    },
+    /// Generated text (never part of a stop sequence).
+    Text(String),
+    /// The generation ended normally.
+    Done {
+        /// Why.
+        reason: StopReason,
+        /// The stop sequence that ended it.
+        stop_sequence: Option<String>,
+        /// Tokens generated.
+        output_tokens: u32,
+    },
+    /// The generation failed; nothing follows.
+    Failed(BackendError),
+}
+
+/// Why the backend cannot serve a request.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// Too many requests are waiting.
+    #[error("queue full ({queued} waiting)")]
+    QueueFull {
+        /// How many are waiting.
+        queued: usize,
+    },
+    /// The model is not loaded.
+    #[error("backend not ready")]
+    NotReady,
+    /// Refused when it was about to start (memory fell while it waited) or aborted (Emergency).
+    #[error("{message}")]
+    Refused {
+        /// Says why, with the numbers.
+        message: String,
+        /// For `retry-after`.
+        retry_after_secs: u32,
+    },
+    /// The request cannot run on this model (for example, the template refused it).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Python raised during generation.
+    #[error("{0}")]
+    Generation(String),
+    /// The backend thread is gone.
+    #[error("backend stopped")]
+    Stopped,
+}
+
+/// What `/health` shows of the backend.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BackendStatus {
+    /// The model as configured.
+    pub model: String,
+    /// Loaded and serving.
+    pub ready: bool,
+    /// Generations running now.
+    pub active_generations: u32,
+    /// Requests waiting to start.
+    pub queued: u32,
+    /// Bytes in live MLX arrays.
+    pub active_bytes: u64,
+    /// Bytes in MLX's allocator cache; 0 whenever nothing runs.
+    pub cache_bytes: u64,
+    /// Peak MLX bytes since start.
+    pub peak_bytes: u64,
+}
+
+/// A running generation: its events, in order. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct Generation {
+    /// Events from the backend thread.
+    pub events: mpsc::Receiver<Event>,
+}
+
+/// An inference backend.
+pub trait Backend: Send + Sync + 'static {
+    /// Queues a generation; fails at once when it cannot be queued.
+    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;
+    /// Counters for `/health`.
+    fn status(&self) -> BackendStatus;
+    /// The model served, as configured.
+    fn model(&self) -> &str;
+}

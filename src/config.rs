@@ -1,0 +1,526 @@
+//! Configuration: defaults, then a TOML file, then `PENSIEVE_` environment variables, then
+//! command-line flags, merged by [figment].
+//!
+//! ```no_run
+//! let config = pensieve::config::Config::load(None, &pensieve::config::Flags::default())?;
+//! assert!(config.memory.warning_gb > config.memory.critical_gb);
+//! # Ok::<(), pensieve::config::ConfigError>(())
+//! ```
+//!
+//! Environment variables use `__` between levels: `PENSIEVE_MEMORY__CRITICAL_GB=3`. Only the
+//! sections below are read from the environment, so that unrelated `PENSIEVE_*` variables do
+//! not stop start-up. Unknown keys in the file are errors: a typo must not be silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The file read when `--config` is not given (when it exists).
+pub const DEFAULT_FILE: &str = "config/pensieve.toml";
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "PENSIEVE_";
+const SECTIONS: [&str; 4] = ["server", "memory", "backend", "log"];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listening address, authentication, limits.
+    pub server: ServerConfig,
+    /// Memory sampling, tiers and their headers.
+    pub memory: MemoryConfig,
+    /// The model and the Python environment that runs it.
+    pub backend: BackendConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind; loopback unless the operator says otherwise.
+    pub host: String,
+    /// Port to bind.
+    pub port: u16,
+    /// Accepted API keys (`x-api-key` or `Authorization: Bearer`); empty: no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest request body accepted, in MiB (413 above it).
+    pub max_body_mb: u64,
+    /// Static headers added to every `/v1/` response.
+    pub headers: BTreeMap<String, String>,
+    /// How long running generations may finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 7777,
+            api_keys: Vec::new(),
+            max_body_mb: 32,
+            headers: BTreeMap::new(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// When the memory headers are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMode {
+    /// On every `/v1/` response.
+    Always,
+    /// Only on memory refusals.
+    OnReject,
+}
+
+/// `[memory]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// How often the background sampler reads memory.
+    pub sample_interval_ms: u64,
+    /// Below this many GB available: Warning.
+    pub warning_gb: f64,
+    /// Below this: Critical (new generations refused).
+    pub critical_gb: f64,
+    /// Below this: Emergency (running generations aborted too).
+    pub emergency_gb: f64,
+    /// A tier is left only when memory is this fraction above the threshold that raised it.
+    pub hysteresis: f64,
+    /// `retry-after` on memory refusals.
+    pub retry_after_secs: u32,
+    /// When the memory headers are sent.
+    pub headers: HeaderMode,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: 250,
+            warning_gb: 2.0,
+            critical_gb: 1.0,
+            emergency_gb: 0.5,
+            hysteresis: 0.1,
+            retry_after_secs: 5,
+            headers: HeaderMode::Always,
+        }
+    }
+}
+
+/// `[backend]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A Hugging Face id, a local folder, or `demo`.
+    pub model: String,
+    /// The virtual environment holding mlx and mlx-lm.
+    pub python: PathBuf,
+    /// Requests that may wait for the generation thread; more get 429.
+    pub max_queue: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            model: "demo".into(),
+            python: PathBuf::from(".venv"),
+            max_queue: 16,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `pensieve=debug`, …
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Values given on the command line; they override everything else.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Flags {
+    /// `--host`, `--port`
+    #[serde(skip_serializing_if = "FlagServer::is_empty")]
+    pub server: FlagServer,
+    /// `--model`
+    #[serde(skip_serializing_if = "FlagBackend::is_empty")]
+    pub backend: FlagBackend,
+}
+
+/// `[server]` keys settable by flags.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlagServer {
+    /// `--host`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `--port`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl FlagServer {
+    fn is_empty(&self) -> bool {
+        self.host.is_none() && self.port.is_none()
+    }
+}
+
+/// `[backend]` keys settable by flags.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlagBackend {
+    /// `--model`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl FlagBackend {
+    fn is_empty(&self) -> bool {
+        self.model.is_none()
+    }
+}
+
+/// Why the configuration cannot be used; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Figment's own error: it names the key, the expected value and the source.
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    /// A value that parses but makes no sense.
+    #[error("invalid configuration: `{key}` {problem} (set in {source_name})")]
+    Invalid {
+        /// Dotted key, e.g. `memory.critical_gb`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+        /// Where the value came from.
+        source_name: String,
+    },
+    /// `--config` names a file that does not exist.
+    #[error("invalid configuration: the file {0} given with --config does not exist")]
+    MissingFile(PathBuf),
+}
+
+/// Builds the layered figment: defaults, the TOML file, the environment, the flags.
+pub fn figment(file: Option<&Path>, flags: &Flags) -> Figment {
+    let file = file.unwrap_or(Path::new(DEFAULT_FILE));
+    Figment::from(Serialized::defaults(Config::default()))
+        .merge(Toml::file(file))
+        .merge(Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+            SECTIONS
+                .iter()
+                .any(|s| key.as_str().starts_with(&format!("{s}.")))
+        }))
+        .merge(Serialized::defaults(flags.clone()))
+}
+
+impl Config {
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, ConfigError> {
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::MissingFile(f.to_owned()));
+            }
+        }
+        let fig = figment(file, flags);
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate(&fig)?;
+        Ok(config)
+    }
+
+    fn validate(&self, fig: &Figment) -> Result<(), ConfigError> {
+        let m = &self.memory;
+        let invalid = |key: &'static str, problem: String| ConfigError::Invalid {
+            key,
+            problem,
+            source_name: describe_source(fig, key),
+        };
+        for (key, v) in [
+            ("memory.warning_gb", m.warning_gb),
+            ("memory.critical_gb", m.critical_gb),
+            ("memory.emergency_gb", m.emergency_gb),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(key, format!("must be a number of GB ≥ 0, got {v}")));
+            }
+        }
+        if m.warning_gb <= m.critical_gb {
+            return Err(invalid(
+                "memory.warning_gb",
+                format!(
+                    "({}) must be greater than memory.critical_gb ({})",
+                    m.warning_gb, m.critical_gb
+                ),
+            ));
+        }
+        if m.critical_gb <= m.emergency_gb {
+            return Err(invalid(
+                "memory.critical_gb",
+                format!(
+                    "({}) must be greater than memory.emergency_gb ({})",
+                    m.critical_gb, m.emergency_gb
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&m.hysteresis) {
+            return Err(invalid(
+                "memory.hysteresis",
+                format!("must be in [0, 1), got {}", m.hysteresis),
+            ));
+        }
+        if m.sample_interval_ms == 0 || m.sample_interval_ms > 60_000 {
+            return Err(invalid(
+                "memory.sample_interval_ms",
+                format!("must be between 1 and 60000, got {}", m.sample_interval_ms),
+            ));
+        }
+        if self.server.max_body_mb == 0 {
+            return Err(invalid("server.max_body_mb", "must be at least 1".into()));
+        }
+        if self.backend.model.trim().is_empty() {
+            return Err(invalid("backend.model", "must not be empty".into()));
+        }
+        for (name, value) in &self.server.headers {
+            if http::HeaderName::try_from(name.as_str()).is_err()
+                || http::HeaderValue::try_from(value.as_str()).is_err()
+            {
+                return Err(invalid(
+                    "server.headers",
+                    format!("`{name}: {value}` is not a valid header"),
+                ));
+            }
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every effective value with where it came from, one `key = value  # source` per line.
+    pub fn explain(file: Option<&Path>, flags: &Flags) -> Result<String, ConfigError> {
+        let config = Config::load(file, flags)?;
+        let fig = figment(file, flags);
+        let value = serde_json::to_value(&config).expect("config serialises");
+        let mut out = String::new();
+        let mut leaves = Vec::new();
+        flatten("", &value, &mut leaves);
+        for (key, v) in leaves {
+            out.push_str(&format!("{key} = {v}  # {}\n", describe_source(&fig, &key)));
+        }
+        Ok(out)
+    }
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(map) if !map.is_empty() || prefix.is_empty() => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// Where the value of `key` came from: a default, a file, an environment variable or a flag.
+fn describe_source(fig: &Figment, key: &str) -> String {
+    let Some(meta) = fig.find_metadata(key) else {
+        return "default".into();
+    };
+    if let Some(figment::Source::File(path)) = &meta.source {
+        return format!("file {}", path.display());
+    }
+    let name = meta.name.as_ref();
+    if name.contains("nvironment") {
+        return format!(
+            "environment {ENV_PREFIX}{}",
+            key.replace('.', "__").to_uppercase()
+        );
+    }
+    if name.ends_with("Flags") {
+        return "command-line flag".into();
+    }
+    "default".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None, &Flags::default()).unwrap();
+            assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 7777));
+            assert_eq!(
+                (
+                    c.memory.warning_gb,
+                    c.memory.critical_gb,
+                    c.memory.emergency_gb
+                ),
+                (2.0, 1.0, 0.5)
+            );
+            assert_eq!(c.memory.sample_interval_ms, 250);
+            assert_eq!(c.backend.model, "demo");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags_override_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                DEFAULT_FILE,
+                "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n",
+            )?;
+            jail.set_env("PENSIEVE_SERVER__PORT", "9000");
+            jail.set_env("PENSIEVE_UNRELATED", "ignored");
+            let c = Config::load(None, &Flags::default()).unwrap();
+            assert_eq!(c.memory.critical_gb, 1.5);
+            assert_eq!(c.server.port, 9000);
+            let flags = Flags {
+                server: FlagServer {
+                    port: Some(9100),
+                    host: None,
+                },
+                ..Default::default()
+            };
+            assert_eq!(Config::load(None, &flags).unwrap().server.port, 9100);
+            let text = Config::explain(None, &flags).unwrap();
+            assert!(text.contains("memory.critical_gb = 1.5  # file"), "{text}");
+            assert!(
+                text.contains("server.port = 9100  # command-line flag"),
+                "{text}"
+            );
+            assert!(
+                text.contains("memory.warning_gb = 2.0  # default"),
+                "{text}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_source_is_named_in_explain() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PENSIEVE_MEMORY__WARNING_GB", "4");
+            let text = Config::explain(None, &Flags::default()).unwrap();
+            assert!(
+                text.contains("memory.warning_gb = 4.0  # environment PENSIEVE_MEMORY__WARNING_GB"),
+                "{text}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn thresholds_out_of_order_name_the_key_and_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("my.toml", "[memory]\nwarning_gb = 1.0\ncritical_gb = 1.0\n")?;
+            let err = Config::load(Some(Path::new("my.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("memory.warning_gb"), "{err}");
+            assert!(err.contains("my.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn negative_emergency_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PENSIEVE_MEMORY__EMERGENCY_GB", "-1");
+            let err = Config::load(None, &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("memory.emergency_gb") && err.contains("environment"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_name_the_key_and_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[memory]\nwarnig_gb = 3\n")?;
+            let err = Config::load(Some(Path::new("a.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("warnig_gb") && err.contains("a.toml"), "{err}");
+            jail.create_file("b.toml", "[server]\nport = \"many\"\n")?;
+            let err = Config::load(Some(Path::new("b.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("server.port") && err.contains("b.toml"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn broken_toml_names_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[memory\n")?;
+            let err = Config::load(Some(Path::new("c.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("c.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        Jail::expect_with(|_| {
+            let err = Config::load(Some(Path::new("nope.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,189 @@
+//! Memory admission: refuse generations when the memory tier is Critical or Emergency.
+//!
+//! The layer only loads the latest [`MemorySnapshot`](crate::memory::MemorySnapshot) published
+//! by the background sampler: an atomic load, no syscall and no lock on the request path.
+//! A refusal is a 503 response with `retry-after`, the memory headers and an Anthropic
+//! `overloaded_error` body that says the tier, the memory available and the threshold.
+//!
+//! ```
+//! use pensieve::layers::AdmissionLayer;
+//! use pensieve::memory::{MemorySnapshot, SnapshotHandle, Thresholds};
+//! use pensieve::config::MemoryConfig;
+//! let snapshot = SnapshotHandle::new(MemorySnapshot::unknown());
+//! let layer = AdmissionLayer::new(snapshot, Thresholds::from_config(&MemoryConfig::default()), 5);
+//! # let _ = layer;
+//! ```
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::{memory_headers, request_id, ResponseBody, ResponseFuture};
+use crate::api::error::{ApiError, ErrorKind};
+use crate::memory::{MemorySnapshot, SnapshotHandle, Thresholds, Tier};
+
+/// Applies [`Admission`] to a service.
+#[derive(Clone, Debug)]
+pub struct AdmissionLayer {
+    snapshot: SnapshotHandle,
+    thresholds: Thresholds,
+    retry_after_secs: u32,
+}
+
+impl AdmissionLayer {
+    /// Refuses while the snapshot's tier does not admit, with `retry-after: retry_after_secs`.
+    pub fn new(snapshot: SnapshotHandle, thresholds: Thresholds, retry_after_secs: u32) -> Self {
+        Self {
+            snapshot,
+            thresholds,
+            retry_after_secs,
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Refuses requests while memory is short. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Admission<S> {
+    inner: S,
+    layer: AdmissionLayer,
+}
+
+impl<S> Admission<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// The tier a request was admitted under, in the request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmittedTier(pub Tier);
+
+/// The refusal for `snapshot`, or `None` when it admits.
+pub fn refusal(
+    snapshot: &MemorySnapshot,
+    thresholds: &Thresholds,
+    retry_after_secs: u32,
+) -> Option<ApiError> {
+    if snapshot.tier.admits() {
+        return None;
+    }
+    let threshold = thresholds.threshold_of(snapshot.tier) as f64 / crate::memory::GIB;
+    let message = format!(
+        "memory tier {}: {:.2} GB available, at or below the {} threshold of {:.2} GB; \
+         new generations are refused until memory recovers",
+        snapshot.tier,
+        snapshot.available_gb(),
+        snapshot.tier.as_str().to_lowercase(),
+        threshold,
+    );
+    Some(ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs))
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Admission<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let snapshot = self.layer.snapshot.load();
+        tracing::Span::current().record("tier", snapshot.tier.as_str());
+        match refusal(
+            &snapshot,
+            &self.layer.thresholds,
+            self.layer.retry_after_secs,
+        ) {
+            None => {
+                req.extensions_mut().insert(AdmittedTier(snapshot.tier));
+                ResponseFuture::inner(self.inner.call(req))
+            }
+            Some(err) => {
+                tracing::warn!(tier = %snapshot.tier, available_gb = snapshot.available_gb(), "refused for memory");
+                let mut res: Response<Bytes> = err.to_response(request_id(req.headers()));
+                memory_headers(res.headers_mut(), &snapshot);
+                ResponseFuture::refused(res)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MemoryConfig;
+    use crate::memory::Source;
+    use http_body_util::BodyExt;
+    use tower::{service_fn, ServiceExt};
+
+    fn snapshot(tier: Tier, gb: f64) -> MemorySnapshot {
+        MemorySnapshot {
+            tier,
+            available_bytes: (gb * crate::memory::GIB) as u64,
+            total_bytes: 16 << 30,
+            source: Source::Custom,
+            ..MemorySnapshot::unknown()
+        }
+    }
+
+    async fn call(s: MemorySnapshot) -> Response<ResponseBody<http_body_util::Full<Bytes>>> {
+        let handle = SnapshotHandle::new(s);
+        let svc = AdmissionLayer::new(handle, Thresholds::from_config(&MemoryConfig::default()), 7)
+            .layer(service_fn(|_req: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    Bytes::from("ok"),
+                )))
+            }));
+        svc.oneshot(Request::new(())).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn safe_and_warning_reach_the_inner_service() {
+        for tier in [Tier::Safe, Tier::Warning] {
+            let res = call(snapshot(tier, 3.0)).await;
+            assert_eq!(res.status(), 200);
+            assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn critical_is_a_503_with_retry_after_headers_and_an_overloaded_body() {
+        let res = call(snapshot(Tier::Critical, 0.8)).await;
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()["retry-after"], "7");
+        assert_eq!(res.headers()["x-memory-status"], "Critical");
+        assert_eq!(res.headers()["x-available-memory-gb"], "0.80");
+        let body: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["error"]["type"], "overloaded_error");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("Critical") && msg.contains("0.80 GB") && msg.contains("1.00 GB"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn emergency_is_refused_too() {
+        assert_eq!(call(snapshot(Tier::Emergency, 0.1)).await.status(), 503);
+    }
+}

@@ -1,0 +1,183 @@
+//! The background sampler: the only caller of the probe.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{MemoryProbe, MemorySnapshot, SnapshotHandle, Thresholds, Tier};
+
+/// What the backend reports of its own memory, read by the sampler on each sample.
+pub trait BackendMemory: Send + Sync + 'static {
+    /// `(active, cache)` bytes, or `None` before the backend is up.
+    fn backend_memory(&self) -> Option<(u64, u64)>;
+}
+
+/// A running sampler thread; stops when dropped.
+#[derive(Debug)]
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    /// Takes one snapshot now (so that the first request never sees an empty one), then starts
+    /// a thread that samples every `interval` and publishes into `handle`.
+    pub fn spawn(
+        mut probe: Box<dyn MemoryProbe>,
+        thresholds: Thresholds,
+        interval: Duration,
+        handle: SnapshotHandle,
+        backend: Option<Arc<dyn BackendMemory>>,
+    ) -> std::io::Result<Sampler> {
+        let first = Self::sample(
+            probe.as_mut(),
+            &thresholds,
+            &handle.load(),
+            backend.as_deref(),
+        );
+        handle.store(first);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("pensieve-memory".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(interval);
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let previous = handle.load_full();
+                        let next = Self::sample(
+                            probe.as_mut(),
+                            &thresholds,
+                            &previous,
+                            backend.as_deref(),
+                        );
+                        if next.tier != previous.tier {
+                            let level = if next.tier > previous.tier {
+                                "worse"
+                            } else {
+                                "better"
+                            };
+                            tracing::warn!(
+                                from = %previous.tier, to = %next.tier, change = level,
+                                available_gb = format_args!("{:.2}", next.available_gb()),
+                                "memory tier changed"
+                            );
+                        }
+                        handle.store(next);
+                    }
+                }
+            })?;
+        Ok(Sampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// One sample from `probe`, classified against `previous`.
+    pub fn sample(
+        probe: &mut dyn MemoryProbe,
+        thresholds: &Thresholds,
+        previous: &MemorySnapshot,
+        backend: Option<&dyn BackendMemory>,
+    ) -> MemorySnapshot {
+        let r = probe.read();
+        let prev_tier = if previous.seq == 0 {
+            Tier::Safe
+        } else {
+            previous.tier
+        };
+        let (active, cache) = match backend.and_then(|b| b.backend_memory()) {
+            Some((a, c)) => (Some(a), Some(c)),
+            None => (None, None),
+        };
+        MemorySnapshot {
+            tier: thresholds.classify(prev_tier, r.available_bytes),
+            available_bytes: r.available_bytes,
+            total_bytes: r.total_bytes,
+            source: r.source,
+            pressure_some_avg10: r.pressure_some_avg10,
+            backend_active_bytes: active,
+            backend_cache_bytes: cache,
+            seq: previous.seq + 1,
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl SnapshotHandle {
+    fn load_full(&self) -> Arc<MemorySnapshot> {
+        arc_swap::Guard::into_inner(self.load())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{ProbeReading, Source};
+    use std::sync::atomic::AtomicU64;
+
+    const GB: u64 = 1 << 30;
+
+    #[test]
+    fn sampler_publishes_tiers_with_hysteresis_from_a_probe() {
+        // A scripted probe: the one fault we cannot cause on demand is the machine running short.
+        let avail = Arc::new(AtomicU64::new(8 * GB));
+        let a = avail.clone();
+        let probe = move || ProbeReading {
+            available_bytes: a.load(Ordering::SeqCst),
+            total_bytes: 16 * GB,
+            source: Source::Custom,
+            pressure_some_avg10: None,
+        };
+        let handle = SnapshotHandle::new(MemorySnapshot::unknown());
+        let thresholds = Thresholds {
+            warning: 2 * GB,
+            critical: GB,
+            emergency: GB / 2,
+            hysteresis: 0.1,
+        };
+        let _s = Sampler::spawn(
+            Box::new(probe),
+            thresholds,
+            Duration::from_millis(5),
+            handle.clone(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(handle.load().tier, Tier::Safe);
+        assert!(handle.load().seq >= 1);
+        let wait_for = |tier: Tier| {
+            for _ in 0..400 {
+                if handle.load().tier == tier {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("tier never became {tier}: {:?}", handle.load());
+        };
+        avail.store(GB / 4, Ordering::SeqCst);
+        wait_for(Tier::Emergency);
+        avail.store(GB / 2 + GB / 50, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            handle.load().tier,
+            Tier::Emergency,
+            "inside the hysteresis band"
+        );
+        avail.store(4 * GB, Ordering::SeqCst);
+        wait_for(Tier::Safe);
+    }
+}

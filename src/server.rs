@@ -1,0 +1,161 @@
+//! Builds the layer stack around the API and serves it, with graceful shutdown.
+//!
+//! ```text
+//! request-id ─ logging ─ propagate request-id ─ catch-panic ─┬─ /health, /health/ready, /health/live
+//!                                                            └─ /v1: memory headers ─ auth ─ body limit
+//!                                                                    └─ /v1/messages: admission ─ handler
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::api::error::{ApiError, ErrorKind};
+use crate::api::{self, AppState};
+use crate::backend::{Backend, MlxBackend};
+use crate::backend_recheck;
+use crate::config::Config;
+use crate::layers::{
+    AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer,
+    REQUEST_ID,
+};
+use crate::memory::{Sampler, SnapshotHandle, SystemProbe, Thresholds};
+
+/// The whole application: routes and layers, ready for `axum::serve`.
+pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHandle) -> Router {
+    let thresholds = Thresholds::from_config(&config.memory);
+    let max_body_bytes = (config.server.max_body_mb as usize).saturating_mul(1024 * 1024);
+    let state = AppState {
+        backend,
+        snapshot: snapshot.clone(),
+        thresholds,
+        max_body_bytes,
+    };
+    let mut fixed = HeaderMap::new();
+    for (k, v) in &config.server.headers {
+        // Validated when the configuration was loaded.
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            fixed.insert(k, v);
+        }
+    }
+    let v1 = Router::new()
+        .route(
+            "/messages",
+            post(api::messages)
+                .layer(AdmissionLayer::new(
+                    snapshot.clone(),
+                    thresholds,
+                    config.memory.retry_after_secs,
+                ))
+                .fallback(api::method_not_allowed),
+        )
+        .fallback(api::not_found)
+        .layer(BodyLimitLayer::new(max_body_bytes))
+        .layer(ApiKeyLayer::new(config.server.api_keys.clone()))
+        .layer(MemoryHeadersLayer::new(
+            snapshot,
+            config.memory.headers,
+            fixed,
+        ));
+    Router::new()
+        .route(
+            "/health",
+            get(api::health).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/health/ready",
+            get(api::ready).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/health/live",
+            get(api::live).fallback(api::method_not_allowed),
+        )
+        .nest("/v1", v1)
+        .fallback(api::not_found)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_panic| {
+            tracing::error!("a handler panicked");
+            ApiError::new(ErrorKind::Api, "internal server error")
+                .to_response::<axum::body::Body>(None)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(LoggingLayer)
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
+}
+
+/// Loads the model, starts the sampler, binds and serves until SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> Result<(), String> {
+    let thresholds = Thresholds::from_config(&config.memory);
+    let snapshot = SnapshotHandle::new(crate::memory::MemorySnapshot::unknown());
+    let probe =
+        SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
+    if let Some(cg) = probe.cgroup() {
+        tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
+    }
+    let backend_config = config.backend.clone();
+    let recheck = backend_recheck(&config, snapshot.clone());
+    tracing::info!(model = %backend_config.model, "loading the model");
+    let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, recheck))
+        .await
+        .map_err(|e| format!("the model loader panicked: {e}"))??;
+    let _sampler = Sampler::spawn(
+        Box::new(probe),
+        thresholds,
+        Duration::from_millis(config.memory.sample_interval_ms),
+        snapshot.clone(),
+        Some(backend.memory_reporter()),
+    )
+    .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
+    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let app = router(&config, backend, snapshot);
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} (server.host, server.port): {e}"))?;
+    tracing::info!(%addr, "pensieve is serving");
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: no new connections; running requests may finish"
+        );
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        res = server => res.map_err(|e| format!("server error: {e}"))?,
+        _ = async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("grace period over; remaining requests are aborted"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
