@@ -233,9 +233,8 @@ pub fn figment(file: Option<&Path>, flags: &Flags) -> Figment {
     Figment::from(Serialized::defaults(Config::default()))
         .merge(Toml::file(file))
         .merge(Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
-            SECTIONS
-                .iter()
-                .any(|s| key.as_str().starts_with(&format!("{s}.")))
+            let key = key.as_str().to_ascii_lowercase();
+            SECTIONS.iter().any(|s| key.starts_with(&format!("{s}.")))
         }))
         .merge(Serialized::defaults(flags.clone()))
 }
@@ -316,12 +315,7 @@ impl Config {
                 ));
             }
         }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(invalid(
                 "log.level",
                 format!("`{}` is not a tracing filter", self.log.level),
@@ -371,10 +365,7 @@ fn describe_source(fig: &Figment, key: &str) -> String {
     }
     let name = meta.name.as_ref();
     if name.contains("nvironment") {
-        return format!(
-            "environment {ENV_PREFIX}{}",
-            key.replace('.', "__").to_uppercase()
-        );
+        return format!("environment {ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
     }
     if name.ends_with("Flags") {
         return "command-line flag".into();
@@ -393,11 +384,7 @@ mod tests {
             let c = Config::load(None, &Flags::default()).unwrap();
             assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 7777));
             assert_eq!(
-                (
-                    c.memory.warning_gb,
-                    c.memory.critical_gb,
-                    c.memory.emergency_gb
-                ),
+                (c.memory.warning_gb, c.memory.critical_gb, c.memory.emergency_gb),
                 (2.0, 1.0, 0.5)
             );
             assert_eq!(c.memory.sample_interval_ms, 250);
@@ -409,10 +396,8 @@ mod tests {
     #[test]
     fn file_then_env_then_flags_override_in_order() {
         Jail::expect_with(|jail| {
-            jail.create_file(
-                DEFAULT_FILE,
-                "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n",
-            )?;
+            jail.create_dir("config")?;
+            jail.create_file(DEFAULT_FILE, "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n")?;
             jail.set_env("PENSIEVE_SERVER__PORT", "9000");
             jail.set_env("PENSIEVE_UNRELATED", "ignored");
             let c = Config::load(None, &Flags::default()).unwrap();
@@ -428,14 +413,8 @@ mod tests {
             assert_eq!(Config::load(None, &flags).unwrap().server.port, 9100);
             let text = Config::explain(None, &flags).unwrap();
             assert!(text.contains("memory.critical_gb = 1.5  # file"), "{text}");
-            assert!(
-                text.contains("server.port = 9100  # command-line flag"),
-                "{text}"
-            );
-            assert!(
-                text.contains("memory.warning_gb = 2.0  # default"),
-                "{text}"
-            );
+            assert!(text.contains("server.port = 9100  # command-line flag"), "{text}");
+            assert!(text.contains("memory.warning_gb = 2.0  # default"), "{text}");
             Ok(())
         });
     }
@@ -470,9 +449,7 @@ mod tests {
     fn negative_emergency_is_refused() {
         Jail::expect_with(|jail| {
             jail.set_env("PENSIEVE_MEMORY__EMERGENCY_GB", "-1");
-            let err = Config::load(None, &Flags::default())
-                .unwrap_err()
-                .to_string();
+            let err = Config::load(None, &Flags::default()).unwrap_err().to_string();
             assert!(
                 err.contains("memory.emergency_gb") && err.contains("environment"),
                 "{err}"
@@ -493,10 +470,7 @@ mod tests {
             let err = Config::load(Some(Path::new("b.toml")), &Flags::default())
                 .unwrap_err()
                 .to_string();
-            assert!(
-                err.contains("server.port") && err.contains("b.toml"),
-                "{err}"
-            );
+            assert!(err.contains("server.port") && err.contains("b.toml"), "{err}");
             Ok(())
         });
     }

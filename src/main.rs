@@ -99,9 +99,7 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
         &MemorySnapshot::unknown(),
         None,
     );
-    let cgroup = probe
-        .cgroup()
-        .map(|c| format!("{} ({:?})", c.dir.display(), c.version));
+    let cgroup = probe.cgroup().map(|c| format!("{} ({:?})", c.dir.display(), c.version));
     let out = serde_json::json!({
         "tier": snap.tier.as_str(),
         "accepting_requests": snap.tier.admits(),
@@ -125,11 +123,7 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
         LogFormat::Pretty => builder.init(),
     }
 }

@@ -21,8 +21,7 @@ use crate::backend::{Backend, MlxBackend};
 use crate::backend_recheck;
 use crate::config::Config;
 use crate::layers::{
-    AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer,
-    REQUEST_ID,
+    AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer, REQUEST_ID,
 };
 use crate::memory::{Sampler, SnapshotHandle, SystemProbe, Thresholds};
 
@@ -39,10 +38,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHand
     let mut fixed = HeaderMap::new();
     for (k, v) in &config.server.headers {
         // Validated when the configuration was loaded.
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::try_from(k.as_str()),
-            HeaderValue::try_from(v.as_str()),
-        ) {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
             fixed.insert(k, v);
         }
     }
@@ -60,31 +56,17 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHand
         .fallback(api::not_found)
         .layer(BodyLimitLayer::new(max_body_bytes))
         .layer(ApiKeyLayer::new(config.server.api_keys.clone()))
-        .layer(MemoryHeadersLayer::new(
-            snapshot,
-            config.memory.headers,
-            fixed,
-        ));
+        .layer(MemoryHeadersLayer::new(snapshot, config.memory.headers, fixed));
     Router::new()
-        .route(
-            "/health",
-            get(api::health).fallback(api::method_not_allowed),
-        )
-        .route(
-            "/health/ready",
-            get(api::ready).fallback(api::method_not_allowed),
-        )
-        .route(
-            "/health/live",
-            get(api::live).fallback(api::method_not_allowed),
-        )
+        .route("/health", get(api::health).fallback(api::method_not_allowed))
+        .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))
+        .route("/health/live", get(api::live).fallback(api::method_not_allowed))
         .nest("/v1", v1)
         .fallback(api::not_found)
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_panic| {
             tracing::error!("a handler panicked");
-            ApiError::new(ErrorKind::Api, "internal server error")
-                .to_response::<axum::body::Body>(None)
+            ApiError::new(ErrorKind::Api, "internal server error").to_response::<axum::body::Body>(None)
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(LoggingLayer)
@@ -95,8 +77,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHand
 pub async fn serve(config: Config) -> Result<(), String> {
     let thresholds = Thresholds::from_config(&config.memory);
     let snapshot = SnapshotHandle::new(crate::memory::MemorySnapshot::unknown());
-    let probe =
-        SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
+    let probe = SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
     if let Some(cg) = probe.cgroup() {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }
@@ -120,6 +101,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} (server.host, server.port): {e}"))?;
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     tracing::info!(%addr, "pensieve is serving");
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

@@ -116,10 +116,7 @@ impl ApiError {
         let mut res = Response::new(B::from(self.body(request_id)));
         *res.status_mut() = self.kind.status();
         let h = res.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -133,27 +130,19 @@ impl From<BackendError> for ApiError {
         match e {
             BackendError::QueueFull { queued } => ApiError::new(
                 ErrorKind::RateLimit,
-                format!(
-                    "too many requests: {queued} are already waiting for the model; retry shortly"
-                ),
+                format!("too many requests: {queued} are already waiting for the model; retry shortly"),
             )
             .retry_after(1),
-            BackendError::NotReady => ApiError::new(
-                ErrorKind::Overloaded,
-                "the model is not loaded yet; retry shortly",
-            )
-            .retry_after(2),
+            BackendError::NotReady => {
+                ApiError::new(ErrorKind::Overloaded, "the model is not loaded yet; retry shortly").retry_after(2)
+            }
             BackendError::Refused {
                 message,
                 retry_after_secs,
             } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
-            BackendError::Generation(msg) => {
-                ApiError::new(ErrorKind::Api, format!("generation failed: {msg}"))
-            }
+            BackendError::Generation(msg) => ApiError::new(ErrorKind::Api, format!("generation failed: {msg}")),
             BackendError::InvalidRequest(msg) => ApiError::invalid(msg),
-            BackendError::Stopped => {
-                ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5)
-            }
+            BackendError::Stopped => ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5),
         }
     }
 }

@@ -59,11 +59,7 @@ pub async fn ready(State(app): State<AppState>) -> Response {
         let reason = if !backend_ready {
             "the model is not loaded".to_owned()
         } else {
-            format!(
-                "memory tier {}: {:.2} GB available",
-                snap.tier,
-                snap.available_gb()
-            )
+            format!("memory tier {}: {:.2} GB available", snap.tier, snap.available_gb())
         };
         (
             StatusCode::SERVICE_UNAVAILABLE,

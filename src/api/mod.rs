@@ -46,11 +46,7 @@ pub async fn messages(State(app): State<AppState>, headers: HeaderMap, body: Bod
     }
 }
 
-async fn handle_messages(
-    app: &AppState,
-    body: Body,
-    span: &tracing::Span,
-) -> Result<Response, ApiError> {
+async fn handle_messages(app: &AppState, body: Body, span: &tracing::Span) -> Result<Response, ApiError> {
     let bytes = read_body(body, app.max_body_bytes).await?;
     let req = translate::parse(&bytes)?;
     let backend_req = translate::to_backend(&req, false)?;
@@ -62,17 +58,9 @@ async fn handle_messages(
         Some(Event::Failed(e)) => return Err(e.into()),
         Some(other) => {
             tracing::error!(?other, "backend sent an event before Started");
-            return Err(ApiError::new(
-                ErrorKind::Api,
-                "the backend answered out of order",
-            ));
+            return Err(ApiError::new(ErrorKind::Api, "the backend answered out of order"));
         }
-        None => {
-            return Err(ApiError::new(
-                ErrorKind::Api,
-                "the backend dropped the request",
-            ))
-        }
+        None => return Err(ApiError::new(ErrorKind::Api, "the backend dropped the request")),
     };
     span.record("input_tokens", input_tokens);
     let model = app.backend.model().to_owned();
@@ -98,11 +86,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
 }
 
 /// Unknown paths: 404 `not_found_error`.
-pub async fn not_found(
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-) -> Response {
+pub async fn not_found(method: Method, OriginalUri(uri): OriginalUri, headers: HeaderMap) -> Response {
     ApiError::new(
         ErrorKind::NotFound,
         format!("no such endpoint: {method} {}", uri.path()),
@@ -111,11 +95,7 @@ pub async fn not_found(
 }
 
 /// Known paths with the wrong method.
-pub async fn method_not_allowed(
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-) -> Response {
+pub async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri, headers: HeaderMap) -> Response {
     ApiError::new(
         ErrorKind::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),

@@ -23,12 +23,7 @@ fn event(name: &'static str, data: serde_json::Value) -> Result<SseEvent, Infall
 }
 
 /// The SSE response for a generation whose `Started` event has been received.
-pub fn response(
-    mut generation: Generation,
-    model: String,
-    input_tokens: u32,
-    span: Span,
-) -> Response {
+pub fn response(mut generation: Generation, model: String, input_tokens: u32, span: Span) -> Response {
     let stream = async_stream::stream! {
         let mut start = Message::new(&model);
         start.usage = Usage { input_tokens, ..Usage::default() };

@@ -9,9 +9,7 @@ use crate::backend::{Chat, ChatMessage, GenerateRequest, Sampling};
 /// Parses a request body; the error names the field (`messages[0].content[1].type: …`).
 pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::invalid(
-            "request body is empty: expected a JSON object",
-        ));
+        return Err(ApiError::invalid("request body is empty: expected a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -33,9 +31,7 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
         return Err(ApiError::invalid("max_tokens: must be at least 1"));
     }
     if req.messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages: at least one message is required",
-        ));
+        return Err(ApiError::invalid("messages: at least one message is required"));
     }
     if let Some(t) = req.temperature {
         if !(0.0..=1.0).contains(&t) {
@@ -114,12 +110,7 @@ fn msg(role: &'static str, content: String) -> ChatMessage {
 
 /// Appends user content: tool results become `tool` messages, text joins the previous user
 /// message when there is one (templates expect turns to alternate).
-fn add_user(
-    out: &mut Vec<ChatMessage>,
-    content: &Content,
-    at: &str,
-    vision: bool,
-) -> Result<(), ApiError> {
+fn add_user(out: &mut Vec<ChatMessage>, content: &Content, at: &str, vision: bool) -> Result<(), ApiError> {
     let blocks = match content {
         Content::Text(t) => return Ok(push_user_text(out, t.clone())),
         Content::Blocks(b) => b,
@@ -177,9 +168,7 @@ fn assistant(content: &Content, at: &str, vision: bool) -> Result<ChatMessage, A
             Block::ToolUse { id, name, input } => m.tool_calls.push(json!({
                 "id": id, "type": "function", "function": {"name": name, "arguments": input},
             })),
-            other => {
-                append_block_text(&mut m.content, other, &format!("{at}.content[{j}]"), vision)?
-            }
+            other => append_block_text(&mut m.content, other, &format!("{at}.content[{j}]"), vision)?,
         }
     }
     Ok(m)
@@ -199,12 +188,7 @@ fn text_of(content: &Content, at: &str, vision: bool) -> Result<String, ApiError
     }
 }
 
-fn append_block_text(
-    out: &mut String,
-    block: &Block,
-    at: &str,
-    vision: bool,
-) -> Result<(), ApiError> {
+fn append_block_text(out: &mut String, block: &Block, at: &str, vision: bool) -> Result<(), ApiError> {
     let text = match block {
         Block::Text { text } => text,
         // Earlier reasoning is not shown to the model again, as Anthropic's API does.
@@ -275,10 +259,7 @@ mod tests {
 
     #[test]
     fn bad_json_says_so() {
-        assert!(parse(b"{not json")
-            .unwrap_err()
-            .message
-            .contains("not valid JSON"));
+        assert!(parse(b"{not json").unwrap_err().message.contains("not valid JSON"));
         assert!(parse(b"").unwrap_err().message.contains("empty"));
     }
 
@@ -300,10 +281,7 @@ mod tests {
         assert_eq!(m[0], msg("system", "billing\nYou are".into()));
         assert_eq!(m[1], msg("user", "reminder\nsay hi\n\nenv".into()));
         assert_eq!(m.len(), 2);
-        assert_eq!(
-            r.chat.tools.as_ref().unwrap()[0]["function"]["name"],
-            "Bash"
-        );
+        assert_eq!(r.chat.tools.as_ref().unwrap()[0]["function"]["name"], "Bash");
     }
 
     #[test]
@@ -319,11 +297,7 @@ mod tests {
         let m = &r.chat.messages;
         assert_eq!(m[1].tool_calls[0]["function"]["arguments"]["city"], "Oslo");
         assert_eq!(
-            (
-                m[2].role,
-                m[2].content.as_str(),
-                m[2].tool_call_id.as_deref()
-            ),
+            (m[2].role, m[2].content.as_str(), m[2].tool_call_id.as_deref()),
             ("tool", "rain", Some("tu_1"))
         );
         assert_eq!((m[3].role, m[3].content.as_str()), ("user", "and now?"));
@@ -331,8 +305,10 @@ mod tests {
 
     #[test]
     fn images_are_refused_by_a_model_without_vision() {
-        let e = chat(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}))
+        let e = chat(
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}),
+        )
         .unwrap_err();
         assert!(
             e.message.contains("images") && e.message.contains("messages[0].content[0]"),

@@ -18,10 +18,7 @@ use pyo3::types::PyIterator;
 use tokio::sync::mpsc;
 use tracing::Span;
 
-use super::{
-    Backend, BackendError, BackendStatus, Event, GenerateRequest, Generation, StopMatcher,
-    StopReason,
-};
+use super::{Backend, BackendError, BackendStatus, Event, GenerateRequest, Generation, StopMatcher, StopReason};
 use crate::config::BackendConfig;
 use crate::layers::admission::refusal;
 use crate::memory::{BackendMemory, SnapshotHandle, Thresholds, Tier};
@@ -100,8 +97,7 @@ impl MlxBackend {
                 let shared = shared.clone();
                 let model = model.clone();
                 move || {
-                    let engine = match Python::attach(|py| load_engine(py, &venv, &model, &shared))
-                    {
+                    let engine = match Python::attach(|py| load_engine(py, &venv, &model, &shared)) {
                         Ok(engine) => engine,
                         Err(message) => {
                             let _ = ready_tx.send(Err(message));
@@ -116,15 +112,9 @@ impl MlxBackend {
             })
             .map_err(|e| format!("could not start the backend thread: {e}"))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(MlxBackend {
-                jobs,
-                shared,
-                model,
-            }),
+            Ok(Ok(())) => Ok(MlxBackend { jobs, shared, model }),
             Ok(Err(message)) => Err(message),
-            Err(_) => Err(format!(
-                "the backend thread died while loading model `{model}`"
-            )),
+            Err(_) => Err(format!("the backend thread died while loading model `{model}`")),
         }
     }
 
@@ -196,12 +186,7 @@ fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
         })
 }
 
-fn load_engine(
-    py: Python<'_>,
-    venv: &Path,
-    model: &str,
-    shared: &Shared,
-) -> Result<Py<PyAny>, String> {
+fn load_engine(py: Python<'_>, venv: &Path, model: &str, shared: &Shared) -> Result<Py<PyAny>, String> {
     let v = py.version_info();
     let site_packages = venv
         .join("lib")
@@ -240,10 +225,7 @@ fn load_engine(
 }
 
 fn python_error(py: Python<'_>, e: &PyErr) -> String {
-    let tb = e
-        .traceback(py)
-        .and_then(|tb| tb.format().ok())
-        .unwrap_or_default();
+    let tb = e.traceback(py).and_then(|tb| tb.format().ok()).unwrap_or_default();
     if !tb.is_empty() {
         tracing::debug!(traceback = %tb, "python traceback");
     }
@@ -273,11 +255,7 @@ fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Re
             continue;
         }
         // Memory may have fallen while the request waited.
-        if let Some(err) = refusal(
-            &recheck.snapshot.load(),
-            &recheck.thresholds,
-            recheck.retry_after_secs,
-        ) {
+        if let Some(err) = refusal(&recheck.snapshot.load(), &recheck.thresholds, recheck.retry_after_secs) {
             let _ = job.events.try_send(Event::Failed(BackendError::Refused {
                 message: err.message,
                 retry_after_secs: recheck.retry_after_secs,
@@ -394,26 +372,21 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
         let generator = match engine.call_method1("generate", (tokens, params)) {
             Ok(g) => g,
             Err(e) => {
-                return Some(Event::Failed(BackendError::Generation(python_error(
-                    py, &e,
-                ))));
+                return Some(Event::Failed(BackendError::Generation(python_error(py, &e))));
             }
         };
         guard.generator = Some(generator.clone().unbind());
         let mut iter = match PyIterator::from_object(&generator) {
             Ok(it) => it,
             Err(e) => {
-                return Some(Event::Failed(BackendError::Generation(python_error(
-                    py, &e,
-                ))));
+                return Some(Event::Failed(BackendError::Generation(python_error(py, &e))));
             }
         };
         let mut stops = StopMatcher::new(&request.stop_sequences);
         let mut output_tokens = 0u32;
         loop {
             if events.is_closed() {
-                tracing::info!(output_tokens, "client went away; generation stopped");
-                return None;
+                return client_gone(output_tokens);
             }
             let snapshot = recheck.snapshot.load();
             if snapshot.tier == Tier::Emergency {
@@ -456,7 +429,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             output_tokens += 1;
             let matched = stops.push(&piece);
             if !matched.text.is_empty() && !send(py, events, Event::Text(matched.text)) {
-                return None;
+                return client_gone(output_tokens);
             }
             if let Some(stop) = matched.stop {
                 let done = Event::Done {
@@ -469,7 +442,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             if let Some(finish) = finish {
                 let rest = stops.finish();
                 if !rest.is_empty() && !send(py, events, Event::Text(rest)) {
-                    return None;
+                    return client_gone(output_tokens);
                 }
                 let reason = if finish == "length" {
                     StopReason::MaxTokens
@@ -484,4 +457,9 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             }
         }
     })
+}
+
+fn client_gone(output_tokens: u32) -> Option<Event> {
+    tracing::info!(output_tokens, "client went away; generation stopped");
+    None
 }

@@ -44,10 +44,7 @@ impl StopMatcher {
             let stop = stop.clone();
             let text = self.pending[..at].to_owned();
             self.pending.clear();
-            return Matched {
-                text,
-                stop: Some(stop),
-            };
+            return Matched { text, stop: Some(stop) };
         }
         // Keep the longest tail that is a proper prefix of some stop sequence.
         let keep = self
@@ -73,9 +70,7 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = (stop.len() - 1).min(text.len());
     (1..=max)
         .rev()
-        .find(|&n| {
-            text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])
-        })
+        .find(|&n| text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..]))
         .unwrap_or(0)
 }
 
@@ -104,10 +99,7 @@ mod tests {
 
     #[test]
     fn a_stop_inside_one_piece_cuts_before_it() {
-        assert_eq!(
-            run(&["END"], &["abcENDxyz"]),
-            ("abc".into(), Some("END".into()))
-        );
+        assert_eq!(run(&["END"], &["abcENDxyz"]), ("abc".into(), Some("END".into())));
     }
 
     #[test]
@@ -132,9 +124,6 @@ mod tests {
     #[test]
     fn multibyte_text_is_cut_on_char_boundaries() {
         assert_eq!(run(&["é!"], &["café", "?"]), ("café?".into(), None));
-        assert_eq!(
-            run(&["é!"], &["caf", "é", "!"]),
-            ("caf".into(), Some("é!".into()))
-        );
+        assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), Some("é!".into())));
     }
 }

@@ -73,11 +73,7 @@ impl<S> Admission<S> {
 pub struct AdmittedTier(pub Tier);
 
 /// The refusal for `snapshot`, or `None` when it admits.
-pub fn refusal(
-    snapshot: &MemorySnapshot,
-    thresholds: &Thresholds,
-    retry_after_secs: u32,
-) -> Option<ApiError> {
+pub fn refusal(snapshot: &MemorySnapshot, thresholds: &Thresholds, retry_after_secs: u32) -> Option<ApiError> {
     if snapshot.tier.admits() {
         return None;
     }
@@ -108,11 +104,7 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let snapshot = self.layer.snapshot.load();
         tracing::Span::current().record("tier", snapshot.tier.as_str());
-        match refusal(
-            &snapshot,
-            &self.layer.thresholds,
-            self.layer.retry_after_secs,
-        ) {
+        match refusal(&snapshot, &self.layer.thresholds, self.layer.retry_after_secs) {
             None => {
                 req.extensions_mut().insert(AdmittedTier(snapshot.tier));
                 ResponseFuture::inner(self.inner.call(req))
@@ -147,12 +139,11 @@ mod tests {
 
     async fn call(s: MemorySnapshot) -> Response<ResponseBody<http_body_util::Full<Bytes>>> {
         let handle = SnapshotHandle::new(s);
-        let svc = AdmissionLayer::new(handle, Thresholds::from_config(&MemoryConfig::default()), 7)
-            .layer(service_fn(|_req: Request<()>| async {
-                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                    Bytes::from("ok"),
-                )))
-            }));
+        let svc = AdmissionLayer::new(handle, Thresholds::from_config(&MemoryConfig::default()), 7).layer(service_fn(
+            |_req: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+            },
+        ));
         svc.oneshot(Request::new(())).await.unwrap()
     }
 

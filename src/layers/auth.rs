@@ -18,9 +18,7 @@ pub struct ApiKeyLayer {
 
 impl std::fmt::Debug for ApiKeyLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiKeyLayer")
-            .field("keys", &self.keys.len())
-            .finish()
+        f.debug_struct("ApiKeyLayer").field("keys", &self.keys.len()).finish()
     }
 }
 
@@ -68,9 +66,10 @@ impl ApiKeyLayer {
             ));
         };
         // Compare with every key, without stopping early, so timing says nothing about which.
-        let ok = self.keys.iter().fold(subtle::Choice::from(0), |acc, k| {
-            acc | k.as_slice().ct_eq(presented)
-        });
+        let ok = self
+            .keys
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, k| acc | k.as_slice().ct_eq(presented));
         if bool::from(ok) {
             Ok(())
         } else {
@@ -106,19 +105,13 @@ mod tests {
     use tower::{service_fn, ServiceExt};
 
     async fn status(keys: &[&str], header: Option<(&str, &str)>) -> u16 {
-        let svc = ApiKeyLayer::new(keys.iter().map(|k| k.to_string())).layer(service_fn(
-            |_r: Request<()>| async {
-                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                    Bytes::new(),
-                )))
-            },
-        ));
+        let svc = ApiKeyLayer::new(keys.iter().map(|k| k.to_string())).layer(service_fn(|_r: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::new())))
+        }));
         let mut req = Request::new(());
         if let Some((k, v)) = header {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            req.headers_mut()
+                .insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         svc.oneshot(req).await.unwrap().status().as_u16()
     }
@@ -131,15 +124,9 @@ mod tests {
     #[tokio::test]
     async fn x_api_key_and_bearer_both_work_and_wrong_keys_do_not() {
         assert_eq!(status(&["k1", "k2"], Some(("x-api-key", "k2"))).await, 200);
-        assert_eq!(
-            status(&["k1"], Some(("authorization", "Bearer k1"))).await,
-            200
-        );
+        assert_eq!(status(&["k1"], Some(("authorization", "Bearer k1"))).await, 200);
         assert_eq!(status(&["k1"], Some(("x-api-key", "k"))).await, 401);
-        assert_eq!(
-            status(&["k1"], Some(("authorization", "Basic k1"))).await,
-            401
-        );
+        assert_eq!(status(&["k1"], Some(("authorization", "Basic k1"))).await, 401);
         assert_eq!(status(&["k1"], None).await, 401);
     }
 }

@@ -29,9 +29,7 @@ impl<B> ResponseBody<B> {
 
 impl<B> From<Bytes> for ResponseBody<B> {
     fn from(bytes: Bytes) -> Self {
-        ResponseBody::Refusal {
-            body: Full::new(bytes),
-        }
+        ResponseBody::Refusal { body: Full::new(bytes) }
     }
 }
 
@@ -42,15 +40,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project() {
             ResponseBodyProj::Inner { body } => body.poll_frame(cx),
-            ResponseBodyProj::Refusal { body } => {
-                body.poll_frame(cx).map_err(|never| match never {})
-            }
+            ResponseBodyProj::Refusal { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
 

@@ -92,10 +92,7 @@ where
         let _enter = this.span.enter();
         let res = ready!(this.future.poll(cx))?;
         this.span.record("status", res.status().as_u16());
-        let error = res
-            .extensions()
-            .get::<ApiError>()
-            .map(|e| e.message.clone());
+        let error = res.extensions().get::<ApiError>().map(|e| e.message.clone());
         let done = Done {
             span: this.span.clone(),
             start: *this.start,
@@ -142,10 +139,7 @@ impl<B: Body<Data = Bytes>> Body for LoggedBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         self.project().body.poll_frame(cx)
     }
 

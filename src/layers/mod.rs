@@ -45,10 +45,7 @@ pub fn request_id(headers: &HeaderMap) -> Option<&str> {
 
 /// Sets both memory headers from `snapshot`.
 pub fn memory_headers(headers: &mut HeaderMap, snapshot: &MemorySnapshot) {
-    headers.insert(
-        X_MEMORY_STATUS,
-        HeaderValue::from_static(snapshot.tier.as_str()),
-    );
+    headers.insert(X_MEMORY_STATUS, HeaderValue::from_static(snapshot.tier.as_str()));
     let gb = format!("{:.2}", snapshot.available_gb());
     headers.insert(
         X_AVAILABLE_MEMORY_GB,
@@ -61,13 +58,8 @@ pub fn memory_headers(headers: &mut HeaderMap, snapshot: &MemorySnapshot) {
 pub struct MakeRequestId;
 
 impl tower_http::request_id::MakeRequestId for MakeRequestId {
-    fn make_request_id<B>(
-        &mut self,
-        _: &http::Request<B>,
-    ) -> Option<tower_http::request_id::RequestId> {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<tower_http::request_id::RequestId> {
         let id = format!("req_{}", uuid::Uuid::new_v4().simple());
-        Some(tower_http::request_id::RequestId::new(
-            HeaderValue::from_str(&id).ok()?,
-        ))
+        Some(tower_http::request_id::RequestId::new(HeaderValue::from_str(&id).ok()?))
     }
 }

@@ -59,11 +59,7 @@ impl SystemProbe {
             .ok()
             .and_then(|t| psi_some_avg10(&t))
             .map(|_| psi.to_owned());
-        Ok(Self {
-            system,
-            cgroup,
-            psi,
-        })
+        Ok(Self { system, cgroup, psi })
     }
 
     /// The cgroup found at start-up, if any (with or without a limit).
@@ -186,8 +182,8 @@ pub mod cgroup {
                     if let Some(h) = stat_value(&stat, "hierarchical_memory_limit") {
                         limit = limit.min(h);
                     }
-                    let inactive = stat_value(&stat, "total_inactive_file")
-                        .or_else(|| stat_value(&stat, "inactive_file"));
+                    let inactive =
+                        stat_value(&stat, "total_inactive_file").or_else(|| stat_value(&stat, "inactive_file"));
                     (limit, num("memory.usage_in_bytes")?, inactive)
                 }
                 Version::V2 => {
@@ -197,11 +193,7 @@ pub mod cgroup {
                     } else {
                         max.trim().parse().ok()?
                     };
-                    (
-                        limit,
-                        num("memory.current")?,
-                        stat_value(&stat, "inactive_file"),
-                    )
+                    (limit, num("memory.current")?, stat_value(&stat, "inactive_file"))
                 }
             };
             if limit >= UNLIMITED {
@@ -297,11 +289,7 @@ mod tests {
         let dir = root.path().join("user.slice/app");
         write(&dir, "memory.max", "536870912\n");
         write(&dir, "memory.current", "300000000\n");
-        write(
-            &dir,
-            "memory.stat",
-            "anon 1\nfile 2\ninactive_file 50000000\n",
-        );
+        write(&dir, "memory.stat", "anon 1\nfile 2\ninactive_file 50000000\n");
         let cg = Cgroup::discover("0::/user.slice/app\n", root.path()).unwrap();
         assert_eq!(cg.version, Version::V2);
         assert_eq!(
@@ -329,10 +317,7 @@ mod tests {
     #[test]
     fn no_memory_files_means_no_cgroup() {
         let root = tempfile::tempdir().unwrap();
-        assert_eq!(
-            Cgroup::discover("4:memory:/gone\n0::/\n", root.path()),
-            None
-        );
+        assert_eq!(Cgroup::discover("4:memory:/gone\n0::/\n", root.path()), None);
     }
 
     #[test]

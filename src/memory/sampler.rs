@@ -30,47 +30,31 @@ impl Sampler {
         handle: SnapshotHandle,
         backend: Option<Arc<dyn BackendMemory>>,
     ) -> std::io::Result<Sampler> {
-        let first = Self::sample(
-            probe.as_mut(),
-            &thresholds,
-            &handle.load(),
-            backend.as_deref(),
-        );
+        let first = Self::sample(probe.as_mut(), &thresholds, &handle.load(), backend.as_deref());
         handle.store(first);
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name("pensieve-memory".into())
-            .spawn({
-                let stop = stop.clone();
-                move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::park_timeout(interval);
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let previous = handle.load_full();
-                        let next = Self::sample(
-                            probe.as_mut(),
-                            &thresholds,
-                            &previous,
-                            backend.as_deref(),
-                        );
-                        if next.tier != previous.tier {
-                            let level = if next.tier > previous.tier {
-                                "worse"
-                            } else {
-                                "better"
-                            };
-                            tracing::warn!(
-                                from = %previous.tier, to = %next.tier, change = level,
-                                available_gb = format_args!("{:.2}", next.available_gb()),
-                                "memory tier changed"
-                            );
-                        }
-                        handle.store(next);
+        let thread = std::thread::Builder::new().name("pensieve-memory".into()).spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(interval);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
+                    let previous = handle.load_full();
+                    let next = Self::sample(probe.as_mut(), &thresholds, &previous, backend.as_deref());
+                    if next.tier != previous.tier {
+                        let level = if next.tier > previous.tier { "worse" } else { "better" };
+                        tracing::warn!(
+                            from = %previous.tier, to = %next.tier, change = level,
+                            available_gb = format_args!("{:.2}", next.available_gb()),
+                            "memory tier changed"
+                        );
+                    }
+                    handle.store(next);
                 }
-            })?;
+            }
+        })?;
         Ok(Sampler {
             stop,
             thread: Some(thread),
@@ -85,11 +69,7 @@ impl Sampler {
         backend: Option<&dyn BackendMemory>,
     ) -> MemorySnapshot {
         let r = probe.read();
-        let prev_tier = if previous.seq == 0 {
-            Tier::Safe
-        } else {
-            previous.tier
-        };
+        let prev_tier = if previous.seq == 0 { Tier::Safe } else { previous.tier };
         let (active, cache) = match backend.and_then(|b| b.backend_memory()) {
             Some((a, c)) => (Some(a), Some(c)),
             None => (None, None),
@@ -172,11 +152,7 @@ mod tests {
         wait_for(Tier::Emergency);
         avail.store(GB / 2 + GB / 50, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(
-            handle.load().tier,
-            Tier::Emergency,
-            "inside the hysteresis band"
-        );
+        assert_eq!(handle.load().tier, Tier::Emergency, "inside the hysteresis band");
         avail.store(4 * GB, Ordering::SeqCst);
         wait_for(Tier::Safe);
     }

@@ -108,9 +108,7 @@ impl Thresholds {
         if raw >= tier {
             return raw;
         }
-        while tier > raw
-            && available as f64 > self.threshold_of(tier) as f64 * (1.0 + self.hysteresis)
-        {
+        while tier > raw && available as f64 > self.threshold_of(tier) as f64 * (1.0 + self.hysteresis) {
             tier = tier.less_severe();
         }
         tier
@@ -157,10 +155,7 @@ mod tests {
         // Plenty again: all the way down to Safe in one sample.
         assert_eq!(t.classify(Tier::Emergency, 10 * GB), Tier::Safe);
         // Emergency raised at 0.5 GB; 0.52 GB stays in Emergency.
-        assert_eq!(
-            t.classify(Tier::Emergency, GB / 2 + GB / 50),
-            Tier::Emergency
-        );
+        assert_eq!(t.classify(Tier::Emergency, GB / 2 + GB / 50), Tier::Emergency);
         // 0.6 GB leaves Emergency for Critical but not Critical itself.
         assert_eq!(t.classify(Tier::Emergency, GB * 6 / 10), Tier::Critical);
         // Warning at 2.1 GB (inside 2.2) stays.
@@ -169,10 +164,7 @@ mod tests {
 
     #[test]
     fn zero_hysteresis_leaves_as_soon_as_above() {
-        let t = Thresholds {
-            hysteresis: 0.0,
-            ..t()
-        };
+        let t = Thresholds { hysteresis: 0.0, ..t() };
         assert_eq!(t.classify(Tier::Critical, GB + 1), Tier::Warning);
     }
 

@@ -1,0 +1,51 @@
+# pensieve: `make run` serves the demo model on 127.0.0.1:7777; `make test` runs every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# PyO3 builds against the venv's interpreter; build.rs adds an rpath to its libpython.
+export PYO3_PYTHON := $(abspath $(VENV))/bin/python
+BIN := target/release/pensieve
+PYTHON ?= python3
+UNAME := $(shell uname -s)
+
+.PHONY: all venv build run test test-rust test-python bench demo fmt clean
+
+all: build
+
+# The Python environment: pinned mlx (mlx[cpu] on Linux) and mlx-lm, and the bridge on its path.
+$(VENV)/.stamp: python_bridge/requirements.txt python_bridge/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r python_bridge/requirements.txt -c python_bridge/constraints.txt
+	@echo "$(abspath python_bridge)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pensieve_bridge.pth"
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+build: venv
+	cargo build --release --locked
+
+run: build
+	$(BIN) serve
+
+demo: venv
+	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
+
+test: build test-python test-rust
+
+test-python: venv
+	$(PY) -m pytest -q python_bridge
+
+# Release profile: the same build as `make build`, so the dependency tree compiles once.
+test-rust: build
+	cargo test --release --locked -- --test-threads=2
+
+bench: build
+	cargo bench --locked --bench admission
+	$(PY) benches/tokens_per_second.py
+
+fmt:
+	cargo fmt
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,159 @@
+//! Starts the real `pensieve` binary on the real demo model, on a free port.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pensieve");
+
+pub struct Server {
+    pub base: String,
+    child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+/// The port in the "pensieve is serving" line (pretty or JSON logs).
+fn serving_port(log: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains("pensieve is serving"))?;
+    let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    rest.chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// Starts `pensieve serve` with extra environment variables, and waits until it serves.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        // Port 0: the server binds a free port and logs it, so parallel tests never collide.
+        cmd.args(["serve", "--port", "0"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start pensieve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut server = Server {
+            base: String::new(),
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(port) = serving_port(&server.log()) {
+                server.base = format!("http://127.0.0.1:{port}");
+                return server;
+            }
+            if Instant::now() > deadline || server.child.try_wait().unwrap().is_some() {
+                panic!("server did not start; log:\n{}", server.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub async fn health(&self) -> Value {
+        reqwest::get(self.url("/health")).await.unwrap().json().await.unwrap()
+    }
+
+    /// Waits until no generation runs, then returns `/health`'s backend section.
+    pub async fn idle_backend(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let h = self.health().await;
+            if h["backend"]["active_generations"] == 0 || Instant::now() > deadline {
+                return h["backend"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/messages"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn hello(max_tokens: u32) -> Value {
+    serde_json::json!({
+        "model": "demo", "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hello, who are you?"}]
+    })
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub event: String,
+    pub data: Value,
+}
+
+/// Parses a complete SSE body.
+pub fn parse_sse(text: &str) -> Vec<Sse> {
+    text.split("\n\n")
+        .filter(|chunk| !chunk.trim().is_empty())
+        .map(|chunk| {
+            let mut event = String::new();
+            let mut data = String::new();
+            for line in chunk.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            Sse {
+                event,
+                data: serde_json::from_str(&data).unwrap_or(Value::Null),
+            }
+        })
+        .collect()
+}
+
+pub fn text_of_stream(events: &[Sse]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "content_block_delta")
+        .map(|e| e.data["delta"]["text"].as_str().unwrap().to_owned())
+        .collect()
+}
