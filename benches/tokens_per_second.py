@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "pensieve"
 ROUNDS = int(os.environ.get("ROUNDS", "7"))
 TOKENS = 256
-MESSAGES = [{"role": "user", "content": "Write a long story about a server that kept a machine alive."}]
+MESSAGES = [{"role": "user", "content": "Tell me about memory."}]
 
 
 def start_server(model_dir):
