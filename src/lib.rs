@@ -14,7 +14,7 @@ pub mod layers;
 pub mod memory;
 pub mod server;
 
-use backend::mlx_recheck::Recheck;
+use backend::Recheck;
 
 /// The backend's admission re-check, from the configuration.
 pub fn backend_recheck(config: &config::Config, snapshot: memory::SnapshotHandle) -> Recheck {

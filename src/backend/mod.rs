@@ -10,10 +10,6 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use mlx::{MlxBackend, Recheck};
-#[doc(hidden)]
-pub mod mlx_recheck {
-    pub use super::mlx::Recheck;
-}
 pub use stop::StopMatcher;
 
 /// One message of the normalised chat, as the chat template takes it.
