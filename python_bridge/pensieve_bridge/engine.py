@@ -99,7 +99,18 @@ class Engine:
             mx.clear_cache()
 
     def clear_cache(self) -> int:
-        """Frees everything MLX holds in its cache; returns the cache bytes left (0)."""
+        """Frees everything MLX holds in its cache; returns the cache bytes left (0).
+
+        No ``gc.collect()`` here: it costs about 13 ms with mlx-lm and transformers loaded, on
+        every response, and the generation's arrays are freed by reference counting when Rust
+        drops the closed generator. ``collect_and_clear`` is the thorough version, for the
+        rare case where the cheap one leaves bytes behind.
+        """
+        mx.clear_cache()
+        return mx.get_cache_memory()
+
+    def collect_and_clear(self) -> int:
+        """Runs the cycle collector, then clears the cache; returns the cache bytes left."""
         gc.collect()
         mx.clear_cache()
         return mx.get_cache_memory()

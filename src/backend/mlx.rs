@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyIterator;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::Span;
 
@@ -82,11 +83,25 @@ pub struct Recheck {
     pub retry_after_secs: u32,
 }
 
+impl Recheck {
+    /// From the `[memory]` section and the published snapshot.
+    pub fn new(memory: &crate::config::MemoryConfig, snapshot: SnapshotHandle) -> Self {
+        Self {
+            snapshot,
+            thresholds: Thresholds::from_config(memory),
+            retry_after_secs: memory.retry_after_secs,
+        }
+    }
+}
+
 impl MlxBackend {
     /// Starts the backend thread and loads the model; returns when the model is loaded, or
     /// with a message that says which model failed, why, and what to do.
     pub fn start(config: &BackendConfig, recheck: Recheck) -> Result<MlxBackend, String> {
         let venv = resolve_venv(&config.python)?;
+        // Waiting for a slow client uses the server's timer, from the backend thread.
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "MlxBackend::start must be called from within a tokio runtime".to_owned())?;
         let (jobs, queue) = sync_channel::<Job>(config.max_queue.max(1));
         let shared = Arc::new(Shared::default());
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
@@ -106,8 +121,12 @@ impl MlxBackend {
                     };
                     shared.ready.store(true, Ordering::SeqCst);
                     let _ = ready_tx.send(Ok(()));
-                    worker(engine, queue, &shared, &recheck);
+                    let run = catch_unwind(AssertUnwindSafe(|| worker(engine, queue, &shared, &recheck, &runtime)));
+                    // Whatever ended the loop, say so: requests then get 503, not a silent queue.
                     shared.ready.store(false, Ordering::SeqCst);
+                    if run.is_err() {
+                        tracing::error!("the backend thread panicked; the model is no longer served");
+                    }
                 }
             })
             .map_err(|e| format!("could not start the backend thread: {e}"))?;
@@ -246,7 +265,7 @@ fn refresh_memory(engine: &Bound<'_, PyAny>, shared: &Shared) {
     }
 }
 
-fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Recheck) {
+fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Recheck, rt: &Handle) {
     for job in queue {
         shared.queued.fetch_sub(1, Ordering::SeqCst);
         let _enter = job.span.enter();
@@ -263,7 +282,7 @@ fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Re
             continue;
         }
         shared.active.fetch_add(1, Ordering::SeqCst);
-        let outcome = catch_unwind(AssertUnwindSafe(|| run(&engine, &job, shared, recheck)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(&engine, &job, shared, recheck, rt)));
         // The guard inside `run` has cleared the cache by now: the client hears of the end only
         // once the backend is idle again.
         shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -274,7 +293,7 @@ fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Re
             )))
         });
         if let Some(event) = last {
-            send_blocking(&job.events, event);
+            send_blocking(rt, &job.events, event);
         }
     }
 }
@@ -298,8 +317,17 @@ impl Drop for GenerationGuard<'_> {
                 drop(generator);
             }
             let engine = self.engine.bind(py);
-            if let Err(e) = engine.call_method0("clear_cache") {
-                tracing::error!(error = %e, "clearing the MLX cache failed");
+            let left = |method: &str| engine.call_method0(method).and_then(|b| b.extract::<u64>());
+            match left("clear_cache") {
+                Ok(0) => {}
+                // Something outlived reference counting (a cycle): collect it, then clear again.
+                Ok(bytes) => {
+                    tracing::debug!(bytes, "cache not empty after clearing; running the cycle collector");
+                    if let Err(e) = left("collect_and_clear") {
+                        tracing::error!(error = %e, "clearing the MLX cache failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "clearing the MLX cache failed"),
             }
             refresh_memory(engine, self.shared);
         });
@@ -307,35 +335,31 @@ impl Drop for GenerationGuard<'_> {
 }
 
 /// Sends an event while holding the GIL; waits for a slow client with the GIL released.
-fn send(py: Python<'_>, events: &mpsc::Sender<Event>, event: Event) -> bool {
+fn send(py: Python<'_>, rt: &Handle, events: &mpsc::Sender<Event>, event: Event) -> bool {
     match events.try_send(event) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Closed(_)) => false,
-        Err(mpsc::error::TrySendError::Full(event)) => py.detach(|| send_blocking(events, event)),
+        Err(mpsc::error::TrySendError::Full(event)) => py.detach(|| send_blocking(rt, events, event)),
     }
 }
 
 /// Sends an event, waiting up to [`CLIENT_WRITE_TIMEOUT`] for room; `false` when the client is
 /// gone or does not read.
-fn send_blocking(events: &mpsc::Sender<Event>, mut event: Event) -> bool {
-    let deadline = Instant::now() + CLIENT_WRITE_TIMEOUT;
-    loop {
-        match events.try_send(event) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(e)) if Instant::now() < deadline => event = e,
-            Err(_) => {
-                tracing::warn!("client stopped reading; generation abandoned");
-                return false;
-            }
+fn send_blocking(rt: &Handle, events: &mpsc::Sender<Event>, event: Event) -> bool {
+    // The timer must be made inside `block_on`, where the runtime's context is entered.
+    match rt.block_on(async { tokio::time::timeout(CLIENT_WRITE_TIMEOUT, events.send(event)).await }) {
+        Ok(Ok(())) => true,
+        Ok(Err(_closed)) => false,
+        Err(_elapsed) => {
+            tracing::warn!("client stopped reading; generation abandoned");
+            false
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
 /// Runs one generation, streaming its text; returns the final event (`Done` or `Failed`),
 /// which the caller sends after the guard has cleared the cache, or `None` when the client left.
-fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Option<Event> {
+fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &Handle) -> Option<Event> {
     Python::attach(|py| {
         let mut guard = GenerationGuard {
             generator: None,
@@ -365,7 +389,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
             return Some(Event::Failed(BackendError::InvalidRequest(msg)));
         }
-        if !send(py, events, Event::Started { input_tokens }) {
+        if !send(py, rt, events, Event::Started { input_tokens }) {
             return None;
         }
         let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
@@ -405,7 +429,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
                 None => {
                     let text = stops.finish();
                     if !text.is_empty() {
-                        send(py, events, Event::Text(text));
+                        send(py, rt, events, Event::Text(text));
                     }
                     return Some(Event::Done {
                         reason: StopReason::EndTurn,
@@ -428,7 +452,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             };
             output_tokens += 1;
             let matched = stops.push(&piece);
-            if !matched.text.is_empty() && !send(py, events, Event::Text(matched.text)) {
+            if !matched.text.is_empty() && !send(py, rt, events, Event::Text(matched.text)) {
                 return client_gone(output_tokens);
             }
             if let Some(stop) = matched.stop {
@@ -441,7 +465,7 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck) -> Opt
             }
             if let Some(finish) = finish {
                 let rest = stops.finish();
-                if !rest.is_empty() && !send(py, events, Event::Text(rest)) {
+                if !rest.is_empty() && !send(py, rt, events, Event::Text(rest)) {
                     return client_gone(output_tokens);
                 }
                 let reason = if finish == "length" {
