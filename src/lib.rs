@@ -13,14 +13,3 @@ pub mod config;
 pub mod layers;
 pub mod memory;
 pub mod server;
-
-use backend::Recheck;
-
-/// The backend's admission re-check, from the configuration.
-pub fn backend_recheck(config: &config::Config, snapshot: memory::SnapshotHandle) -> Recheck {
-    Recheck {
-        snapshot,
-        thresholds: memory::Thresholds::from_config(&config.memory),
-        retry_after_secs: config.memory.retry_after_secs,
-    }
-}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pensieve::config::{Config, FlagBackend, FlagServer, Flags, LogFormat};
-use pensieve::memory::{MemoryProbe, MemorySnapshot, Sampler, SystemProbe, Thresholds};
+use pensieve::memory::{MemorySnapshot, Sampler, SystemProbe, Thresholds};
 
 #[derive(Parser)]
 #[command(
@@ -92,7 +92,6 @@ fn serve(file: Option<PathBuf>, flags: Flags) -> Result<(), String> {
 fn memory(file: Option<PathBuf>) -> Result<(), String> {
     let config = Config::load(file.as_deref(), &Flags::default()).map_err(|e| e.to_string())?;
     let mut probe = SystemProbe::new().map_err(|e| e.to_string())?;
-    let reading = probe.read();
     let snap: MemorySnapshot = Sampler::sample(
         &mut probe,
         &Thresholds::from_config(&config.memory),
@@ -105,8 +104,8 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
         "accepting_requests": snap.tier.admits(),
         "available_gb": format!("{:.2}", snap.available_gb()),
         "total_gb": format!("{:.2}", snap.total_gb()),
-        "available_bytes": reading.available_bytes,
-        "total_bytes": reading.total_bytes,
+        "available_bytes": snap.available_bytes,
+        "total_bytes": snap.total_bytes,
         "source": snap.source.as_str(),
         "cgroup": cgroup,
         "pressure_some_avg10": snap.pressure_some_avg10,

@@ -17,8 +17,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::{self, AppState};
-use crate::backend::{Backend, MlxBackend};
-use crate::backend_recheck;
+use crate::backend::{Backend, MlxBackend, Recheck};
 use crate::config::Config;
 use crate::layers::{
     AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer, REQUEST_ID,
@@ -82,7 +81,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }
     let backend_config = config.backend.clone();
-    let recheck = backend_recheck(&config, snapshot.clone());
+    let recheck = Recheck::new(&config.memory, snapshot.clone());
     tracing::info!(model = %backend_config.model, "loading the model");
     let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, recheck))
         .await

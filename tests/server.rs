@@ -76,14 +76,7 @@ async fn streamed_message_follows_anthropic_event_order_and_matches_the_non_stre
 #[tokio::test]
 async fn a_stream_arrives_token_by_token_not_buffered() {
     let s = Server::start();
-    let mut body = hello(200);
-    body["stream"] = json!(true);
-    let res = reqwest::Client::new()
-        .post(s.url("/v1/messages"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = s.post_stream(&hello(200)).await;
     let mut stream = res.bytes_stream();
     // The first chunks must arrive while the generation is still running.
     let mut seen = String::new();
@@ -174,14 +167,7 @@ async fn cache_is_empty_after_a_success() {
 #[tokio::test]
 async fn a_client_that_hangs_up_mid_stream_stops_its_generation_and_leaves_no_cache() {
     let s = Server::start();
-    let mut body = hello(2000);
-    body["stream"] = json!(true);
-    let res = reqwest::Client::new()
-        .post(s.url("/v1/messages"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = s.post_stream(&hello(2000)).await;
     let mut stream = res.bytes_stream();
     let mut seen = 0;
     while seen < 5 {

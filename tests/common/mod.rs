@@ -97,6 +97,13 @@ impl Server {
         }
     }
 
+    /// Posts `body` with `"stream": true`.
+    pub async fn post_stream(&self, body: &Value) -> reqwest::Response {
+        let mut body = body.clone();
+        body["stream"] = Value::Bool(true);
+        self.post(&body).await
+    }
+
     pub async fn post(&self, body: &Value) -> reqwest::Response {
         reqwest::Client::new()
             .post(self.url("/v1/messages"))
