@@ -20,10 +20,42 @@ from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import demo
+from .response import ResponseSplitter, initial_state
 
 #: Set in the environment (tests only) to make a generation whose prompt contains this text
 #: raise after two tokens: a real Python exception in the middle of a real generation.
 FAULT_MARKER_ENV = "PENSIEVE_FAULT_MARKER"
+
+
+#: Set to "1" in the environment (tests only): a prompt whose last ``[[script]]...[[/script]]``
+#: holds model-shaped output (tool calls, thinking) is answered by replaying that text token by
+#: token through the real tokenizer, detokenizer and block splitter, instead of sampling. The
+#: demo model's own text is random, so this is how a tool call reaches a client end to end.
+SCRIPTS_ENV = "PENSIEVE_TEST_SCRIPTS"
+SCRIPT_OPEN, SCRIPT_CLOSE = "[[script]]", "[[/script]]"
+
+
+def _script_in(prompt_text):
+    start = prompt_text.rfind(SCRIPT_OPEN)
+    end = prompt_text.find(SCRIPT_CLOSE, start)
+    if start < 0 or end < 0:
+        return None
+    return prompt_text[start + len(SCRIPT_OPEN) : end]
+
+
+def _replay(tokenizer, text, max_tokens):
+    """``(segment, finish_reason)`` per token of ``text``, as stream_generate would yield them."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    for i, token in enumerate(ids[:max_tokens]):
+        detok.add_token(token)
+        last = i + 1 == min(len(ids), max_tokens)
+        if last:
+            detok.finalize()
+            yield detok.last_segment, "length" if len(ids) > max_tokens else "stop"
+        else:
+            yield detok.last_segment, None
 
 
 def resolve_model(model: str) -> str:
@@ -46,6 +78,7 @@ class Engine:
             ctx = getattr(self.tokenizer, "model_max_length", None)
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
         self._fault_marker = os.environ.get(FAULT_MARKER_ENV) or None
+        self._scripts = os.environ.get(SCRIPTS_ENV) == "1"
         self.clear_cache()
 
     def describe(self) -> str:
@@ -56,7 +89,9 @@ class Engine:
 
     def render(self, chat_json: str) -> list[int]:
         """Applies the chat template to ``{"messages": [...], "tools": [...] | null}``."""
-        chat = json.loads(chat_json)
+        return self._render(json.loads(chat_json))
+
+    def _render(self, chat: dict) -> list[int]:
         kwargs = {}
         if chat.get("tools"):
             kwargs["tools"] = chat["tools"]
@@ -67,34 +102,60 @@ class Engine:
             tokens = tokens["input_ids"]
         return list(tokens)
 
-    def generate(self, tokens: list[int], params_json: str) -> Iterator[tuple]:
-        """Yields ``(text, finish_reason)`` per token; finish_reason is None until the last one.
+    def prepare(self, chat_json: str, params_json: str) -> tuple[int, Iterator[tuple]]:
+        """Renders the prompt and returns ``(input_tokens, generator)``; nothing runs until the
+        generator is iterated.
 
-        ``finish_reason`` is ``"stop"`` (end of turn) or ``"length"`` (``max_tokens``).
-        The MLX cache is cleared however the generator ends.
+        The generator yields ``(pieces, finish_reason)`` per token: ``pieces`` is a list of
+        ``(kind, payload)`` from :class:`~pensieve_bridge.response.ResponseSplitter` (``text``,
+        ``thinking``, or ``tool`` with the JSON of a parsed call); ``finish_reason`` is None until
+        the last token, then ``"stop"`` (end of turn), ``"tool_use"`` (end of turn after a tool
+        call) or ``"length"`` (``max_tokens``).
         """
-        params = json.loads(params_json)
+        chat = json.loads(chat_json)
+        tokens = self._render(chat)
+        return len(tokens), self._generate(tokens, chat.get("tools"), json.loads(params_json))
+
+    def generate(self, tokens: list[int], params_json: str) -> Iterator[tuple]:
+        """Yields ``(text, finish_reason)`` per token for prompt ``tokens`` (no block splitting)."""
+        for pieces, finish in self._generate(tokens, None, json.loads(params_json), split=False):
+            yield ("".join(p for _, p in pieces), finish)
+
+    def _generate(self, tokens, tools, params, split=True):
         sampler = make_sampler(
             temp=float(params.get("temperature", 1.0)),
             top_p=float(params.get("top_p") or 0.0),
             top_k=int(params.get("top_k") or 0),
         )
-        fault = self._fault_marker is not None and self._fault_marker in self.tokenizer.decode(
-            tokens
-        )
+        max_tokens = int(params["max_tokens"])
+        prompt_text = None
+        if self._fault_marker or self._scripts:
+            prompt_text = self.tokenizer.decode(tokens)
+        fault = self._fault_marker is not None and self._fault_marker in prompt_text
+        splitter = ResponseSplitter(self.tokenizer, tools, initial_state(self.tokenizer, tokens))
+        script = _script_in(prompt_text) if self._scripts else None
+        if script is not None:
+            stream = _replay(self.tokenizer, script, max_tokens)
+        else:
+            stream = (
+                (r.text, r.finish_reason)
+                for r in stream_generate(
+                    self.model, self.tokenizer, mx.array(tokens), max_tokens=max_tokens, sampler=sampler
+                )
+            )
         try:
             n = 0
-            for response in stream_generate(
-                self.model,
-                self.tokenizer,
-                mx.array(tokens),
-                max_tokens=int(params["max_tokens"]),
-                sampler=sampler,
-            ):
+            for text, finish in stream:
                 n += 1
                 if fault and n > 2:
                     raise RuntimeError("injected fault: the test asked this generation to fail")
-                yield (response.text, response.finish_reason)
+                if not split:
+                    yield [("text", text)], finish
+                    continue
+                pieces = splitter.feed(text, finish)
+                if finish == "stop" and splitter.made_tool_call:
+                    finish = "tool_use"
+                yield pieces, finish
         finally:
             mx.clear_cache()
 
