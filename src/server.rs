@@ -52,6 +52,12 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHand
                 ))
                 .fallback(api::method_not_allowed),
         )
+        .route(
+            "/messages/count_tokens",
+            post(api::count_tokens).fallback(api::method_not_allowed),
+        )
+        .route("/models", get(api::list_models).fallback(api::method_not_allowed))
+        .route("/models/{id}", get(api::get_model).fallback(api::method_not_allowed))
         .fallback(api::not_found)
         .layer(BodyLimitLayer::new(max_body_bytes))
         .layer(ApiKeyLayer::new(config.server.api_keys.clone()))

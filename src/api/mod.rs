@@ -71,6 +71,55 @@ async fn handle_messages(app: &AppState, body: Body, span: &tracing::Span) -> Re
     }
 }
 
+/// `POST /v1/messages/count_tokens`: exact, through the same template and tokenizer as
+/// generation (system, tools and all). `max_tokens` is not needed here.
+pub async fn count_tokens(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let bytes = read_body(body, app.max_body_bytes).await?;
+        let mut value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.entry("max_tokens").or_insert(1.into());
+        }
+        let req = translate::parse(&serde_json::to_vec(&value).expect("json"))?;
+        let chat = translate::to_backend(&req, false)?.chat;
+        let n = app
+            .backend
+            .count_tokens(chat)?
+            .await
+            .map_err(|_| ApiError::new(ErrorKind::Api, "the backend dropped the request"))??;
+        Ok::<_, ApiError>(Json(serde_json::json!({"input_tokens": n})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e| e.to_response(request_id(&headers)))
+}
+
+fn model_object(app: &AppState) -> serde_json::Value {
+    let id = app.backend.model();
+    serde_json::json!({
+        "type": "model",
+        "id": id,
+        "display_name": format!("{id} (local, served by pensieve)"),
+        "created_at": MODEL_CREATED_AT,
+        "context_length": app.backend.context_length(),
+    })
+}
+
+/// Local models have no release date; the model object carries this fixed one.
+const MODEL_CREATED_AT: &str = "2026-01-01T00:00:00Z";
+
+/// `GET /v1/models`: the loaded model, in Anthropic's list shape.
+pub async fn list_models(State(app): State<AppState>) -> Response {
+    let m = model_object(&app);
+    let id = m["id"].clone();
+    Json(serde_json::json!({"data": [m], "has_more": false, "first_id": id, "last_id": id})).into_response()
+}
+
+/// `GET /v1/models/{id}`: any name is served by the loaded model, so any id answers with it.
+pub async fn get_model(State(app): State<AppState>) -> Response {
+    Json(model_object(&app)).into_response()
+}
+
 /// Reads a whole body; a body over the limit of `BodyLimitLayer` is a 413.
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {

@@ -1,25 +1,116 @@
-//! Streams in Anthropic's order: `message_start`, `content_block_start`, `ping`,
-//! `content_block_delta`…, `content_block_stop`, `message_delta`, `message_stop`; a `ping`
-//! whenever nothing else was sent for [`PING_EVERY`]; an `error` event if the generation fails
-//! after the stream began, and then the stream ends cleanly.
+//! Streams in Anthropic's order: `message_start`, `ping`, then per block
+//! `content_block_start`, `content_block_delta`…, `content_block_stop` (text, thinking with a
+//! `signature_delta`, tool_use with `input_json_delta`), then `message_delta` and
+//! `message_stop`; a `ping` whenever nothing else was sent for [`PING_EVERY`]; an `error` event
+//! if the generation fails after the stream began, and then the stream ends cleanly.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 use tracing::Span;
 
 use super::error::{ApiError, ErrorKind};
-use super::types::{Message, Usage};
+use super::types::{Message, OutputBlock, Usage, THINKING_SIGNATURE};
 use crate::backend::{Event, Generation};
 
 /// Quiet time after which a `ping` is sent.
 pub const PING_EVERY: Duration = Duration::from_secs(5);
 
-fn event(name: &'static str, data: serde_json::Value) -> Result<SseEvent, Infallible> {
+fn event(name: &'static str, data: Value) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().event(name).data(data.to_string()))
+}
+
+/// Which block is open in a stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    Text,
+    Thinking,
+}
+
+/// Turns backend events into SSE events, opening and closing blocks as the kind changes.
+struct Blocks {
+    open: Open,
+    index: usize,
+}
+
+impl Blocks {
+    fn close(&mut self, out: &mut Vec<Result<SseEvent, Infallible>>) {
+        if self.open == Open::Thinking {
+            out.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": self.index,
+                "delta": {"type": "signature_delta", "signature": THINKING_SIGNATURE}}),
+            ));
+        }
+        if self.open != Open::None {
+            out.push(event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": self.index}),
+            ));
+            self.index += 1;
+            self.open = Open::None;
+        }
+    }
+
+    fn open(&mut self, kind: Open, block: Value, out: &mut Vec<Result<SseEvent, Infallible>>) {
+        self.close(out);
+        out.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.index,
+            "content_block": block}),
+        ));
+        self.open = kind;
+    }
+
+    /// SSE events for one backend event that is neither `Done` nor `Failed`.
+    fn on(&mut self, ev: Event) -> Vec<Result<SseEvent, Infallible>> {
+        let mut out = Vec::with_capacity(1);
+        match ev {
+            Event::Text(text) => {
+                if self.open != Open::Text {
+                    self.open(Open::Text, json!({"type": "text", "text": ""}), &mut out);
+                }
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": self.index,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ));
+            }
+            Event::Thinking(thinking) => {
+                if self.open != Open::Thinking {
+                    self.open(Open::Thinking, json!({"type": "thinking", "thinking": ""}), &mut out);
+                }
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": self.index,
+                    "delta": {"type": "thinking_delta", "thinking": thinking}}),
+                ));
+            }
+            Event::ToolUse { id, name, input } => {
+                self.open(
+                    Open::None,
+                    json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                    &mut out,
+                );
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": self.index,
+                    "delta": {"type": "input_json_delta", "partial_json": input.to_string()}}),
+                ));
+                out.push(event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": self.index}),
+                ));
+                self.index += 1;
+            }
+            Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
+        }
+        out
+    }
 }
 
 /// The SSE response for a generation whose `Started` event has been received.
@@ -28,9 +119,8 @@ pub fn response(mut generation: Generation, model: String, input_tokens: u32, sp
         let mut start = Message::new(&model);
         start.usage = Usage { input_tokens, ..Usage::default() };
         yield event("message_start", json!({"type": "message_start", "message": start}));
-        yield event("content_block_start", json!({"type": "content_block_start", "index": 0,
-            "content_block": {"type": "text", "text": ""}}));
         yield event("ping", json!({"type": "ping"}));
+        let mut blocks = Blocks { open: Open::None, index: 0 };
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             let next = tokio::select! {
@@ -42,14 +132,17 @@ pub fn response(mut generation: Generation, model: String, input_tokens: u32, sp
             };
             ping.reset();
             match next {
-                Some(Event::Text(text)) => {
-                    yield event("content_block_delta", json!({"type": "content_block_delta", "index": 0,
-                        "delta": {"type": "text_delta", "text": text}}));
-                }
-                Some(Event::Started { .. }) => {}
                 Some(Event::Done { reason, stop_sequence, output_tokens }) => {
                     span.record("output_tokens", output_tokens);
-                    yield event("content_block_stop", json!({"type": "content_block_stop", "index": 0}));
+                    let mut out = Vec::new();
+                    if blocks.index == 0 && blocks.open == Open::None {
+                        // Every message has at least one block, even an empty answer.
+                        blocks.open(Open::Text, json!({"type": "text", "text": ""}), &mut out);
+                    }
+                    blocks.close(&mut out);
+                    for e in out {
+                        yield e;
+                    }
                     let usage = Usage { input_tokens, output_tokens, ..Usage::default() };
                     yield event("message_delta", json!({"type": "message_delta",
                         "delta": {"stop_reason": reason, "stop_sequence": stop_sequence}, "usage": usage}));
@@ -67,6 +160,11 @@ pub fn response(mut generation: Generation, model: String, input_tokens: u32, sp
                     yield Ok(SseEvent::default().event("error").data(err.sse_data()));
                     break;
                 }
+                Some(ev) => {
+                    for e in blocks.on(ev) {
+                        yield e;
+                    }
+                }
             }
         }
     };
@@ -80,19 +178,31 @@ pub async fn collect(
     input_tokens: u32,
     span: &Span,
 ) -> Result<Message, ApiError> {
-    let mut text = String::new();
+    let mut m = Message::new(&model);
     while let Some(ev) = generation.events.recv().await {
         match ev {
             Event::Started { .. } => {}
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t) => match m.content.last_mut() {
+                Some(OutputBlock::Text { text }) => text.push_str(&t),
+                _ => m.content.push(OutputBlock::Text { text: t }),
+            },
+            Event::Thinking(t) => match m.content.last_mut() {
+                Some(OutputBlock::Thinking { thinking, .. }) => thinking.push_str(&t),
+                _ => m.content.push(OutputBlock::Thinking {
+                    thinking: t,
+                    signature: THINKING_SIGNATURE.into(),
+                }),
+            },
+            Event::ToolUse { id, name, input } => m.content.push(OutputBlock::ToolUse { id, name, input }),
             Event::Done {
                 reason,
                 stop_sequence,
                 output_tokens,
             } => {
                 span.record("output_tokens", output_tokens);
-                let mut m = Message::new(&model);
-                m.content.push(super::types::OutputBlock::Text { text });
+                if m.content.is_empty() {
+                    m.content.push(OutputBlock::Text { text: String::new() });
+                }
                 m.stop_reason = Some(reason);
                 m.stop_sequence = stop_sequence;
                 m.usage = Usage {

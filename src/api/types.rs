@@ -201,7 +201,27 @@ pub enum OutputBlock {
         /// The text.
         text: String,
     },
+    /// The model's reasoning.
+    Thinking {
+        /// The reasoning.
+        thinking: String,
+        /// Opaque to clients; ours says the block came from a local model.
+        signature: String,
+    },
+    /// A tool call.
+    ToolUse {
+        /// `toolu_…`
+        id: String,
+        /// The tool.
+        name: String,
+        /// Its arguments.
+        input: Value,
+    },
 }
+
+/// The `signature` of thinking blocks: Anthropic's are encrypted; a local model has nothing to
+/// hide, and clients only need a non-empty string to send back.
+pub const THINKING_SIGNATURE: &str = "pensieve-local-thinking";
 
 /// The answer to a non-streamed request, and the `message` of `message_start`.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -16,10 +16,12 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyIterator;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::{Backend, BackendError, BackendStatus, Event, GenerateRequest, Generation, StopMatcher, StopReason};
+use super::{
+    Backend, BackendError, BackendStatus, Chat, Event, GenerateRequest, Generation, StopMatcher, StopReason, TokenCount,
+};
 use crate::config::BackendConfig;
 use crate::layers::admission::refusal;
 use crate::memory::{BackendMemory, SnapshotHandle, Thresholds, Tier};
@@ -31,7 +33,7 @@ const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The MLX backend. See the [module docs](self).
 pub struct MlxBackend {
-    jobs: SyncSender<Job>,
+    jobs: SyncSender<Work>,
     shared: Arc<Shared>,
     model: String,
 }
@@ -72,6 +74,16 @@ struct Job {
     span: Span,
 }
 
+/// What the backend thread is asked to do.
+enum Work {
+    Generate(Job),
+    Count {
+        chat: Chat,
+        reply: oneshot::Sender<Result<u32, BackendError>>,
+        span: Span,
+    },
+}
+
 /// Admission settings the backend re-checks when a queued request is about to start.
 #[derive(Clone, Debug)]
 pub struct Recheck {
@@ -102,7 +114,7 @@ impl MlxBackend {
         // Waiting for a slow client uses the server's timer, from the backend thread.
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| "MlxBackend::start must be called from within a tokio runtime".to_owned())?;
-        let (jobs, queue) = sync_channel::<Job>(config.max_queue.max(1));
+        let (jobs, queue) = sync_channel::<Work>(config.max_queue.max(1));
         let shared = Arc::new(Shared::default());
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
         let model = config.model.clone();
@@ -142,9 +154,15 @@ impl MlxBackend {
         self.shared.clone()
     }
 
-    /// The model's context length in tokens (0 when unknown).
-    pub fn context_length(&self) -> u32 {
-        self.shared.context_length.load(Ordering::Relaxed)
+    fn enqueue(&self, work: Work) -> Result<(), BackendError> {
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        self.jobs.try_send(work).map_err(|e| {
+            let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+            match e {
+                TrySendError::Full(_) => BackendError::QueueFull { queued },
+                TrySendError::Disconnected(_) => BackendError::Stopped,
+            }
+        })
     }
 }
 
@@ -154,21 +172,29 @@ impl Backend for MlxBackend {
             return Err(BackendError::NotReady);
         }
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        self.shared.queued.fetch_add(1, Ordering::SeqCst);
-        match self.jobs.try_send(Job {
+        self.enqueue(Work::Generate(Job {
             request,
             events,
             span: Span::current(),
-        }) {
-            Ok(()) => Ok(Generation { events: rx }),
-            Err(e) => {
-                let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
-                Err(match e {
-                    TrySendError::Full(_) => BackendError::QueueFull { queued },
-                    TrySendError::Disconnected(_) => BackendError::Stopped,
-                })
-            }
+        }))?;
+        Ok(Generation { events: rx })
+    }
+
+    fn count_tokens(&self, chat: Chat) -> Result<TokenCount, BackendError> {
+        if !self.shared.ready.load(Ordering::Relaxed) {
+            return Err(BackendError::NotReady);
         }
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Work::Count {
+            chat,
+            reply,
+            span: Span::current(),
+        })?;
+        Ok(rx)
+    }
+
+    fn context_length(&self) -> u32 {
+        self.shared.context_length.load(Ordering::Relaxed)
     }
 
     fn status(&self) -> BackendStatus {
@@ -265,9 +291,19 @@ fn refresh_memory(engine: &Bound<'_, PyAny>, shared: &Shared) {
     }
 }
 
-fn worker(engine: Py<PyAny>, queue: Receiver<Job>, shared: &Shared, recheck: &Recheck, rt: &Handle) {
-    for job in queue {
+fn worker(engine: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, recheck: &Recheck, rt: &Handle) {
+    for work in queue {
         shared.queued.fetch_sub(1, Ordering::SeqCst);
+        let job = match work {
+            Work::Generate(job) => job,
+            Work::Count { chat, reply, span } => {
+                let _enter = span.enter();
+                if !reply.is_closed() {
+                    let _ = reply.send(count(&engine, &chat));
+                }
+                continue;
+            }
+        };
         let _enter = job.span.enter();
         if job.events.is_closed() {
             tracing::debug!("client left while queued");
@@ -357,7 +393,7 @@ fn send_blocking(rt: &Handle, events: &mpsc::Sender<Event>, event: Event) -> boo
     }
 }
 
-/// Runs one generation, streaming its text; returns the final event (`Done` or `Failed`),
+/// Runs one generation, streaming its pieces; returns the final event (`Done` or `Failed`),
 /// which the caller sends after the guard has cleared the cache, or `None` when the client left.
 fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &Handle) -> Option<Event> {
     Python::attach(|py| {
@@ -370,11 +406,12 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &H
         let events = &job.events;
         let request = &job.request;
         let chat = serde_json::to_string(&request.chat).expect("chat serialises");
-        let tokens = match engine
-            .call_method1("render", (chat,))
-            .and_then(|t| t.extract::<Vec<u32>>())
+        let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
+        let (input_tokens, generator) = match engine
+            .call_method1("prepare", (chat, params))
+            .and_then(|t| t.extract::<(u32, Bound<'_, PyAny>)>())
         {
-            Ok(tokens) => tokens,
+            Ok(v) => v,
             Err(e) => {
                 let msg = format!(
                     "the model's chat template cannot render this conversation: {}",
@@ -383,28 +420,18 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &H
                 return Some(Event::Failed(BackendError::InvalidRequest(msg)));
             }
         };
-        let input_tokens = tokens.len() as u32;
+        guard.generator = Some(generator.clone().unbind());
         let context = shared.context_length.load(Ordering::Relaxed);
         if context > 0 && input_tokens > context {
             let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
             return Some(Event::Failed(BackendError::InvalidRequest(msg)));
         }
         if !send(py, rt, events, Event::Started { input_tokens }) {
-            return None;
+            return client_gone(0);
         }
-        let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
-        let generator = match engine.call_method1("generate", (tokens, params)) {
-            Ok(g) => g,
-            Err(e) => {
-                return Some(Event::Failed(BackendError::Generation(python_error(py, &e))));
-            }
-        };
-        guard.generator = Some(generator.clone().unbind());
         let mut iter = match PyIterator::from_object(&generator) {
             Ok(it) => it,
-            Err(e) => {
-                return Some(Event::Failed(BackendError::Generation(python_error(py, &e))));
-            }
+            Err(e) => return Some(Event::Failed(BackendError::Generation(python_error(py, &e)))),
         };
         let mut stops = StopMatcher::new(&request.stop_sequences);
         let mut output_tokens = 0u32;
@@ -428,8 +455,8 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &H
             let item = match iter.next() {
                 None => {
                     let text = stops.finish();
-                    if !text.is_empty() {
-                        send(py, rt, events, Event::Text(text));
+                    if !text.is_empty() && !send(py, rt, events, Event::Text(text)) {
+                        return client_gone(output_tokens);
                     }
                     return Some(Event::Done {
                         reason: StopReason::EndTurn,
@@ -444,34 +471,48 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &H
                 }
                 Some(Ok(item)) => item,
             };
-            let (piece, finish): (String, Option<String>) = match item.extract() {
+            let (pieces, finish): (Vec<(String, String)>, Option<String>) = match item.extract() {
                 Ok(v) => v,
-                Err(e) => {
-                    return Some(Event::Failed(BackendError::Generation(e.to_string())));
-                }
+                Err(e) => return Some(Event::Failed(BackendError::Generation(e.to_string()))),
             };
             output_tokens += 1;
-            let matched = stops.push(&piece);
-            if !matched.text.is_empty() && !send(py, rt, events, Event::Text(matched.text)) {
-                return client_gone(output_tokens);
-            }
-            if let Some(stop) = matched.stop {
-                let done = Event::Done {
-                    reason: StopReason::StopSequence,
-                    stop_sequence: Some(stop),
-                    output_tokens,
+            for (kind, payload) in pieces {
+                let event = match kind.as_str() {
+                    "text" => {
+                        let matched = stops.push(&payload);
+                        if !matched.text.is_empty() && !send(py, rt, events, Event::Text(matched.text)) {
+                            return client_gone(output_tokens);
+                        }
+                        if let Some(stop) = matched.stop {
+                            let reason = StopReason::StopSequence;
+                            return Some(Event::Done {
+                                reason,
+                                stop_sequence: Some(stop),
+                                output_tokens,
+                            });
+                        }
+                        continue;
+                    }
+                    "thinking" => Event::Thinking(payload),
+                    "tool" => tool_use(&payload),
+                    other => {
+                        tracing::warn!(kind = other, "unknown piece from the bridge");
+                        continue;
+                    }
                 };
-                return Some(done);
+                if !send(py, rt, events, event) {
+                    return client_gone(output_tokens);
+                }
             }
             if let Some(finish) = finish {
                 let rest = stops.finish();
                 if !rest.is_empty() && !send(py, rt, events, Event::Text(rest)) {
                     return client_gone(output_tokens);
                 }
-                let reason = if finish == "length" {
-                    StopReason::MaxTokens
-                } else {
-                    StopReason::EndTurn
+                let reason = match finish.as_str() {
+                    "length" => StopReason::MaxTokens,
+                    "tool_use" => StopReason::ToolUse,
+                    _ => StopReason::EndTurn,
                 };
                 return Some(Event::Done {
                     reason,
@@ -483,7 +524,37 @@ fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &H
     })
 }
 
+/// A parsed call from the bridge (`{"name": ..., "arguments": {...}}`) as a `ToolUse` event.
+fn tool_use(payload: &str) -> Event {
+    let call: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+    Event::ToolUse {
+        id: format!("toolu_{}", uuid::Uuid::new_v4().simple()),
+        name: call["name"].as_str().unwrap_or_default().to_owned(),
+        input: match call.get("arguments") {
+            Some(v @ serde_json::Value::Object(_)) => v.clone(),
+            _ => serde_json::json!({}),
+        },
+    }
+}
+
 fn client_gone(output_tokens: u32) -> Option<Event> {
     tracing::info!(output_tokens, "client went away; generation stopped");
     None
+}
+
+fn count(engine: &Py<PyAny>, chat: &Chat) -> Result<u32, BackendError> {
+    Python::attach(|py| {
+        let chat = serde_json::to_string(chat).expect("chat serialises");
+        engine
+            .bind(py)
+            .call_method1("render", (chat,))
+            .and_then(|t| t.len())
+            .map(|n| n as u32)
+            .map_err(|e| {
+                BackendError::InvalidRequest(format!(
+                    "the model's chat template cannot render this conversation: {}",
+                    python_error(py, &e)
+                ))
+            })
+    })
 }

@@ -73,6 +73,8 @@ pub enum StopReason {
     MaxTokens,
     /// A stop sequence appeared.
     StopSequence,
+    /// The model called a tool and ended its turn.
+    ToolUse,
 }
 
 /// What a generation reports, in order: `Started`, any number of `Text`, then `Done` or `Failed`.
@@ -85,6 +87,17 @@ pub enum Event {
     },
     /// Generated text (never part of a stop sequence).
     Text(String),
+    /// Reasoning the model did before answering (`<think>…</think>` or its family's markers).
+    Thinking(String),
+    /// A complete tool call, parsed by the model family's tool parser.
+    ToolUse {
+        /// `toolu_…`
+        id: String,
+        /// The tool called.
+        name: String,
+        /// Its arguments.
+        input: serde_json::Value,
+    },
     /// The generation ended normally.
     Done {
         /// Why.
@@ -155,10 +168,17 @@ pub struct Generation {
     pub events: mpsc::Receiver<Event>,
 }
 
+/// The answer to a token count, when the backend thread gets to it.
+pub type TokenCount = tokio::sync::oneshot::Receiver<Result<u32, BackendError>>;
+
 /// An inference backend.
 pub trait Backend: Send + Sync + 'static {
     /// Queues a generation; fails at once when it cannot be queued.
     fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;
+    /// Counts the prompt tokens of `chat` with the same template and tokenizer as generation.
+    fn count_tokens(&self, chat: Chat) -> Result<TokenCount, BackendError>;
+    /// The model's context in tokens (0 when unknown).
+    fn context_length(&self) -> u32;
     /// Counters for `/health`.
     fn status(&self) -> BackendStatus;
     /// The model served, as configured.
