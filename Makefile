@@ -8,7 +8,10 @@ BIN := target/release/pensieve
 PYTHON ?= python3
 UNAME := $(shell uname -s)
 
-.PHONY: all venv build run test test-rust test-python bench demo fmt clean
+CLAUDE_CODE_VERSION := 2.1.328
+CLAUDE := .cache/claude-code/node_modules/.bin/claude
+
+.PHONY: all venv build run test test-rust test-python test-clients claude-code bench demo fmt clean
 
 all: build
 
@@ -30,10 +33,21 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build test-python test-rust
+test: build test-python test-rust test-clients
 
 test-python: venv
 	$(PY) -m pytest -q python_bridge
+
+# The official anthropic SDK and Claude Code against the real server (tests/clients).
+test-clients: build claude-code
+	$(PY) -m pytest -q tests/clients
+
+# Claude Code, pinned, from the npm registry, into .cache (not the user's global npm).
+$(CLAUDE):
+	mkdir -p .cache/claude-code
+	npm install --prefix .cache/claude-code --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+
+claude-code: $(CLAUDE)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build

@@ -48,16 +48,11 @@ class ResponseSplitter:
         self._last_kind = None
 
     def feed(self, text: str, finish: str | None = None) -> list[tuple[str, str]]:
-        if finish == "stop":
-            # End of turn: the held-back text was the start of a marker that never came.
-            self._state, current = TextStateMachine.discard(self._state)
-            segments = [(current, "")]
-        elif finish is not None:
-            self._state, segments = TextStateMachine.split(self._state, text)
+        self._state, segments = TextStateMachine.split(self._state, text)
+        if finish is not None:
+            # Whatever was held back as a possible marker start is text after all.
             self._state, flushed, current = TextStateMachine.flush(self._state)
             segments.append((current, flushed))
-        else:
-            self._state, segments = TextStateMachine.split(self._state, text)
         out: list[tuple[str, str]] = []
         for state, piece in segments:
             if self._prev == "tool" and state != "tool":

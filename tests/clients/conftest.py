@@ -1,0 +1,54 @@
+"""Starts the real release binary on the real demo model for the client tests."""
+
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release" / "pensieve"
+
+
+class Server:
+    def __init__(self, env=None):
+        if not BIN.exists():
+            raise RuntimeError(f"{BIN} is missing: run `make build`")
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PENSIEVE_LOG__LEVEL": "info", **(env or {})},
+        )
+        self.log = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            m = re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                break
+        else:
+            raise RuntimeError("pensieve did not start:\n" + "".join(self.log))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server({"PENSIEVE_TEST_SCRIPTS": "1", "PENSIEVE_FAULT_MARKER": "PLEASE-FAIL"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server():
+    s = Server({"PENSIEVE_SERVER__API_KEYS": '["sk-local"]'})
+    yield s
+    s.stop()

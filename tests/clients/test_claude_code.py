@@ -1,0 +1,42 @@
+"""Claude Code itself (`@anthropic-ai/claude-code`, pinned, installed by `make claude-code`)
+against the real server on the demo model."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT
+
+CLAUDE = ROOT / ".cache" / "claude-code" / "node_modules" / ".bin" / "claude"
+
+
+def run_claude(server, tmp_path, prompt):
+    assert CLAUDE.exists(), f"{CLAUDE} is missing: `make claude-code` installs it (npm)"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": server.url,
+        "ANTHROPIC_API_KEY": "sk-local",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    }
+    out = subprocess.run(
+        [str(CLAUDE), "-p", prompt, "--output-format", "json"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, f"claude exited {out.returncode}\nstdout: {out.stdout}\nstderr: {out.stderr}"
+    return json.loads(out.stdout)
+
+
+def test_claude_code_print_mode_completes_with_success(server, tmp_path):
+    # The demo model's own text rarely ends its turn, so its answer is a scripted reply
+    # (PENSIEVE_TEST_SCRIPTS): real tokens through the real tokenizer, end of turn at the end.
+    result = run_claude(server, tmp_path, "say hi [[script]]Hi! I am pensieve's demo model.[[/script]]")
+    assert result["subtype"] == "success", result
+    assert result["is_error"] is False
+    assert result["result"] == "Hi! I am pensieve's demo model."
+    assert result["usage"]["input_tokens"] > 1000  # its system prompt and tool schemas reached us
+    requests = [line for line in server.log if "request finished" in line and "/v1/messages" in line]
+    assert requests, "no request reached pensieve"
