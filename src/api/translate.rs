@@ -72,10 +72,17 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
             }
         }
     }
+    let choice = tool_choice(req)?;
+    if let Some(instruction) = choice.instruction() {
+        if !system.is_empty() {
+            system.push_str("\n\n");
+        }
+        system.push_str(&instruction);
+    }
     if !system.is_empty() {
         messages.insert(0, msg("system", system));
     }
-    let tools = (!req.tools.is_empty()).then(|| {
+    let tools = (!req.tools.is_empty() && choice != ToolChoice::None).then(|| {
         req.tools
             .iter()
             .map(|t| {
@@ -97,6 +104,60 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
         },
         stop_sequences: req.stop_sequences.clone(),
     })
+}
+
+/// `tool_choice`, as far as a local model can be held to it: `none` hides the tools from the
+/// template; `any` and `tool` are instructions in the system prompt (a model may still ignore
+/// them: nothing constrains its sampling).
+#[derive(Debug, PartialEq, Eq)]
+enum ToolChoice {
+    Auto,
+    Any,
+    Tool(String),
+    None,
+}
+
+impl ToolChoice {
+    fn instruction(&self) -> Option<String> {
+        match self {
+            ToolChoice::Any => Some("You must answer by calling one of the provided tools.".into()),
+            ToolChoice::Tool(name) => Some(format!("You must answer by calling the tool `{name}`.")),
+            ToolChoice::Auto | ToolChoice::None => None,
+        }
+    }
+}
+
+fn tool_choice(req: &MessagesRequest) -> Result<ToolChoice, ApiError> {
+    let Some(choice) = &req.tool_choice else {
+        return Ok(ToolChoice::Auto);
+    };
+    let kind = choice.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+    let choice = match kind {
+        "auto" => ToolChoice::Auto,
+        "any" => ToolChoice::Any,
+        "none" => ToolChoice::None,
+        "tool" => {
+            let name = choice
+                .get("name")
+                .and_then(|n| n.as_str())
+                .ok_or_else(|| ApiError::invalid("tool_choice.name: required when tool_choice.type is \"tool\""))?;
+            if !req.tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice.name: no tool named `{name}` in tools"
+                )));
+            }
+            ToolChoice::Tool(name.to_owned())
+        }
+        other => {
+            return Err(ApiError::invalid(format!(
+                "tool_choice.type: expected one of `auto`, `any`, `tool`, `none`, got `{other}`"
+            )))
+        }
+    };
+    if matches!(choice, ToolChoice::Any | ToolChoice::Tool(_)) && req.tools.is_empty() {
+        return Err(ApiError::invalid("tool_choice: requires tools"));
+    }
+    Ok(choice)
 }
 
 fn msg(role: &'static str, content: String) -> ChatMessage {
@@ -301,6 +362,33 @@ mod tests {
             ("tool", "rain", Some("tu_1"))
         );
         assert_eq!((m[3].role, m[3].content.as_str()), ("user", "and now?"));
+    }
+
+    #[test]
+    fn tool_choice_is_honoured_as_far_as_a_local_model_allows() {
+        let base = |choice: serde_json::Value| {
+            chat(json!({"model": "m", "max_tokens": 5, "tool_choice": choice,
+                "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+                "messages": [{"role": "user", "content": "x"}]}))
+        };
+        let none = base(json!({"type": "none"})).unwrap();
+        assert!(none.chat.tools.is_none());
+        let tool = base(json!({"type": "tool", "name": "Bash"})).unwrap();
+        assert!(tool.chat.messages[0].content.contains("calling the tool `Bash`"));
+        assert!(tool.chat.tools.is_some());
+        let any = base(json!({"type": "any"})).unwrap();
+        assert!(any.chat.messages[0]
+            .content
+            .contains("calling one of the provided tools"));
+        assert_eq!(base(json!({"type": "auto"})).unwrap().chat.messages.len(), 1);
+        assert!(base(json!({"type": "tool", "name": "Nope"}))
+            .unwrap_err()
+            .message
+            .contains("Nope"));
+        assert!(base(json!({"type": "maybe"}))
+            .unwrap_err()
+            .message
+            .starts_with("tool_choice.type"));
     }
 
     #[test]
