@@ -123,6 +123,8 @@ pub struct BackendConfig {
     pub python: PathBuf,
     /// Requests that may wait for the generation thread; more get 429.
     pub max_queue: usize,
+    /// How long a request may wait for its generation to start before it gets 429.
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for BackendConfig {
@@ -131,6 +133,7 @@ impl Default for BackendConfig {
             model: "demo".into(),
             python: PathBuf::from(".venv"),
             max_queue: 16,
+            queue_timeout_ms: 120_000,
         }
     }
 }
@@ -301,6 +304,9 @@ impl Config {
         }
         if self.server.max_body_mb == 0 {
             return Err(invalid("server.max_body_mb", "must be at least 1".into()));
+        }
+        if self.backend.queue_timeout_ms == 0 {
+            return Err(invalid("backend.queue_timeout_ms", "must be at least 1".into()));
         }
         if self.backend.model.trim().is_empty() {
             return Err(invalid("backend.model", "must not be empty".into()));

@@ -28,11 +28,13 @@ use crate::memory::{Sampler, SnapshotHandle, SystemProbe, Thresholds};
 pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHandle) -> Router {
     let thresholds = Thresholds::from_config(&config.memory);
     let max_body_bytes = (config.server.max_body_mb as usize).saturating_mul(1024 * 1024);
+    let queue_timeout = Duration::from_millis(config.backend.queue_timeout_ms);
     let state = AppState {
         backend,
         snapshot: snapshot.clone(),
         thresholds,
         max_body_bytes,
+        queue_timeout,
     };
     let mut fixed = HeaderMap::new();
     for (k, v) in &config.server.headers {
@@ -107,11 +109,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr} (server.host, server.port): {e}"))?;
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    // Armed before we say we serve: a signal sent from then on is never lost.
+    let signal = shutdown_signal()?;
     tracing::info!(%addr, "pensieve is serving");
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        signal.await;
         tracing::info!(
             grace_secs = grace.as_secs(),
             "shutting down: no new connections; running requests may finish"
@@ -129,20 +133,23 @@ pub async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for SIGINT and SIGTERM from the moment it is called (not from the first poll), so
+/// that a signal sent right after start-up is not lost.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind, name| signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"));
+        let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
+        let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
+        Ok(async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub thresholds: Thresholds,
     /// Largest body accepted, for the 413 message.
     pub max_body_bytes: usize,
+    /// How long a request may wait for its generation to start.
+    pub queue_timeout: std::time::Duration,
 }
 
 /// `POST /v1/messages`
@@ -53,7 +55,20 @@ async fn handle_messages(app: &AppState, body: Body, span: &tracing::Span) -> Re
     let mut generation = app.backend.generate(backend_req)?;
     // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
     // memory fell while queued) is a proper HTTP error rather than an event in a 200 stream.
-    let input_tokens = match generation.events.recv().await {
+    let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
+        .await
+        .map_err(|_| {
+            // Dropping `generation` here tells the backend to skip this request when it gets to it.
+            ApiError::new(
+                ErrorKind::RateLimit,
+                format!(
+                    "waited {} ms for the model without starting (backend.queue_timeout_ms); retry later",
+                    app.queue_timeout.as_millis()
+                ),
+            )
+            .retry_after(5)
+        })?;
+    let input_tokens = match first {
         Some(Event::Started { input_tokens }) => input_tokens,
         Some(Event::Failed(e)) => return Err(e.into()),
         Some(other) => {
@@ -83,10 +98,10 @@ pub async fn count_tokens(State(app): State<AppState>, headers: HeaderMap, body:
         }
         let req = translate::parse(&serde_json::to_vec(&value).expect("json"))?;
         let chat = translate::to_backend(&req, false)?.chat;
-        let n = app
-            .backend
-            .count_tokens(chat)?
+        let pending = app.backend.count_tokens(chat)?;
+        let n = tokio::time::timeout(app.queue_timeout, pending)
             .await
+            .map_err(|_| queue_timeout(app.queue_timeout))?
             .map_err(|_| ApiError::new(ErrorKind::Api, "the backend dropped the request"))??;
         Ok::<_, ApiError>(Json(serde_json::json!({"input_tokens": n})).into_response())
     }
@@ -118,6 +133,17 @@ pub async fn list_models(State(app): State<AppState>) -> Response {
 /// `GET /v1/models/{id}`: any name is served by the loaded model, so any id answers with it.
 pub async fn get_model(State(app): State<AppState>) -> Response {
     Json(model_object(&app)).into_response()
+}
+
+fn queue_timeout(waited: std::time::Duration) -> ApiError {
+    ApiError::new(
+        ErrorKind::RateLimit,
+        format!(
+            "waited {} ms for the model without starting (backend.queue_timeout_ms); retry later",
+            waited.as_millis()
+        ),
+    )
+    .retry_after(5)
 }
 
 /// Reads a whole body; a body over the limit of `BodyLimitLayer` is a 413.

@@ -11,6 +11,14 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid("request body is empty: expected a JSON object"));
     }
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        // Not an object: say so, rather than serde's view of a struct read from a sequence.
+        _ if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+            return Err(ApiError::invalid("request body must be a JSON object"));
+        }
+        _ => {}
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

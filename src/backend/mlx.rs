@@ -247,6 +247,11 @@ fn load_engine(py: Python<'_>, venv: &Path, model: &str, shared: &Shared) -> Res
     }
     let describe = |e: PyErr| python_error(py, &e);
     let setup = || -> PyResult<Py<PyAny>> {
+        // Signals belong to the server (graceful shutdown), not to Python: without this,
+        // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a running
+        // generation, and the server never hears of it.
+        let signal = py.import("signal")?;
+        signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
         py.import("site")?
             .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
         let module = py.import("pensieve_bridge.engine")?;

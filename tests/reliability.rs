@@ -1,0 +1,334 @@
+//! Overload, vanishing clients, bad input and shutdown, against the real server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn overload_gets_prompt_429s_and_every_request_an_answer() {
+    let s = Server::start_with(&[
+        ("PENSIEVE_BACKEND__MAX_QUEUE", "2"),
+        ("PENSIEVE_BACKEND__QUEUE_TIMEOUT_MS", "1500"),
+    ]);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let client = client.clone();
+            let url = s.url("/v1/messages");
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let res = client
+                    .post(url)
+                    .json(&hello(300))
+                    .send()
+                    .await
+                    .expect("no connection reset");
+                let status = res.status().as_u16();
+                let retry = res.headers().get("retry-after").is_some();
+                let body: Value = res.json().await.unwrap();
+                (status, retry, body, t.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        let (status, retry, body, took) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert!(retry, "429 without retry-after");
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+                // Refused at once (queue full) or after the queue timeout, never later.
+                assert!(took < Duration::from_secs(5), "429 took {took:?}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1 && limited >= 1, "ok {ok}, limited {limited}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let b = s.idle_backend().await;
+    assert_eq!(
+        (
+            b["active_generations"].clone(),
+            b["queued"].clone(),
+            b["cache_bytes"].clone()
+        ),
+        (json!(0), json!(0), json!(0)),
+        "{b}"
+    );
+}
+
+#[tokio::test]
+async fn a_disconnect_storm_leaves_nothing_running_and_no_cache() {
+    let s = Server::start_with(&[("PENSIEVE_BACKEND__MAX_QUEUE", "64")]);
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..30u64)
+        .map(|i| {
+            let client = client.clone();
+            let url = s.url("/v1/messages");
+            tokio::spawn(async move {
+                let mut body = hello(2000);
+                body["stream"] = json!(true);
+                // Cut at different points: before the answer, during it, after some tokens.
+                let cut = Duration::from_millis((i * 37) % 600);
+                let _ = tokio::time::timeout(cut, async {
+                    let res = client.post(url).json(&body).send().await.unwrap();
+                    let mut stream = res.bytes_stream();
+                    while stream.next().await.is_some() {}
+                })
+                .await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let b = loop {
+        let b = s.health().await["backend"].clone();
+        if (b["active_generations"] == 0 && b["queued"] == 0) || Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(b["active_generations"], 0, "{b}");
+    assert_eq!(b["queued"], 0, "{b}");
+    assert_eq!(b["cache_bytes"], 0, "{b}");
+    let log = s.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(s.post(&hello(3)).await.status(), 200);
+}
+
+/// Malformed requests: every one a 4xx in Anthropic's shape whose message names the problem.
+#[tokio::test]
+async fn a_corpus_of_bad_requests_gets_named_4xx_errors_and_the_server_serves_on() {
+    let s = Server::start_with(&[("PENSIEVE_SERVER__MAX_BODY_MB", "1")]);
+    let ok = r#""model":"demo","max_tokens":5"#;
+    let user = r#"[{"role":"user","content":"hi"}]"#;
+    let deep = format!(
+        r#"{{"model":"demo","max_tokens":5,"messages":[],"metadata":{}{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let long = "word ".repeat(160_000);
+    let mut cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("POST", "/v1/messages", b"".to_vec(), 400, "empty"),
+        ("POST", "/v1/messages", b"hello".to_vec(), 400, "not valid JSON"),
+        ("POST", "/v1/messages", b"{".to_vec(), 400, "not valid JSON"),
+        ("POST", "/v1/messages", b"[]".to_vec(), 400, "JSON object"),
+        ("POST", "/v1/messages", b"null".to_vec(), 400, "JSON object"),
+        ("POST", "/v1/messages", b"42".to_vec(), 400, "JSON object"),
+        ("POST", "/v1/messages", b"\"text\"".to_vec(), 400, "JSON object"),
+        ("POST", "/v1/messages", deep.into_bytes(), 400, "recursion limit"),
+        (
+            "POST",
+            "/v1/messages",
+            b"{\"model\":\"demo\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}"
+                .to_vec(),
+            400,
+            "not valid JSON",
+        ),
+    ];
+    let fields: Vec<(String, &str)> = vec![
+        (format!(r#"{{"max_tokens":5,"messages":{user}}}"#), "model"),
+        (format!(r#"{{"model":"demo","messages":{user}}}"#), "max_tokens"),
+        (format!(r#"{{{ok}}}"#), "messages"),
+        (format!(r#"{{"model":5,"max_tokens":5,"messages":{user}}}"#), "model"),
+        (
+            format!(r#"{{"model":"demo","max_tokens":-1,"messages":{user}}}"#),
+            "max_tokens",
+        ),
+        (
+            format!(r#"{{"model":"demo","max_tokens":1.5,"messages":{user}}}"#),
+            "max_tokens",
+        ),
+        (
+            format!(r#"{{"model":"demo","max_tokens":99999999999,"messages":{user}}}"#),
+            "max_tokens",
+        ),
+        (
+            format!(r#"{{"model":"demo","max_tokens":0,"messages":{user}}}"#),
+            "max_tokens",
+        ),
+        (format!(r#"{{{ok},"messages":{{}}}}"#), "messages"),
+        (format!(r#"{{{ok},"messages":[]}}"#), "messages"),
+        (format!(r#"{{{ok},"messages":[1]}}"#), "messages[0]"),
+        (format!(r#"{{{ok},"messages":[{{"content":"hi"}}]}}"#), "role"),
+        (format!(r#"{{{ok},"messages":[{{"role":"user"}}]}}"#), "content"),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"wizard","content":"hi"}}]}}"#),
+            "messages[0].role",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":5}}]}}"#),
+            "messages[0].content",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[5]}}]}}"#),
+            "messages[0].content",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"text":"x"}}]}}]}}"#),
+            "type",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"hologram"}}]}}]}}"#),
+            "hologram",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"text"}}]}}]}}"#),
+            "text",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"text","text":7}}]}}]}}"#),
+            "messages[0].content[0]",
+        ),
+        (
+            format!(
+                r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"!!!not base64"}}}}]}}]}}"#
+            ),
+            "images",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"document","source":{{}}}}]}}]}}"#),
+            "document",
+        ),
+        (
+            format!(
+                r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"tool_use","id":"t","name":"n","input":{{}}}}]}}]}}"#
+            ),
+            "tool_use",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":[{{"type":"tool_result"}}]}}]}}"#),
+            "tool_use_id",
+        ),
+        (format!(r#"{{{ok},"messages":{user},"system":5}}"#), "system"),
+        (
+            format!(r#"{{{ok},"messages":{user},"system":[{{"type":"image","source":{{}}}}]}}"#),
+            "system",
+        ),
+        (format!(r#"{{{ok},"messages":{user},"stream":"yes"}}"#), "stream"),
+        (
+            format!(r#"{{{ok},"messages":{user},"temperature":"hot"}}"#),
+            "temperature",
+        ),
+        (
+            format!(r#"{{{ok},"messages":{user},"temperature":1.5}}"#),
+            "temperature",
+        ),
+        (format!(r#"{{{ok},"messages":{user},"top_p":2}}"#), "top_p"),
+        (format!(r#"{{{ok},"messages":{user},"top_k":-3}}"#), "top_k"),
+        (
+            format!(r#"{{{ok},"messages":{user},"stop_sequences":"END"}}"#),
+            "stop_sequences",
+        ),
+        (
+            format!(r#"{{{ok},"messages":{user},"stop_sequences":[1]}}"#),
+            "stop_sequences",
+        ),
+        (format!(r#"{{{ok},"messages":{user},"tools":{{}}}}"#), "tools"),
+        (
+            format!(r#"{{{ok},"messages":{user},"tools":[{{"description":"no name"}}]}}"#),
+            "name",
+        ),
+        (
+            format!(r#"{{{ok},"messages":{user},"tool_choice":{{"type":"sometimes"}}}}"#),
+            "tool_choice",
+        ),
+        (
+            format!(r#"{{{ok},"messages":{user},"tool_choice":{{"type":"tool","name":"missing"}}}}"#),
+            "missing",
+        ),
+        (
+            format!(r#"{{{ok},"messages":[{{"role":"user","content":"{long}"}}]}}"#),
+            "prompt is too long",
+        ),
+    ];
+    for (body, needle) in &fields {
+        cases.push(("POST", "/v1/messages", body.clone().into_bytes(), 400, needle));
+    }
+    cases.push((
+        "POST",
+        "/v1/messages",
+        vec![b' '; 1_100_000],
+        413,
+        "larger than the limit",
+    ));
+    cases.push(("GET", "/v1/unknown", vec![], 404, "/v1/unknown"));
+    cases.push(("GET", "/v2/messages", vec![], 404, "/v2/messages"));
+    cases.push(("GET", "/v1/messages", vec![], 405, "GET"));
+    cases.push(("DELETE", "/v1/messages", vec![], 405, "DELETE"));
+    cases.push(("PUT", "/v1/models", vec![], 405, "PUT"));
+    cases.push((
+        "POST",
+        "/v1/messages/count_tokens",
+        b"{]".to_vec(),
+        400,
+        "not valid JSON",
+    ));
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    let client = reqwest::Client::new();
+    for (method, path, body, status, needle) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let len = body.len();
+        let res = client
+            .request(method.clone(), s.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} ({len} bytes): {e}"));
+        let what = format!("{method} {path} expecting {status}/{needle}");
+        assert_eq!(res.status().as_u16(), status, "{what}");
+        assert!(res.headers().contains_key("request-id"), "{what}");
+        let v: Value = res.json().await.unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+        assert_eq!(v["type"], "error", "{what}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{what}: {msg}");
+        assert!(
+            v["error"]["type"].as_str().unwrap().ends_with("error") || status == 413,
+            "{what}"
+        );
+    }
+    assert!(!s.log().contains("panicked"));
+    assert_eq!(s.post(&hello(3)).await.status(), 200);
+    assert_eq!(s.health().await["backend"]["cache_bytes"], 0);
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
+    let mut s = Server::start();
+    let res = s.post_stream(&hello(300)).await;
+    let mut stream = res.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("message_start"));
+    s.signal("TERM");
+    let mut rest = String::new();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(rest.contains("message_stop"), "the stream was cut: {rest}");
+    assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0), "{}", s.log());
+    assert!(s.log().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn sigterm_with_no_grace_aborts_running_work_and_exits_zero() {
+    let mut s = Server::start_with(&[("PENSIEVE_SERVER__SHUTDOWN_GRACE_SECS", "0")]);
+    let res = s.post_stream(&hello(20_000)).await;
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0), "{}", s.log());
+    // The client sees the stream end (cut), not hang.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
+    assert!(drained.is_ok());
+}
