@@ -36,8 +36,23 @@ impl Server {
     pub fn start_with(env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
         // Port 0: the server binds a free port and logs it, so parallel tests never collide.
-        cmd.args(["serve", "--port", "0"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        cmd.args(["serve", "--port", "0"]);
+        Self::spawn(cmd, env)
+    }
+
+    /// Starts the server inside the memory cgroup whose `cgroup.procs` file is `procs`, from its
+    /// first instruction on (so that everything it allocates is charged there).
+    pub fn start_in_cgroup(procs: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("echo $$ > {} && exec {BIN} serve --port 0", procs.display()),
+        ]);
+        Self::spawn(cmd, env)
+    }
+
+    fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Server {
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

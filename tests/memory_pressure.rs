@@ -1,0 +1,258 @@
+//! A real memory limit: the server runs inside a memory cgroup (v1 under
+//! /sys/fs/cgroup/memory, or v2), and a second process in the same cgroup allocates real memory
+//! until the cgroup is nearly full. No mocked probe anywhere.
+//!
+//! Needs root and a writable memory cgroup hierarchy; when it cannot make the cgroup it fails
+//! and says why, it does not pass silently.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const LIMIT: u64 = 1 << 30; // 1 GiB for the server and the allocator together
+const MB: u64 = 1 << 20;
+
+/// A memory cgroup made for one test, removed when dropped.
+struct Cgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Cgroup {
+    fn create(name: &str, limit: u64) -> Cgroup {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let (dir, v2) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(name), false)
+        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (Path::new("/sys/fs/cgroup").join(name), true)
+        } else {
+            panic!("no memory cgroup hierarchy at /sys/fs/cgroup/memory (v1) or /sys/fs/cgroup (v2): cannot run a real memory-pressure test here");
+        };
+        if dir.exists() {
+            let _ = std::fs::remove_dir(&dir);
+        }
+        std::fs::create_dir(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot create the memory cgroup {} ({e}); this test needs root and a writable cgroup hierarchy",
+                dir.display()
+            )
+        });
+        let cg = Cgroup { dir, v2 };
+        let (file, value) = if v2 {
+            ("memory.max", limit.to_string())
+        } else {
+            ("memory.limit_in_bytes", limit.to_string())
+        };
+        std::fs::write(cg.dir.join(file), value)
+            .unwrap_or_else(|e| panic!("cannot set {file} in {}: {e}", cg.dir.display()));
+        if v2 {
+            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        } else {
+            // No swap either, so that "full" means full.
+            let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+        }
+        cg
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    fn usage(&self) -> u64 {
+        let f = if self.v2 {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
+        std::fs::read_to_string(self.dir.join(f))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let text = if self.v2 {
+            std::fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default()
+        } else {
+            std::fs::read_to_string(self.dir.join("memory.oom_control")).unwrap_or_default()
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+/// A Python process in the cgroup that allocates (and touches) memory on command.
+struct Allocator {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Allocator {
+    fn start(cg: &Cgroup) -> Allocator {
+        let script = r#"
+import sys
+chunks = []
+for line in sys.stdin:
+    cmd, _, n = line.strip().partition(" ")
+    if cmd == "alloc":
+        chunks.append(b"\x01" * (int(n) << 20))  # filled, so every page is really used
+    elif cmd == "free":
+        chunks.clear()
+    print("ok", flush=True)
+"#;
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "echo $$ > {} && exec python3 -c '{}'",
+                    cg.procs().display(),
+                    script.replace('\'', "'\\''")
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Allocator { child, out }
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "allocator died (OOM?) on `{cmd}`");
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn tier(s: &Server) -> (String, Value) {
+    let h = s.health().await;
+    (h["memory"]["status"].as_str().unwrap().to_owned(), h)
+}
+
+/// Allocates in steps until the server reports `want` (or worse), never past `limit - margin`.
+async fn push_to(s: &Server, cg: &Cgroup, alloc: &mut Allocator, want: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (t, h) = tier(s).await;
+        if want.contains(&t.as_str()) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "never reached {want:?}: {h}");
+        assert!(
+            cg.usage() + 40 * MB < LIMIT,
+            "cgroup nearly full ({} MB) and still {t}: {h}",
+            cg.usage() / MB
+        );
+        alloc.send("alloc 20");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test]
+async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recovers() {
+    let cg = Cgroup::create(&format!("pensieve-test-{}", std::process::id()), LIMIT);
+    let s = Server::start_in_cgroup(
+        &cg.procs(),
+        &[
+            ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
+            ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
+            ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.25"),
+            ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "50"),
+        ],
+    );
+    // The server sees the cgroup: its limit is the total.
+    let h = s.health().await;
+    assert_eq!(h["memory"]["source"], "cgroup", "{h}");
+    assert_eq!(h["memory"]["total_bytes"], LIMIT, "{h}");
+    assert_eq!(h["memory"]["status"], "Safe", "{h}");
+    assert_eq!(s.post(&hello(4)).await.status(), 200);
+
+    // A long stream runs while memory fills up.
+    let res = s.post_stream(&hello(100_000)).await;
+    assert_eq!(res.status(), 200);
+    let mut stream = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("content_block_delta") {
+        seen.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
+    }
+
+    let mut alloc = Allocator::start(&cg);
+    let critical = push_to(&s, &cg, &mut alloc, &["Critical", "Emergency"]).await;
+    // Critical: new generations are refused with 503 before the kernel has to kill anything.
+    let res = s.post(&hello(4)).await;
+    assert_eq!(res.status(), 503, "{critical}");
+    assert!(res.headers().contains_key("retry-after"));
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "overloaded_error");
+    assert_eq!(reqwest::get(s.url("/health/ready")).await.unwrap().status(), 503);
+
+    // Emergency: the running stream is aborted with an overloaded_error event and the cache is cleared.
+    push_to(&s, &cg, &mut alloc, &["Emergency"]).await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = stream.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream did not end in Emergency");
+    let events = parse_sse(&seen);
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error", "{seen}");
+    assert_eq!(last.data["error"]["type"], "overloaded_error");
+    let b = s.idle_backend().await;
+    assert_eq!(
+        (b["active_generations"].clone(), b["cache_bytes"].clone()),
+        (json!(0), json!(0)),
+        "{b}"
+    );
+
+    // Nothing was killed, and the server still answers.
+    assert_eq!(cg.oom_kills(), 0, "the kernel killed something in the cgroup");
+    assert_eq!(reqwest::get(s.url("/health/live")).await.unwrap().status(), 200);
+
+    // Memory comes back: serving again within seconds.
+    alloc.send("free");
+    drop(alloc);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (t, h) = tier(&s).await;
+        if t == "Safe" || t == "Warning" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "memory never recovered: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.post(&hello(4)).await.status(), 200);
+    assert_eq!(cg.oom_kills(), 0);
+    drop(s);
+}
