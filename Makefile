@@ -11,7 +11,7 @@ UNAME := $(shell uname -s)
 CLAUDE_CODE_VERSION := 2.1.328
 CLAUDE := .cache/claude-code/node_modules/.bin/claude
 
-.PHONY: all venv build run test test-rust test-python test-clients claude-code bench demo fmt clean
+.PHONY: all venv build run test test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean
 
 all: build
 
@@ -33,7 +33,7 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build test-python test-rust test-clients
+test: build test-python test-rust test-clients test-e2e
 
 test-python: venv
 	$(PY) -m pytest -q python_bridge
@@ -41,6 +41,16 @@ test-python: venv
 # The official anthropic SDK and Claude Code against the real server (tests/clients).
 test-clients: build claude-code
 	$(PY) -m pytest -q tests/clients
+
+# The seed's end-to-end script (curl + jq) against a server it starts itself.
+test-e2e: build tools
+	tests/e2e_memory_stress.sh
+
+# curl and jq for the e2e script: installed with apt-get where they are missing (Debian, root).
+tools:
+	@command -v curl >/dev/null && command -v jq >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq curl jq >/dev/null; } || \
+	  { echo "install curl and jq"; exit 1; }
 
 # Claude Code, pinned, from the npm registry, into .cache (not the user's global npm).
 $(CLAUDE):
