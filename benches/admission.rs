@@ -17,7 +17,7 @@ use tower::{Layer, Service, ServiceExt};
 fn admission(c: &mut Criterion) {
     let thresholds = Thresholds::from_config(&MemoryConfig::default());
     let mut probe = SystemProbe::new().unwrap();
-    let first = Sampler::sample(&mut probe, &thresholds, &MemorySnapshot::unknown(), None);
+    let first = Sampler::sample(&mut probe, &thresholds, &MemorySnapshot::unknown(), &Default::default());
     let handle = SnapshotHandle::new(first);
 
     let mut group = c.benchmark_group("admission");

@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         thresholds,
         Duration::from_millis(memory.sample_interval_ms),
         snapshot.clone(),
-        None,
+        Default::default(),
     )?;
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))

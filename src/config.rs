@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_FILE: &str = "config/pensieve.toml";
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "PENSIEVE_";
-const SECTIONS: [&str; 4] = ["server", "memory", "backend", "log"];
+const SECTIONS: [&str; 5] = ["server", "memory", "backend", "policies", "log"];
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -34,6 +34,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// The model and the Python environment that runs it.
     pub backend: BackendConfig,
+    /// WebAssembly admission policies.
+    pub policies: PoliciesConfig,
     /// Log format and level.
     pub log: LogConfig,
 }
@@ -134,6 +136,44 @@ impl Default for BackendConfig {
             python: PathBuf::from(".venv"),
             max_queue: 16,
             queue_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// What a policy failure does to the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Admit: the host's own tiers still protect the machine.
+    Admit,
+    /// Refuse with 503 (fail closed), also while a configured policy is not loaded.
+    Reject,
+}
+
+/// `[policies]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoliciesConfig {
+    /// Every `*.wasm` and `*.wat` here is loaded, and reloaded on change.
+    pub dir: PathBuf,
+    /// Longest a policy call may run.
+    pub timeout_ms: u64,
+    /// Largest linear memory a policy may have.
+    pub memory_limit_mb: u64,
+    /// What a failing policy does.
+    pub on_error: OnError,
+    /// `[policies.settings.<name>]`: JSON handed to that policy's `configure`.
+    pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("policies"),
+            timeout_ms: 10,
+            memory_limit_mb: 16,
+            on_error: OnError::Admit,
+            settings: BTreeMap::new(),
         }
     }
 }
@@ -304,6 +344,18 @@ impl Config {
         }
         if self.server.max_body_mb == 0 {
             return Err(invalid("server.max_body_mb", "must be at least 1".into()));
+        }
+        if self.policies.timeout_ms == 0 || self.policies.timeout_ms > 10_000 {
+            return Err(invalid(
+                "policies.timeout_ms",
+                format!("must be between 1 and 10000, got {}", self.policies.timeout_ms),
+            ));
+        }
+        if self.policies.memory_limit_mb == 0 || self.policies.memory_limit_mb > 4096 {
+            return Err(invalid(
+                "policies.memory_limit_mb",
+                format!("must be between 1 and 4096, got {}", self.policies.memory_limit_mb),
+            ));
         }
         if self.backend.queue_timeout_ms == 0 {
             return Err(invalid("backend.queue_timeout_ms", "must be at least 1".into()));

@@ -12,4 +12,5 @@ pub mod backend;
 pub mod config;
 pub mod layers;
 pub mod memory;
+pub mod policy;
 pub mod server;

@@ -96,7 +96,7 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
         &mut probe,
         &Thresholds::from_config(&config.memory),
         &MemorySnapshot::unknown(),
-        None,
+        &Default::default(),
     );
     let cgroup = probe.cgroup().map(|c| format!("{} ({:?})", c.dir.display(), c.version));
     let out = serde_json::json!({

@@ -22,10 +22,16 @@ use crate::config::Config;
 use crate::layers::{
     AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer, REQUEST_ID,
 };
-use crate::memory::{Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use crate::memory::{Hooks, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use crate::policy::{PolicyEngine, Watcher};
 
 /// The whole application: routes and layers, ready for `axum::serve`.
-pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHandle) -> Router {
+pub fn router(
+    config: &Config,
+    backend: Arc<dyn Backend>,
+    snapshot: SnapshotHandle,
+    policies: Option<Arc<PolicyEngine>>,
+) -> Router {
     let thresholds = Thresholds::from_config(&config.memory);
     let max_body_bytes = (config.server.max_body_mb as usize).saturating_mul(1024 * 1024);
     let queue_timeout = Duration::from_millis(config.backend.queue_timeout_ms);
@@ -35,6 +41,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, snapshot: SnapshotHand
         thresholds,
         max_body_bytes,
         queue_timeout,
+        policies,
     };
     let mut fixed = HeaderMap::new();
     for (k, v) in &config.server.headers {
@@ -94,16 +101,27 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, recheck))
         .await
         .map_err(|e| format!("the model loader panicked: {e}"))??;
+    let policies = Arc::new(PolicyEngine::new(&config.policies)?);
+    for p in policies.load_dir() {
+        if !p.loaded {
+            tracing::error!(policy = %p.name, error = ?p.last_error, "policy not loaded; serving without it");
+        }
+    }
+    let _watcher = Watcher::spawn(policies.clone()).map_err(|e| format!("cannot watch policies.dir: {e}"))?;
+    let hooks = Hooks {
+        backend: Some(backend.memory_reporter()),
+        proposer: Some(policies.clone()),
+    };
     let _sampler = Sampler::spawn(
         Box::new(probe),
         thresholds,
         Duration::from_millis(config.memory.sample_interval_ms),
         snapshot.clone(),
-        Some(backend.memory_reporter()),
+        hooks,
     )
     .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
     let backend: Arc<dyn Backend> = Arc::new(backend);
-    let app = router(&config, backend, snapshot);
+    let app = router(&config, backend, snapshot, Some(policies));
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

@@ -62,7 +62,7 @@ impl ErrorKind {
 
 /// An error on its way to the client.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("{} ({}): {message}", kind.as_str(), kind.status().as_u16())]
+#[error("{} ({}): {message}", self.type_str(), self.status().as_u16())]
 pub struct ApiError {
     /// Which Anthropic error.
     pub kind: ErrorKind,
@@ -70,6 +70,8 @@ pub struct ApiError {
     pub message: String,
     /// Sent as `retry-after`.
     pub retry_after_secs: Option<u32>,
+    /// Status and type chosen by an admission policy, instead of `kind`'s.
+    pub custom: Option<(StatusCode, String)>,
 }
 
 impl ApiError {
@@ -79,12 +81,39 @@ impl ApiError {
             kind,
             message: message.into(),
             retry_after_secs: None,
+            custom: None,
         }
     }
 
     /// 400 `invalid_request_error`.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidRequest, message)
+    }
+
+    /// A refusal by an admission policy, with the status and type it chose (400 to 599).
+    pub fn from_policy(status: u16, error_type: String, message: String, retry_after_secs: Option<u32>) -> Self {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let kind = if status.is_client_error() {
+            ErrorKind::InvalidRequest
+        } else {
+            ErrorKind::Overloaded
+        };
+        Self {
+            kind,
+            message,
+            retry_after_secs,
+            custom: Some((status, error_type)),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        self.custom.as_ref().map_or_else(|| self.kind.status(), |(s, _)| *s)
+    }
+
+    fn type_str(&self) -> &str {
+        self.custom
+            .as_ref()
+            .map_or_else(|| self.kind.as_str(), |(_, t)| t.as_str())
     }
 
     /// Adds `retry-after`.
@@ -97,7 +126,7 @@ impl ApiError {
     pub fn body(&self, request_id: Option<&str>) -> Bytes {
         let mut v = serde_json::json!({
             "type": "error",
-            "error": {"type": self.kind.as_str(), "message": self.message},
+            "error": {"type": self.type_str(), "message": self.message},
         });
         if let Some(id) = request_id {
             v["request_id"] = id.into();
@@ -114,7 +143,7 @@ impl ApiError {
     /// The error itself rides in the extensions, so the logging layer can record it.
     pub fn to_response<B: From<Bytes>>(&self, request_id: Option<&str>) -> Response<B> {
         let mut res = Response::new(B::from(self.body(request_id)));
-        *res.status_mut() = self.kind.status();
+        *res.status_mut() = self.status();
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {

@@ -44,7 +44,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
             },
         },
         "backend": backend,
-        "policies": [],
+        "policies": app.policies.as_ref().map(|p| p.status()).unwrap_or_default(),
     }))
     .into_response()
 }

@@ -37,21 +37,43 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How long a request may wait for its generation to start.
     pub queue_timeout: std::time::Duration,
+    /// WebAssembly admission policies, when there are any.
+    pub policies: Option<Arc<crate::policy::PolicyEngine>>,
 }
 
 /// `POST /v1/messages`
 pub async fn messages(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let span = tracing::Span::current();
-    match handle_messages(&app, body, &span).await {
+    match handle_messages(&app, &headers, body, &span).await {
         Ok(res) => res,
         Err(e) => e.to_response(request_id(&headers)),
     }
 }
 
-async fn handle_messages(app: &AppState, body: Body, span: &tracing::Span) -> Result<Response, ApiError> {
+async fn handle_messages(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    span: &tracing::Span,
+) -> Result<Response, ApiError> {
     let bytes = read_body(body, app.max_body_bytes).await?;
     let req = translate::parse(&bytes)?;
     let backend_req = translate::to_backend(&req, false)?;
+    if let Some(policies) = app.policies.as_ref().filter(|p| !p.is_empty()) {
+        let record = policy_request(app, headers, &req, bytes.len());
+        let mem = crate::policy::memory_record(&app.snapshot.load());
+        if let crate::policy::Decision::Reject {
+            policy,
+            status,
+            error_type,
+            message,
+            retry_after_secs,
+        } = policies.decide(&record, &mem)
+        {
+            tracing::info!(%policy, status, "refused by policy");
+            return Err(ApiError::from_policy(status, error_type, message, retry_after_secs));
+        }
+    }
     let mut generation = app.backend.generate(backend_req)?;
     // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
     // memory fell while queued) is a proper HTTP error rather than an event in a 200 stream.
@@ -83,6 +105,31 @@ async fn handle_messages(app: &AppState, body: Body, span: &tracing::Span) -> Re
         Ok(sse::response(generation, model, input_tokens, span.clone()))
     } else {
         Ok(Json(sse::collect(generation, model, input_tokens, span).await?).into_response())
+    }
+}
+
+/// What policies see of a request. Credentials never reach them.
+fn policy_request(
+    app: &AppState,
+    headers: &HeaderMap,
+    req: &types::MessagesRequest,
+    body_len: usize,
+) -> crate::policy::Request {
+    const SECRET: [&str; 4] = ["authorization", "x-api-key", "cookie", "proxy-authorization"];
+    crate::policy::Request {
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        model: Some(req.model.clone()),
+        max_tokens: Some(req.max_tokens),
+        // An estimate: the exact count needs the tokenizer, which runs on the backend thread.
+        input_tokens: Some((body_len / 4) as u32),
+        streaming: req.stream,
+        in_flight: app.backend.status().active_generations,
+        headers: headers
+            .iter()
+            .filter(|(k, _)| !SECRET.contains(&k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
     }
 }
 

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 pub use probe::{cgroup, psi_some_avg10, MemoryProbe, ProbeReading, SystemProbe};
-pub use sampler::{BackendMemory, Sampler};
+pub use sampler::{BackendMemory, Hooks, Sampler, TierProposer};
 pub use tier::{Thresholds, Tier};
 
 /// Where a reading came from.

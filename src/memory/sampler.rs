@@ -13,6 +13,21 @@ pub trait BackendMemory: Send + Sync + 'static {
     fn backend_memory(&self) -> Option<(u64, u64)>;
 }
 
+/// Something that may propose a more severe tier for a sample (the WASM policies' `classify`).
+pub trait TierProposer: Send + Sync + 'static {
+    /// A tier for `snapshot` (whose `tier` is the host's own), or `None`.
+    fn propose(&self, snapshot: &MemorySnapshot) -> Option<Tier>;
+}
+
+/// What the sampler consults besides the probe.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// The backend's own memory counters.
+    pub backend: Option<Arc<dyn BackendMemory>>,
+    /// Policies that may raise the tier.
+    pub proposer: Option<Arc<dyn TierProposer>>,
+}
+
 /// A running sampler thread; stops when dropped.
 #[derive(Debug)]
 pub struct Sampler {
@@ -28,9 +43,9 @@ impl Sampler {
         thresholds: Thresholds,
         interval: Duration,
         handle: SnapshotHandle,
-        backend: Option<Arc<dyn BackendMemory>>,
+        hooks: Hooks,
     ) -> std::io::Result<Sampler> {
-        let first = Self::sample(probe.as_mut(), &thresholds, &handle.load(), backend.as_deref());
+        let first = Self::sample(probe.as_mut(), &thresholds, &handle.load(), &hooks);
         handle.store(first);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new().name("pensieve-memory".into()).spawn({
@@ -42,7 +57,7 @@ impl Sampler {
                         break;
                     }
                     let previous = handle.load_full();
-                    let next = Self::sample(probe.as_mut(), &thresholds, &previous, backend.as_deref());
+                    let next = Self::sample(probe.as_mut(), &thresholds, &previous, &hooks);
                     if next.tier != previous.tier {
                         let level = if next.tier > previous.tier { "worse" } else { "better" };
                         tracing::warn!(
@@ -66,15 +81,15 @@ impl Sampler {
         probe: &mut dyn MemoryProbe,
         thresholds: &Thresholds,
         previous: &MemorySnapshot,
-        backend: Option<&dyn BackendMemory>,
+        hooks: &Hooks,
     ) -> MemorySnapshot {
         let r = probe.read();
         let prev_tier = if previous.seq == 0 { Tier::Safe } else { previous.tier };
-        let (active, cache) = match backend.and_then(|b| b.backend_memory()) {
+        let (active, cache) = match hooks.backend.as_ref().and_then(|b| b.backend_memory()) {
             Some((a, c)) => (Some(a), Some(c)),
             None => (None, None),
         };
-        MemorySnapshot {
+        let mut snapshot = MemorySnapshot {
             tier: thresholds.classify(prev_tier, r.available_bytes),
             available_bytes: r.available_bytes,
             total_bytes: r.total_bytes,
@@ -83,7 +98,12 @@ impl Sampler {
             backend_active_bytes: active,
             backend_cache_bytes: cache,
             seq: previous.seq + 1,
+        };
+        // The most severe of the host's tier and the policies' proposals wins.
+        if let Some(proposed) = hooks.proposer.as_ref().and_then(|p| p.propose(&snapshot)) {
+            snapshot.tier = snapshot.tier.max(proposed);
         }
+        snapshot
     }
 }
 
@@ -134,7 +154,7 @@ mod tests {
             thresholds,
             Duration::from_millis(5),
             handle.clone(),
-            None,
+            Hooks::default(),
         )
         .unwrap();
         assert_eq!(handle.load().tier, Tier::Safe);
