@@ -11,7 +11,7 @@ UNAME := $(shell uname -s)
 CLAUDE_CODE_VERSION := 2.1.328
 CLAUDE := .cache/claude-code/node_modules/.bin/claude
 
-.PHONY: all venv build run test test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean
+.PHONY: policies all venv build run test test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean
 
 all: build
 
@@ -33,7 +33,7 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build test-python test-rust test-clients test-e2e
+test: build policies test-python test-rust test-clients test-e2e
 
 test-python: venv
 	$(PY) -m pytest -q python_bridge
@@ -41,6 +41,11 @@ test-python: venv
 # The official anthropic SDK and Claude Code against the real server (tests/clients).
 test-clients: build claude-code
 	$(PY) -m pytest -q tests/clients
+
+# The example (and test) policies: Rust crates built with wit-bindgen for wasm32-wasip2.
+policies:
+	rustup target list --installed 2>/dev/null | grep -q wasm32-wasip2 || rustup target add wasm32-wasip2
+	cd policies/examples && cargo build --release --locked --target wasm32-wasip2
 
 # The seed's end-to-end script (curl + jq) against a server it starts itself.
 test-e2e: build tools
@@ -63,8 +68,8 @@ claude-code: $(CLAUDE)
 test-rust: build
 	cargo test --release --locked -- --test-threads=2
 
-bench: build
-	cargo bench --locked --bench admission
+bench: build policies
+	cargo bench --locked --bench admission --bench policy
 	$(PY) benches/tokens_per_second.py
 
 fmt:

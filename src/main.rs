@@ -41,11 +41,30 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// WebAssembly admission policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print the current memory snapshot and tier, as the server would see it.
     Memory {
         /// Configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load policies as `serve` would, run classify and decide on sample inputs, and report
+    /// what is wrong; exits non-zero on any problem.
+    Check {
+        /// Configuration file (for `[policies]` limits and settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Policy files (.wasm or .wat).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -68,6 +87,9 @@ fn main() -> ExitCode {
             .map(|text| print!("{text}"))
             .map_err(|e| e.to_string()),
         Command::Memory { config } => memory(config),
+        Command::Policy {
+            command: PolicyCommand::Check { config, files },
+        } => policy_check(config, files),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +135,33 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
                           "emergency": config.memory.emergency_gb, "hysteresis": config.memory.hysteresis},
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    Ok(())
+}
+
+fn policy_check(file: Option<PathBuf>, files: Vec<PathBuf>) -> Result<(), String> {
+    let config = Config::load(file.as_deref(), &Flags::default()).map_err(|e| e.to_string())?;
+    let engine = pensieve::policy::PolicyEngine::new(&config.policies)?;
+    let mut probe = SystemProbe::new().map_err(|e| e.to_string())?;
+    let snap = Sampler::sample(
+        &mut probe,
+        &Thresholds::from_config(&config.memory),
+        &MemorySnapshot::unknown(),
+        &Default::default(),
+    );
+    let mem = pensieve::policy::memory_record(&snap);
+    let mut failed = 0;
+    for f in &files {
+        match engine.check(f, &mem) {
+            Ok(report) => print!("ok   {report}"),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {} policies have problems", files.len()));
+    }
     Ok(())
 }
 

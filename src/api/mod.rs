@@ -62,13 +62,19 @@ async fn handle_messages(
     if let Some(policies) = app.policies.as_ref().filter(|p| !p.is_empty()) {
         let record = policy_request(app, headers, &req, bytes.len());
         let mem = crate::policy::memory_record(&app.snapshot.load());
+        // WASI's synchronous bindings block on a runtime of their own, which a tokio worker
+        // must not do: policies run on the blocking pool.
+        let engine = policies.clone();
+        let decision = tokio::task::spawn_blocking(move || engine.decide(&record, &mem))
+            .await
+            .map_err(|_| ApiError::new(ErrorKind::Api, "an admission policy panicked the host"))?;
         if let crate::policy::Decision::Reject {
             policy,
             status,
             error_type,
             message,
             retry_after_secs,
-        } = policies.decide(&record, &mem)
+        } = decision
         {
             tracing::info!(%policy, status, "refused by policy");
             return Err(ApiError::from_policy(status, error_type, message, retry_after_secs));

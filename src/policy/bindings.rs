@@ -6,4 +6,4 @@ wasmtime::component::bindgen!({
     world: "admission-policy",
 });
 
-pub use pensieve::policy::types::Rejection;
+pub use self::pensieve::policy::types::Rejection;

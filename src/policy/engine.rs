@@ -61,7 +61,11 @@ impl Policy {
         self.pre.is_some()
     }
 
-    fn fail(&self, message: String) -> String {
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap().clone()
+    }
+
+    pub(crate) fn fail(&self, message: String) -> String {
         self.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(policy = %self.name, error = %message, "policy error");
         *self.last_error.lock().unwrap() = Some(message.clone());
@@ -233,6 +237,13 @@ impl PolicyEngine {
 
     fn compile(&self, path: &Path) -> Result<AdmissionPolicyPre<HostState>, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let is_text = path.extension().is_some_and(|e| e == "wat");
+        if !is_text && !bytes.starts_with(b"\0asm") {
+            return Err(format!(
+                "{}: not a WebAssembly binary (no \\0asm header)",
+                path.display()
+            ));
+        }
         let bytes = if is_core_module(&bytes) {
             // A core module made by wit-bindgen for wasm32-unknown-unknown: wrap it.
             wit_component::ComponentEncoder::default()
@@ -378,6 +389,42 @@ impl PolicyEngine {
         Decision::Admit
     }
 
+    /// Loads `path` as `serve` would, runs `classify` and `decide` on sample inputs, and says
+    /// what happened; `Err` on any problem (`pensieve policy check`).
+    pub fn check(&self, path: &Path, mem: &Memory) -> Result<String, String> {
+        let policy = self.load(path);
+        let name = policy.name.clone();
+        if !policy.loaded() {
+            return Err(policy
+                .last_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| format!("{name}: not loaded")));
+        }
+        let mut out = format!("{name}: loaded and configured with {}\n", policy.settings);
+        let classified = self.call(&policy, "classify", |store, inst| inst.call_classify(store, *mem))?;
+        out.push_str(&format!(
+            "  classify(available {} bytes, host tier {:?}) -> {:?}\n",
+            mem.available_bytes, mem.tier, classified
+        ));
+        let sample = Request {
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            model: Some("demo".into()),
+            max_tokens: Some(1024),
+            input_tokens: Some(100),
+            streaming: true,
+            in_flight: 0,
+            headers: vec![("content-type".into(), "application/json".into())],
+        };
+        let verdict = self.call(&policy, "decide", |store, inst| inst.call_decide(store, &sample, *mem))?;
+        out.push_str(&format!(
+            "  decide(POST /v1/messages, max_tokens 1024, streaming) -> {verdict:?}\n"
+        ));
+        Ok(out)
+    }
+
     /// One line per policy, for `/health`.
     pub fn status(&self) -> Vec<PolicyStatus> {
         self.policies
@@ -422,7 +469,8 @@ fn describe(name: &str, what: &str, e: wasmtime::Error) -> String {
         Some(wasmtime::Trap::Interrupt) => "ran past policies.timeout_ms".to_owned(),
         Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".to_owned(),
         Some(t) => format!("trapped: {t}"),
-        None => format!("{e:#}"),
+        // The root cause only: the wasm backtrace belongs in a debugger, not in /health.
+        None => format!("failed: {}", e.root_cause()),
     };
     format!("{name}: {what} {reason}")
 }

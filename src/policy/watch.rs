@@ -58,7 +58,10 @@ pub(crate) fn rescan(engine: &PolicyEngine) -> bool {
                 let fresh = engine.load(&path);
                 match old {
                     Some(old) if old.loaded() && !fresh.loaded() => {
-                        tracing::warn!(policy = %old.name, "the new version failed to load; the previous one stays in force");
+                        let why = fresh.last_error().unwrap_or_default();
+                        old.fail(format!(
+                            "a new version failed to load, the previous one stays in force: {why}"
+                        ));
                         next.push(Arc::clone(old));
                     }
                     _ => next.push(Arc::new(fresh)),
