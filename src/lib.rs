@@ -12,5 +12,6 @@ pub mod backend;
 pub mod config;
 pub mod layers;
 pub mod memory;
+pub mod metrics;
 pub mod policy;
 pub mod server;

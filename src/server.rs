@@ -42,6 +42,7 @@ pub fn router(
         max_body_bytes,
         queue_timeout,
         policies,
+        metrics: Arc::new(crate::metrics::Metrics::default()),
     };
     let mut fixed = HeaderMap::new();
     for (k, v) in &config.server.headers {
@@ -75,8 +76,10 @@ pub fn router(
         .route("/health", get(api::health).fallback(api::method_not_allowed))
         .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))
         .route("/health/live", get(api::live).fallback(api::method_not_allowed))
+        .route("/metrics", get(api::metrics).fallback(api::method_not_allowed))
         .nest("/v1", v1)
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), api::track))
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_panic| {
             tracing::error!("a handler panicked");

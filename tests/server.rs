@@ -250,6 +250,12 @@ async fn memory_refusal_is_a_503_with_retry_after_headers_and_an_overloaded_body
     assert_eq!(hv["status"], "unhealthy");
     assert_eq!(hv["memory"]["accepting_requests"], false);
     assert_eq!(reqwest::get(s.url("/health/live")).await.unwrap().status(), 200);
+    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"pensieve_memory_refusals_total{name="Emergency"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pensieve_memory_tier 3"), "{metrics}");
 }
 
 #[tokio::test]
@@ -444,4 +450,42 @@ async fn json_logs_carry_one_span_per_request_with_tokens() {
     assert_eq!(span["output_tokens"], 7);
     assert!(span["input_tokens"].as_u64().unwrap() > 0);
     assert_eq!(finished["fields"]["status"], 200);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_time_to_first_token() {
+    let s = Server::start();
+    assert_eq!(s.post(&hello(5)).await.status(), 200);
+    assert_eq!(
+        s.post_stream(&hello(4))
+            .await
+            .text()
+            .await
+            .unwrap()
+            .matches("event: message_stop")
+            .count(),
+        1
+    );
+    assert_eq!(reqwest::get(s.url("/v1/nope")).await.unwrap().status(), 404);
+    let res = reqwest::get(s.url("/metrics")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().contains("openmetrics"));
+    let text = res.text().await.unwrap();
+    for line in [
+        r#"pensieve_requests_total{route="/v1/messages",status="200"} 2"#,
+        r#"pensieve_requests_total{route="other",status="404"} 1"#,
+        "pensieve_output_tokens_total 9",
+        "pensieve_time_to_first_token_seconds_count 2",
+        "pensieve_generation_tokens_per_second_count 2",
+        "pensieve_generations_running 0",
+        "pensieve_backend_cache_bytes 0",
+        "pensieve_memory_tier 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    let avail = text
+        .lines()
+        .find(|l| l.starts_with("pensieve_memory_available_bytes "))
+        .unwrap();
+    assert!(avail.split(' ').nth(1).unwrap().parse::<f64>().unwrap() > 0.0);
 }

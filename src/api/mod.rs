@@ -39,6 +39,44 @@ pub struct AppState {
     pub queue_timeout: std::time::Duration,
     /// WebAssembly admission policies, when there are any.
     pub policies: Option<Arc<crate::policy::PolicyEngine>>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let policies = app.policies.as_ref().map(|p| p.status()).unwrap_or_default();
+    let text = app
+        .metrics
+        .render(&app.snapshot.load(), &app.backend.status(), &policies);
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Counts every request by route and status, and memory refusals by tier.
+pub async fn track(State(app): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = crate::metrics::route_of(req.uri().path());
+    let res = next.run(req).await;
+    let status = res.status().as_u16();
+    app.metrics.request(route, status);
+    if status == 503 {
+        if let Some(tier) = res
+            .headers()
+            .get(crate::layers::X_MEMORY_STATUS)
+            .and_then(|t| t.to_str().ok())
+        {
+            if tier == "Critical" || tier == "Emergency" {
+                app.metrics.memory_refusal(tier);
+            }
+        }
+    }
+    res
 }
 
 /// `POST /v1/messages`
@@ -56,6 +94,7 @@ async fn handle_messages(
     body: Body,
     span: &tracing::Span,
 ) -> Result<Response, ApiError> {
+    let timing = sse::Timing::start(app.metrics.clone());
     let bytes = read_body(body, app.max_body_bytes).await?;
     let req = translate::parse(&bytes)?;
     let backend_req = translate::to_backend(&req, false)?;
@@ -77,6 +116,7 @@ async fn handle_messages(
         } = decision
         {
             tracing::info!(%policy, status, "refused by policy");
+            app.metrics.policy_refusal(&policy);
             return Err(ApiError::from_policy(status, error_type, message, retry_after_secs));
         }
     }
@@ -108,9 +148,9 @@ async fn handle_messages(
     span.record("input_tokens", input_tokens);
     let model = app.backend.model().to_owned();
     if req.stream {
-        Ok(sse::response(generation, model, input_tokens, span.clone()))
+        Ok(sse::response(generation, model, input_tokens, span.clone(), timing))
     } else {
-        Ok(Json(sse::collect(generation, model, input_tokens, span).await?).into_response())
+        Ok(Json(sse::collect(generation, model, input_tokens, span, timing).await?).into_response())
     }
 }
 

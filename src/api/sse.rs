@@ -16,6 +16,32 @@ use super::error::{ApiError, ErrorKind};
 use super::types::{Message, OutputBlock, Usage, THINKING_SIGNATURE};
 use crate::backend::{Event, Generation};
 
+/// A generation's timing, for `/metrics`: started when the request arrived.
+pub struct Timing {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    start: std::time::Instant,
+    first: Option<std::time::Instant>,
+}
+
+impl Timing {
+    /// Starts timing now.
+    pub fn start(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Timing {
+            metrics,
+            start: std::time::Instant::now(),
+            first: None,
+        }
+    }
+
+    fn piece(&mut self) {
+        self.first.get_or_insert_with(std::time::Instant::now);
+    }
+
+    fn done(&self, output_tokens: u32) {
+        self.metrics.generation(self.start, self.first, output_tokens);
+    }
+}
+
 /// Quiet time after which a `ping` is sent.
 pub const PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -114,7 +140,13 @@ impl Blocks {
 }
 
 /// The SSE response for a generation whose `Started` event has been received.
-pub fn response(mut generation: Generation, model: String, input_tokens: u32, span: Span) -> Response {
+pub fn response(
+    mut generation: Generation,
+    model: String,
+    input_tokens: u32,
+    span: Span,
+    mut timing: Timing,
+) -> Response {
     let stream = async_stream::stream! {
         let mut start = Message::new(&model);
         start.usage = Usage { input_tokens, ..Usage::default() };
@@ -133,6 +165,7 @@ pub fn response(mut generation: Generation, model: String, input_tokens: u32, sp
             ping.reset();
             match next {
                 Some(Event::Done { reason, stop_sequence, output_tokens }) => {
+                    timing.done(output_tokens);
                     span.record("output_tokens", output_tokens);
                     let mut out = Vec::new();
                     if blocks.index == 0 && blocks.open == Open::None {
@@ -161,6 +194,7 @@ pub fn response(mut generation: Generation, model: String, input_tokens: u32, sp
                     break;
                 }
                 Some(ev) => {
+                    timing.piece();
                     for e in blocks.on(ev) {
                         yield e;
                     }
@@ -177,9 +211,13 @@ pub async fn collect(
     model: String,
     input_tokens: u32,
     span: &Span,
+    mut timing: Timing,
 ) -> Result<Message, ApiError> {
     let mut m = Message::new(&model);
     while let Some(ev) = generation.events.recv().await {
+        if matches!(ev, Event::Text(_) | Event::Thinking(_) | Event::ToolUse { .. }) {
+            timing.piece();
+        }
         match ev {
             Event::Started { .. } => {}
             Event::Text(t) => match m.content.last_mut() {
@@ -199,6 +237,7 @@ pub async fn collect(
                 stop_sequence,
                 output_tokens,
             } => {
+                timing.done(output_tokens);
                 span.record("output_tokens", output_tokens);
                 if m.content.is_empty() {
                     m.content.push(OutputBlock::Text { text: String::new() });

@@ -1,0 +1,204 @@
+//! `GET /metrics`: Prometheus (OpenMetrics) text, with the `prometheus-client` crate.
+//!
+//! Counters and histograms are recorded where things happen (requests, refusals, generations);
+//! gauges that mirror state held elsewhere (memory, the backend's queue, policy errors) are set
+//! from that state when scraped, so that nothing on the request path keeps them up to date.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `route` and `status` of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// One of the server's routes, or `other`.
+    pub route: &'static str,
+    /// HTTP status.
+    pub status: u16,
+}
+
+/// One label: a tier, a policy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    /// The value.
+    pub name: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    memory_refusals: Family<NameLabel, Counter>,
+    policy_refusals: Family<NameLabel, Counter>,
+    policy_errors: Family<NameLabel, Gauge>,
+    memory_available: Gauge<f64, AtomicU64>,
+    memory_tier: Gauge,
+    generations_running: Gauge,
+    generations_queued: Gauge,
+    cache_bytes: Gauge,
+    time_to_first_token: Histogram,
+    tokens_per_second: Histogram,
+    output_tokens: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("pensieve")),
+            requests: Family::default(),
+            memory_refusals: Family::default(),
+            policy_refusals: Family::default(),
+            policy_errors: Family::default(),
+            memory_available: Gauge::default(),
+            memory_tier: Gauge::default(),
+            generations_running: Gauge::default(),
+            generations_queued: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            output_tokens: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap();
+            r.register("requests", "HTTP requests by route and status", m.requests.clone());
+            r.register(
+                "memory_refusals",
+                "Requests refused for memory, by tier",
+                m.memory_refusals.clone(),
+            );
+            r.register(
+                "policy_refusals",
+                "Requests refused by an admission policy",
+                m.policy_refusals.clone(),
+            );
+            r.register(
+                "policy_errors",
+                "Failed policy calls and loads since the policy was loaded",
+                m.policy_errors.clone(),
+            );
+            r.register(
+                "memory_available_bytes",
+                "Memory new work can still use",
+                m.memory_available.clone(),
+            );
+            r.register(
+                "memory_tier",
+                "0 Safe, 1 Warning, 2 Critical, 3 Emergency",
+                m.memory_tier.clone(),
+            );
+            r.register(
+                "generations_running",
+                "Generations running",
+                m.generations_running.clone(),
+            );
+            r.register(
+                "generations_queued",
+                "Requests waiting for the model",
+                m.generations_queued.clone(),
+            );
+            r.register(
+                "backend_cache_bytes",
+                "Bytes in MLX's allocator cache",
+                m.cache_bytes.clone(),
+            );
+            r.register(
+                "time_to_first_token_seconds",
+                "From request to first generated piece",
+                m.time_to_first_token.clone(),
+            );
+            r.register(
+                "generation_tokens_per_second",
+                "Output tokens per second of each generation",
+                m.tokens_per_second.clone(),
+            );
+            r.register("output_tokens", "Tokens generated", m.output_tokens.clone());
+        }
+        m
+    }
+}
+
+impl Metrics {
+    /// Counts a finished request.
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { route, status }).inc();
+    }
+
+    /// Counts a memory refusal.
+    pub fn memory_refusal(&self, tier: &str) {
+        self.memory_refusals
+            .get_or_create(&NameLabel { name: tier.to_owned() })
+            .inc();
+    }
+
+    /// Counts a policy refusal.
+    pub fn policy_refusal(&self, policy: &str) {
+        self.policy_refusals
+            .get_or_create(&NameLabel {
+                name: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a generation's timing: started at `start`, first piece at `first`, done now.
+    pub fn generation(&self, start: Instant, first: Option<Instant>, output_tokens: u32) {
+        self.output_tokens.inc_by(output_tokens as u64);
+        if let Some(first) = first {
+            self.time_to_first_token.observe((first - start).as_secs_f64());
+            let decoding = first.elapsed().as_secs_f64();
+            if output_tokens > 1 && decoding > 0.0 {
+                self.tokens_per_second.observe((output_tokens - 1) as f64 / decoding);
+            }
+        }
+    }
+
+    /// The text for a scrape, after setting the state gauges.
+    pub fn render(
+        &self,
+        snapshot: &crate::memory::MemorySnapshot,
+        backend: &crate::backend::BackendStatus,
+        policies: &[crate::policy::PolicyStatus],
+    ) -> String {
+        self.memory_available.set(snapshot.available_bytes as f64);
+        self.memory_tier.set(snapshot.tier as i64);
+        self.generations_running.set(backend.active_generations as i64);
+        self.generations_queued.set(backend.queued as i64);
+        self.cache_bytes.set(backend.cache_bytes as i64);
+        for p in policies {
+            self.policy_errors
+                .get_or_create(&NameLabel { name: p.name.clone() })
+                .set(p.errors as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
+            .expect("writing to a String");
+        out
+    }
+}
+
+/// The route label of a path: one of the server's routes, so that label values stay few.
+pub fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/messages" => "/v1/messages",
+        "/v1/messages/count_tokens" => "/v1/messages/count_tokens",
+        "/v1/models" => "/v1/models",
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+        "/health" => "/health",
+        "/health/ready" => "/health/ready",
+        "/health/live" => "/health/live",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
