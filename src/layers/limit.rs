@@ -4,15 +4,32 @@
 //! The request body is wrapped in [`http_body_util::Limited`]; a handler that reads past the
 //! limit gets a [`LengthLimitError`](http_body_util::LengthLimitError), which the API maps to
 //! the same 413 (see `api::read_body`).
+//!
+//! A refusal by `content-length` reads the declared body and throws it away before it answers
+//! (up to [`DRAIN_FACTOR`] times the limit, for at most [`DRAIN_TIMEOUT`]). Answering while the
+//! client is still sending would make the server close a socket with unread data, which the
+//! kernel turns into a reset: the client would see a broken connection instead of the 413.
+//! A body larger than that is not read; the 413 carries `connection: close`.
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use http::{header, Request, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body::Body;
 use http_body_util::Limited;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::{request_id, ResponseBody, ResponseFuture};
 use crate::api::error::{ApiError, ErrorKind};
+
+/// A refused body up to this many times the limit is read and discarded before the answer.
+pub const DRAIN_FACTOR: u64 = 4;
+/// The longest a refused body is read for.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Applies [`BodyLimit`] to a service.
 #[derive(Clone, Copy, Debug)]
@@ -59,10 +76,11 @@ pub fn too_large(limit: usize) -> ApiError {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for BodyLimit<S>
 where
     S: Service<Request<Limited<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = LimitFuture<S::Future, ReqB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -74,11 +92,76 @@ where
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.limit as u64) {
-            let res = too_large(self.limit).to_response(request_id(req.headers()));
-            return ResponseFuture::refused(res);
+        match declared {
+            Some(n) if n > self.limit as u64 => {
+                let mut res = too_large(self.limit).to_response(request_id(req.headers()));
+                if n > self.limit as u64 * DRAIN_FACTOR {
+                    res.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return LimitFuture::Ready {
+                        future: ResponseFuture::refused(res),
+                    };
+                }
+                LimitFuture::Draining {
+                    body: req.into_body(),
+                    deadline: tokio::time::sleep(DRAIN_TIMEOUT),
+                    response: Some(res),
+                }
+            }
+            _ => {
+                let limit = self.limit;
+                LimitFuture::Ready {
+                    future: ResponseFuture::inner(self.inner.call(req.map(|b| Limited::new(b, limit)))),
+                }
+            }
         }
-        let limit = self.limit;
-        ResponseFuture::inner(self.inner.call(req.map(|b| Limited::new(b, limit))))
+    }
+}
+
+pin_project! {
+    /// The response future of [`BodyLimit`]: the inner service's, or a refusal that is
+    /// answered once the refused body has been read (see the [module docs](self)).
+    #[project = LimitFutureProj]
+    #[allow(missing_docs)] // pin-project-lite takes no docs on variant fields
+    pub enum LimitFuture<F, B> {
+        /// The inner service, or a refusal ready at once.
+        Ready { #[pin] future: ResponseFuture<F> },
+        /// Reading the refused body; then the refusal.
+        Draining {
+            #[pin] body: B,
+            #[pin] deadline: tokio::time::Sleep,
+            response: Option<Response<Bytes>>,
+        },
+    }
+}
+
+impl<F, B, ResB, E> Future for LimitFuture<F, B>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitFutureProj::Ready { future } => future.poll(cx),
+            LimitFutureProj::Draining {
+                mut body,
+                deadline,
+                response,
+            } => {
+                let timed_out = deadline.poll(cx).is_ready();
+                if !timed_out {
+                    // Until the end, or a broken body: either way there is nothing more to read.
+                    while let Some(Ok(_)) = ready!(body.as_mut().poll_frame(cx)) {}
+                }
+                let mut res = response.take().expect("polled after completion");
+                if timed_out {
+                    res.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Poll::Ready(Ok(res.map(ResponseBody::from)))
+            }
+        }
     }
 }
