@@ -123,10 +123,15 @@ pub struct BackendConfig {
     pub model: String,
     /// The virtual environment holding mlx and mlx-lm.
     pub python: PathBuf,
-    /// Requests that may wait for the generation thread; more get 429.
+    /// Generations decoded together (continuous batching).
+    pub max_concurrent: usize,
+    /// Requests that may wait for a free slot; more get 429.
     pub max_queue: usize,
     /// How long a request may wait for its generation to start before it gets 429.
     pub queue_timeout_ms: u64,
+    /// Bytes of KV cache kept for reuse across requests (prompt cache) and held by running
+    /// generations, in MiB; 0 turns the prompt cache off.
+    pub prompt_cache_mb: u64,
 }
 
 impl Default for BackendConfig {
@@ -134,8 +139,10 @@ impl Default for BackendConfig {
         Self {
             model: "demo".into(),
             python: PathBuf::from(".venv"),
+            max_concurrent: 8,
             max_queue: 16,
             queue_timeout_ms: 120_000,
+            prompt_cache_mb: 2048,
         }
     }
 }
@@ -355,6 +362,12 @@ impl Config {
             return Err(invalid(
                 "policies.memory_limit_mb",
                 format!("must be between 1 and 4096, got {}", self.policies.memory_limit_mb),
+            ));
+        }
+        if self.backend.max_concurrent == 0 || self.backend.max_concurrent > 256 {
+            return Err(invalid(
+                "backend.max_concurrent",
+                format!("must be between 1 and 256, not {}", self.backend.max_concurrent),
             ));
         }
         if self.backend.queue_timeout_ms == 0 {

@@ -46,6 +46,11 @@ pub struct Metrics {
     time_to_first_token: Histogram,
     tokens_per_second: Histogram,
     output_tokens: Counter,
+    prompt_tokens: Counter,
+    prompt_cache_hits: Counter,
+    prompt_cache_hit_tokens: Counter,
+    prompt_cache_bytes: Gauge,
+    prompt_cache_entries: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,6 +75,11 @@ impl Default for Metrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             output_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            prompt_cache_hits: Counter::default(),
+            prompt_cache_hit_tokens: Counter::default(),
+            prompt_cache_bytes: Gauge::default(),
+            prompt_cache_entries: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -125,6 +135,31 @@ impl Default for Metrics {
                 m.tokens_per_second.clone(),
             );
             r.register("output_tokens", "Tokens generated", m.output_tokens.clone());
+            r.register(
+                "prompt_tokens",
+                "Prompt tokens of started generations",
+                m.prompt_tokens.clone(),
+            );
+            r.register(
+                "prompt_cache_hits",
+                "Generations that started from a cached prefix",
+                m.prompt_cache_hits.clone(),
+            );
+            r.register(
+                "prompt_cache_hit_tokens",
+                "Prompt tokens read from the prompt cache",
+                m.prompt_cache_hit_tokens.clone(),
+            );
+            r.register(
+                "prompt_cache_bytes",
+                "Bytes of KV cache kept for later prompts",
+                m.prompt_cache_bytes.clone(),
+            );
+            r.register(
+                "prompt_cache_entries",
+                "Prompts in the prompt cache",
+                m.prompt_cache_entries.clone(),
+            );
         }
         m
     }
@@ -152,6 +187,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a started generation's prompt and what of it came from the prompt cache.
+    pub fn prompt(&self, input_tokens: u32, cached_tokens: u32) {
+        self.prompt_tokens.inc_by(input_tokens as u64);
+        if cached_tokens > 0 {
+            self.prompt_cache_hits.inc();
+            self.prompt_cache_hit_tokens.inc_by(cached_tokens as u64);
+        }
+    }
+
     /// Records a generation's timing: started at `start`, first piece at `first`, done now.
     pub fn generation(&self, start: Instant, first: Option<Instant>, output_tokens: u32) {
         self.output_tokens.inc_by(output_tokens as u64);
@@ -176,6 +220,8 @@ impl Metrics {
         self.generations_running.set(backend.active_generations as i64);
         self.generations_queued.set(backend.queued as i64);
         self.cache_bytes.set(backend.cache_bytes as i64);
+        self.prompt_cache_bytes.set(backend.prompt_cache_bytes as i64);
+        self.prompt_cache_entries.set(backend.prompt_cache_entries as i64);
         for p in policies {
             self.policy_errors
                 .get_or_create(&NameLabel { name: p.name.clone() })

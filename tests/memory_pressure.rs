@@ -195,7 +195,12 @@ async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recove
     assert_eq!(h["memory"]["source"], "cgroup", "{h}");
     assert_eq!(h["memory"]["total_bytes"], LIMIT, "{h}");
     assert_eq!(h["memory"]["status"], "Safe", "{h}");
-    assert_eq!(s.post(&hello(4)).await.status(), 200);
+    // A long prompt leaves its KV cache in the prompt cache.
+    let mut long = hello(4);
+    long["system"] = json!("You are a careful assistant who reads every line. ".repeat(300));
+    assert_eq!(s.post(&long).await.status(), 200);
+    let cached = s.health().await["backend"]["prompt_cache_bytes"].as_u64().unwrap();
+    assert!(cached > 1_000_000, "{cached}");
 
     // A long stream runs while memory fills up.
     let res = s.post_stream(&hello(100_000)).await;
@@ -207,6 +212,16 @@ async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recove
     }
 
     let mut alloc = Allocator::start(&cg);
+    // Memory leaves Safe: the prompt cache is the first thing released.
+    let warning = push_to(&s, &cg, &mut alloc, &["Warning", "Critical", "Emergency"]).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while s.health().await["backend"]["prompt_cache_bytes"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the prompt cache was kept out of Safe: {warning}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let critical = push_to(&s, &cg, &mut alloc, &["Critical", "Emergency"]).await;
     // Critical: new generations are refused with 503 before the kernel has to kill anything.
     let res = s.post(&hello(4)).await;

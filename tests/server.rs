@@ -34,8 +34,9 @@ async fn non_streamed_message_is_an_anthropic_message_with_memory_headers() {
 #[tokio::test]
 async fn streamed_message_follows_anthropic_event_order_and_matches_the_non_streamed_text() {
     let s = Server::start();
-    let plain: Value = s.post(&hello(24)).await.json().await.unwrap();
     let mut body = hello(24);
+    body["system"] = json!("You are a helpful assistant; answer in one short sentence.");
+    let plain: Value = s.post(&body).await.json().await.unwrap();
     body["stream"] = json!(true);
     let res = reqwest::Client::new()
         .post(s.url("/v1/messages?beta=true"))
@@ -65,7 +66,11 @@ async fn streamed_message_follows_anthropic_event_order_and_matches_the_non_stre
     let start = &events[0].data["message"];
     assert_eq!(start["content"], json!([]));
     assert!(start["stop_reason"].is_null());
-    assert_eq!(start["usage"]["input_tokens"], plain["usage"]["input_tokens"]);
+    // The same prompt again: all of it but the last token comes from the prompt cache.
+    let total = |u: &Value| u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap();
+    assert_eq!(total(&start["usage"]), total(&plain["usage"]));
+    assert_eq!(plain["usage"]["cache_read_input_tokens"], 0);
+    assert_eq!(start["usage"]["input_tokens"], 1, "{}", start["usage"]);
     let delta = events.iter().find(|e| e.event == "message_delta").unwrap();
     assert_eq!(delta.data["delta"]["stop_reason"], "max_tokens");
     assert_eq!(delta.data["usage"]["output_tokens"], 24);

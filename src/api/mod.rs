@@ -136,8 +136,11 @@ async fn handle_messages(
             )
             .retry_after(5)
         })?;
-    let input_tokens = match first {
-        Some(Event::Started { input_tokens }) => input_tokens,
+    let (input_tokens, cached_tokens) = match first {
+        Some(Event::Started {
+            input_tokens,
+            cached_tokens,
+        }) => (input_tokens, cached_tokens),
         Some(Event::Failed(e)) => return Err(e.into()),
         Some(other) => {
             tracing::error!(?other, "backend sent an event before Started");
@@ -146,11 +149,18 @@ async fn handle_messages(
         None => return Err(ApiError::new(ErrorKind::Api, "the backend dropped the request")),
     };
     span.record("input_tokens", input_tokens);
+    app.metrics.prompt(input_tokens, cached_tokens);
+    // Anthropic's accounting: `input_tokens` are the ones processed, cache reads are apart.
+    let prompt = types::Usage {
+        input_tokens: input_tokens - cached_tokens,
+        cache_read_input_tokens: cached_tokens,
+        ..types::Usage::default()
+    };
     let model = app.backend.model().to_owned();
     if req.stream {
-        Ok(sse::response(generation, model, input_tokens, span.clone(), timing))
+        Ok(sse::response(generation, model, prompt, span.clone(), timing))
     } else {
-        Ok(Json(sse::collect(generation, model, input_tokens, span, timing).await?).into_response())
+        Ok(Json(sse::collect(generation, model, prompt, span, timing).await?).into_response())
     }
 }
 

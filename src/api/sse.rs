@@ -140,16 +140,10 @@ impl Blocks {
 }
 
 /// The SSE response for a generation whose `Started` event has been received.
-pub fn response(
-    mut generation: Generation,
-    model: String,
-    input_tokens: u32,
-    span: Span,
-    mut timing: Timing,
-) -> Response {
+pub fn response(mut generation: Generation, model: String, prompt: Usage, span: Span, mut timing: Timing) -> Response {
     let stream = async_stream::stream! {
         let mut start = Message::new(&model);
-        start.usage = Usage { input_tokens, ..Usage::default() };
+        start.usage = prompt;
         yield event("message_start", json!({"type": "message_start", "message": start}));
         yield event("ping", json!({"type": "ping"}));
         let mut blocks = Blocks { open: Open::None, index: 0 };
@@ -176,7 +170,7 @@ pub fn response(
                     for e in out {
                         yield e;
                     }
-                    let usage = Usage { input_tokens, output_tokens, ..Usage::default() };
+                    let usage = Usage { output_tokens, ..prompt };
                     yield event("message_delta", json!({"type": "message_delta",
                         "delta": {"stop_reason": reason, "stop_sequence": stop_sequence}, "usage": usage}));
                     yield event("message_stop", json!({"type": "message_stop"}));
@@ -209,7 +203,7 @@ pub fn response(
 pub async fn collect(
     mut generation: Generation,
     model: String,
-    input_tokens: u32,
+    prompt: Usage,
     span: &Span,
     mut timing: Timing,
 ) -> Result<Message, ApiError> {
@@ -245,9 +239,8 @@ pub async fn collect(
                 m.stop_reason = Some(reason);
                 m.stop_sequence = stop_sequence;
                 m.usage = Usage {
-                    input_tokens,
                     output_tokens,
-                    ..Usage::default()
+                    ..prompt
                 };
                 return Ok(m);
             }

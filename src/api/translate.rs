@@ -90,9 +90,13 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
     if !system.is_empty() {
         messages.insert(0, msg("system", system));
     }
+    // In name order: a client that lists the same tools in another order gets the same prompt
+    // (and the prompt cache's prefix).
     let tools = (!req.tools.is_empty() && choice != ToolChoice::None).then(|| {
-        req.tools
-            .iter()
+        let mut tools: Vec<_> = req.tools.iter().collect();
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
+        tools
+            .into_iter()
             .map(|t| {
                 json!({"type": "function", "function": {
                     "name": t.name,
@@ -244,9 +248,27 @@ fn assistant(content: &Content, at: &str, vision: bool) -> Result<ChatMessage, A
 }
 
 /// The text of a string or of text blocks.
+/// Claude Code puts `x-anthropic-billing-header: cc_version=…; cch=…;` in a system block, with
+/// values that change on every request. It is metadata for Anthropic's billing, not an
+/// instruction, and if the model saw it, no two prompts would share a prefix: the prompt cache
+/// could never hit. Such lines are dropped, wherever they come.
+pub const BILLING_HEADER: &str = "x-anthropic-billing-header:";
+
+/// `text` without its billing-header lines (see [`BILLING_HEADER`]).
+fn without_billing_header(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(BILLING_HEADER) {
+        return text.into();
+    }
+    let kept: Vec<&str> = text
+        .split('\n')
+        .filter(|line| !line.trim_start().starts_with(BILLING_HEADER))
+        .collect();
+    kept.join("\n").into()
+}
+
 fn text_of(content: &Content, at: &str, vision: bool) -> Result<String, ApiError> {
     match content {
-        Content::Text(t) => Ok(t.clone()),
+        Content::Text(t) => Ok(without_billing_header(t).into_owned()),
         Content::Blocks(blocks) => {
             let mut s = String::new();
             for (j, b) in blocks.iter().enumerate() {
@@ -259,7 +281,7 @@ fn text_of(content: &Content, at: &str, vision: bool) -> Result<String, ApiError
 
 fn append_block_text(out: &mut String, block: &Block, at: &str, vision: bool) -> Result<(), ApiError> {
     let text = match block {
-        Block::Text { text } => text,
+        Block::Text { text } => without_billing_header(text),
         // Earlier reasoning is not shown to the model again, as Anthropic's API does.
         Block::Thinking { .. } | Block::RedactedThinking { .. } => return Ok(()),
         Block::Image { .. } if !vision => {
@@ -280,11 +302,19 @@ fn append_block_text(out: &mut String, block: &Block, at: &str, vision: bool) ->
             )))
         }
     };
+    if text.is_empty() && text_was_billing_only(block) {
+        return Ok(());
+    }
     if !out.is_empty() {
         out.push('\n');
     }
-    out.push_str(text);
+    out.push_str(&text);
     Ok(())
+}
+
+/// A block that held nothing but the billing header leaves no trace (not even a blank line).
+fn text_was_billing_only(block: &Block) -> bool {
+    matches!(block, Block::Text { text } if text.contains(BILLING_HEADER))
 }
 
 fn kind(b: &Block) -> &'static str {
@@ -330,6 +360,42 @@ mod tests {
     fn bad_json_says_so() {
         assert!(parse(b"{not json").unwrap_err().message.contains("not valid JSON"));
         assert!(parse(b"").unwrap_err().message.contains("empty"));
+    }
+
+    #[test]
+    fn billing_header_values_never_reach_the_prompt() {
+        let with = |first: &str, middle: &str, tools: serde_json::Value| {
+            chat(json!({
+                "model": "m", "max_tokens": 10,
+                "system": [
+                    {"type": "text", "text": first},
+                    {"type": "text", "text": format!("You are a coding agent.\n{middle}\nBe brief."),
+                     "cache_control": {"type": "ephemeral"}},
+                ],
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": tools,
+            }))
+            .unwrap()
+            .chat
+        };
+        let tool = |name: &str| json!({"name": name, "input_schema": {"type": "object"}});
+        let a = with(
+            "x-anthropic-billing-header: cc_version=2.1.328.593; cc_entrypoint=sdk-cli; cch=1a2b3;",
+            "x-anthropic-billing-header: cch=00001;",
+            json!([tool("Read"), tool("Bash")]),
+        );
+        let b = with(
+            "x-anthropic-billing-header: cc_version=2.1.328.9f1; cc_entrypoint=sdk-cli; cch=ffff0;",
+            "  x-anthropic-billing-header: cch=99999;",
+            json!([tool("Bash"), tool("Read")]),
+        );
+        assert_eq!(
+            a, b,
+            "the volatile values and the tool order must not change the prompt"
+        );
+        assert_eq!(a.messages[0].content, "You are a coding agent.\nBe brief.");
+        let names: Vec<_> = a.tools.unwrap().iter().map(|t| t["function"]["name"].clone()).collect();
+        assert_eq!(names, [json!("Bash"), json!("Read")]);
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! The MLX backend: mlx-lm through PyO3, on one dedicated thread.
 //!
-//! The thread owns the embedded interpreter's `pensieve_bridge.engine.Engine`. Requests reach it
-//! over a bounded queue; events go back over a bounded tokio channel per generation. Every
-//! generation is wrapped in a [`GenerationGuard`] whose `Drop` closes the Python generator,
-//! drops it and clears the MLX cache, so the cache is emptied on success, on a Python
-//! exception, when the client goes away, on an Emergency abort and when a panic unwinds.
+//! The thread owns the embedded interpreter's `pensieve_bridge.engine.Engine` and a
+//! `pensieve_bridge.batch.Batcher` (mlx-lm's `BatchGenerator` and `LRUPromptCache`). Requests
+//! reach it over a bounded queue; up to `backend.max_concurrent` generations are decoded
+//! together, one GIL crossing per step for the whole batch, and events go back over a bounded
+//! tokio channel per generation. The MLX cache is cleared whenever the batch becomes idle and
+//! after every generation that fails or is aborted (a Python exception, a client that went
+//! away, an Emergency abort, a panic in the loop).
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyIterator;
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
@@ -55,6 +56,9 @@ struct Shared {
     cache_bytes: AtomicU64,
     peak_bytes: AtomicU64,
     context_length: AtomicU32,
+    max_concurrent: AtomicU32,
+    prompt_cache_bytes: AtomicU64,
+    prompt_cache_entries: AtomicU64,
 }
 
 impl BackendMemory for Shared {
@@ -111,11 +115,12 @@ impl MlxBackend {
     /// with a message that says which model failed, why, and what to do.
     pub fn start(config: &BackendConfig, recheck: Recheck) -> Result<MlxBackend, String> {
         let venv = resolve_venv(&config.python)?;
-        // Waiting for a slow client uses the server's timer, from the backend thread.
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| "MlxBackend::start must be called from within a tokio runtime".to_owned())?;
         let (jobs, queue) = sync_channel::<Work>(config.max_queue.max(1));
         let shared = Arc::new(Shared::default());
+        shared
+            .max_concurrent
+            .store(config.max_concurrent as u32, Ordering::Relaxed);
+        let cache_bytes = config.prompt_cache_mb.saturating_mul(1 << 20);
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
         let model = config.model.clone();
         std::thread::Builder::new()
@@ -124,8 +129,9 @@ impl MlxBackend {
                 let shared = shared.clone();
                 let model = model.clone();
                 move || {
-                    let engine = match Python::attach(|py| load_engine(py, &venv, &model, &shared)) {
-                        Ok(engine) => engine,
+                    let loaded = Python::attach(|py| load_engine(py, &venv, &model, &shared, cache_bytes));
+                    let (engine, batcher) = match loaded {
+                        Ok(v) => v,
                         Err(message) => {
                             let _ = ready_tx.send(Err(message));
                             return;
@@ -133,7 +139,7 @@ impl MlxBackend {
                     };
                     shared.ready.store(true, Ordering::SeqCst);
                     let _ = ready_tx.send(Ok(()));
-                    let run = catch_unwind(AssertUnwindSafe(|| worker(engine, queue, &shared, &recheck, &runtime)));
+                    let run = catch_unwind(AssertUnwindSafe(|| worker(engine, batcher, queue, &shared, &recheck)));
                     // Whatever ended the loop, say so: requests then get 503, not a silent queue.
                     shared.ready.store(false, Ordering::SeqCst);
                     if run.is_err() {
@@ -207,6 +213,8 @@ impl Backend for MlxBackend {
             active_bytes: s.active_bytes.load(Ordering::Relaxed),
             cache_bytes: s.cache_bytes.load(Ordering::Relaxed),
             peak_bytes: s.peak_bytes.load(Ordering::Relaxed),
+            prompt_cache_bytes: s.prompt_cache_bytes.load(Ordering::Relaxed),
+            prompt_cache_entries: s.prompt_cache_entries.load(Ordering::Relaxed),
         }
     }
 
@@ -231,7 +239,13 @@ fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
         })
 }
 
-fn load_engine(py: Python<'_>, venv: &Path, model: &str, shared: &Shared) -> Result<Py<PyAny>, String> {
+fn load_engine(
+    py: Python<'_>,
+    venv: &Path,
+    model: &str,
+    shared: &Shared,
+    prompt_cache_bytes: u64,
+) -> Result<(Py<PyAny>, Py<PyAny>), String> {
     let v = py.version_info();
     let site_packages = venv
         .join("lib")
@@ -246,7 +260,7 @@ fn load_engine(py: Python<'_>, venv: &Path, model: &str, shared: &Shared) -> Res
         ));
     }
     let describe = |e: PyErr| python_error(py, &e);
-    let setup = || -> PyResult<Py<PyAny>> {
+    let setup = || -> PyResult<(Py<PyAny>, Py<PyAny>)> {
         // Signals belong to the server (graceful shutdown), not to Python: without this,
         // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a running
         // generation, and the server never hears of it.
@@ -261,7 +275,13 @@ fn load_engine(py: Python<'_>, venv: &Path, model: &str, shared: &Shared) -> Res
         let ctx: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
         shared.context_length.store(ctx, Ordering::Relaxed);
         refresh_memory(&engine, shared);
-        Ok(engine.unbind())
+        let max_concurrent = shared.max_concurrent.load(Ordering::Relaxed);
+        let batcher = py.import("pensieve_bridge.batch")?.getattr("Batcher")?.call1((
+            &engine,
+            max_concurrent,
+            prompt_cache_bytes,
+        ))?;
+        Ok((engine.unbind(), batcher.unbind()))
     };
     setup().map_err(|e| {
         format!(
@@ -296,237 +316,460 @@ fn refresh_memory(engine: &Bound<'_, PyAny>, shared: &Shared) {
     }
 }
 
-fn worker(engine: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, recheck: &Recheck, rt: &Handle) {
-    for work in queue {
-        shared.queued.fetch_sub(1, Ordering::SeqCst);
+/// Events a client may fall behind by before its generation is abandoned.
+const MAX_HELD: usize = 4096;
+/// How often an idle backend looks at memory (to release the prompt cache) and at slow clients.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Memory counters are read again after this many decoding steps.
+const MEMORY_EVERY: u32 = 32;
+
+/// Events on their way to one client: sent at once when its channel has room, held (a bounded
+/// number, for a bounded time) while it has none, so that one slow reader never stalls the batch.
+struct Outbox {
+    events: mpsc::Sender<Event>,
+    held: VecDeque<Event>,
+    stalled_since: Option<Instant>,
+}
+
+/// Whether a client can still be written to.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Open,
+    /// Gone, or too slow: its generation is abandoned.
+    Closed,
+}
+
+impl Outbox {
+    fn new(events: mpsc::Sender<Event>) -> Self {
+        Outbox {
+            events,
+            held: VecDeque::new(),
+            stalled_since: None,
+        }
+    }
+
+    fn push(&mut self, event: Event) -> Flow {
+        self.held.push_back(event);
+        if self.held.len() > MAX_HELD {
+            tracing::warn!(held = self.held.len(), "client stopped reading; generation abandoned");
+            return Flow::Closed;
+        }
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Flow {
+        while let Some(event) = self.held.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => self.stalled_since = None,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Flow::Closed,
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.held.push_front(event);
+                    let since = *self.stalled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > CLIENT_WRITE_TIMEOUT {
+                        tracing::warn!("client stopped reading; generation abandoned");
+                        return Flow::Closed;
+                    }
+                    return Flow::Open;
+                }
+            }
+        }
+        Flow::Open
+    }
+
+    fn is_closed(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
+/// One generation in the batch.
+struct Running {
+    span: Span,
+    stops: StopMatcher,
+    output_tokens: u32,
+    outbox: Outbox,
+}
+
+/// How one generation's step went.
+enum Step {
+    Going,
+    /// Ended; this is its last event. `cancel`: the bridge still runs it (a stop sequence).
+    Ended {
+        last: Event,
+        cancel: bool,
+    },
+    /// The client left.
+    Gone,
+}
+
+/// The backend thread's state: the running generations and the events still owed to clients.
+///
+/// The loop takes work while there are free slots, then runs one decoding step of the whole
+/// batch. Whenever the batch becomes idle, and after any generation that fails or is aborted,
+/// the MLX cache is cleared; a generation's last event is sent only after that, so a client that
+/// has seen its answer end on an idle server sees `cache_bytes: 0`.
+struct Worker<'a> {
+    engine: Py<PyAny>,
+    batcher: Py<PyAny>,
+    shared: &'a Shared,
+    recheck: &'a Recheck,
+    running: HashMap<i64, Running>,
+    /// Finished generations whose last events the client has not taken yet.
+    draining: Vec<Outbox>,
+    steps: u32,
+}
+
+fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, recheck: &Recheck) {
+    let max_concurrent = shared.max_concurrent.load(Ordering::Relaxed).max(1) as usize;
+    let mut w = Worker {
+        engine,
+        batcher,
+        shared,
+        recheck,
+        running: HashMap::new(),
+        draining: Vec::new(),
+        steps: 0,
+    };
+    loop {
+        if w.running.is_empty() {
+            // Nothing to decode: wait for work, waking now and then while something needs
+            // watching (held events, a prompt cache that memory pressure must release).
+            let watch = !w.draining.is_empty() || shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0;
+            let work = if watch {
+                match queue.recv_timeout(IDLE_TICK) {
+                    Ok(work) => Some(work),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match queue.recv() {
+                    Ok(work) => Some(work),
+                    Err(_) => break,
+                }
+            };
+            if let Some(work) = work {
+                w.take(work);
+            }
+        }
+        while w.running.len() < max_concurrent {
+            match queue.try_recv() {
+                Ok(work) => w.take(work),
+                Err(_) => break,
+            }
+        }
+        if catch_unwind(AssertUnwindSafe(|| w.turn())).is_err() {
+            tracing::error!("the backend loop panicked; its generations fail and the cache is cleared");
+            w.fail_all(BackendError::Generation("internal error in the backend".into()));
+        }
+    }
+}
+
+impl Worker<'_> {
+    /// Starts a piece of work from the queue.
+    fn take(&mut self, work: Work) {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         let job = match work {
             Work::Generate(job) => job,
             Work::Count { chat, reply, span } => {
                 let _enter = span.enter();
                 if !reply.is_closed() {
-                    let _ = reply.send(count(&engine, &chat));
+                    let _ = reply.send(count(&self.engine, &chat));
                 }
-                continue;
+                return;
             }
         };
         let _enter = job.span.enter();
         if job.events.is_closed() {
             tracing::debug!("client left while queued");
-            continue;
+            return;
         }
         // Memory may have fallen while the request waited.
+        let recheck = self.recheck;
         if let Some(err) = refusal(&recheck.snapshot.load(), &recheck.thresholds, recheck.retry_after_secs) {
             let _ = job.events.try_send(Event::Failed(BackendError::Refused {
                 message: err.message,
                 retry_after_secs: recheck.retry_after_secs,
             }));
-            continue;
+            return;
         }
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let outcome = catch_unwind(AssertUnwindSafe(|| run(&engine, &job, shared, recheck, rt)));
-        // The guard inside `run` has cleared the cache by now: the client hears of the end only
-        // once the backend is idle again.
-        shared.active.fetch_sub(1, Ordering::SeqCst);
-        let last = outcome.unwrap_or_else(|_| {
-            tracing::error!("generation panicked; the cache was cleared by its guard");
-            Some(Event::Failed(BackendError::Generation(
-                "internal error in the backend".into(),
-            )))
+        let request = &job.request;
+        let chat = serde_json::to_string(&request.chat).expect("chat serialises");
+        let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
+        let context = self.shared.context_length.load(Ordering::Relaxed);
+        let added = Python::attach(|py| {
+            self.batcher
+                .bind(py)
+                .call_method1("add", (chat, params, context))
+                .and_then(|t| t.extract::<(i64, u32, u32)>())
+                .map_err(|e| python_error(py, &e))
         });
-        if let Some(event) = last {
-            send_blocking(rt, &job.events, event);
+        let (uid, input_tokens, cached_tokens) = match added {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = format!("the model's chat template cannot render this conversation: {e}");
+                let _ = job.events.try_send(Event::Failed(BackendError::InvalidRequest(msg)));
+                return;
+            }
+        };
+        if uid < 0 {
+            let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
+            let _ = job.events.try_send(Event::Failed(BackendError::InvalidRequest(msg)));
+            return;
+        }
+        tracing::debug!(uid, input_tokens, cached_tokens, "generation started");
+        let mut outbox = Outbox::new(job.events);
+        let _ = outbox.push(Event::Started {
+            input_tokens,
+            cached_tokens,
+        });
+        drop(_enter);
+        self.running.insert(
+            uid,
+            Running {
+                span: job.span,
+                stops: StopMatcher::new(&request.stop_sequences),
+                output_tokens: 0,
+                outbox,
+            },
+        );
+        self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
+        self.refresh();
+    }
+
+    /// Memory, slow clients, then one decoding step of the batch.
+    fn turn(&mut self) {
+        let snapshot = self.recheck.snapshot.load();
+        if snapshot.tier != Tier::Safe && self.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0 {
+            tracing::info!(tier = ?snapshot.tier, "memory left Safe: releasing the prompt cache");
+            self.call("drop_prompt_cache");
+            self.refresh();
+        }
+        if snapshot.tier == Tier::Emergency && !self.running.is_empty() {
+            let message = format!(
+                "generation aborted: memory tier Emergency ({:.2} GB available)",
+                snapshot.available_gb()
+            );
+            tracing::warn!(generations = self.running.len(), "{message}");
+            let retry_after_secs = self.recheck.retry_after_secs;
+            self.fail_all(BackendError::Refused {
+                message,
+                retry_after_secs,
+            });
+            return;
+        }
+        self.draining
+            .retain_mut(|o| o.flush() == Flow::Open && !o.held.is_empty());
+        let gone: Vec<i64> = self
+            .running
+            .iter_mut()
+            .filter_map(|(uid, r)| (r.outbox.is_closed() || r.outbox.flush() == Flow::Closed).then_some(*uid))
+            .collect();
+        if !gone.is_empty() {
+            for uid in &gone {
+                if let Some(r) = self.running.remove(uid) {
+                    r.span.in_scope(|| client_gone(r.output_tokens));
+                }
+            }
+            self.cancel(&gone);
+            self.settle(Vec::new(), true);
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let stepped = Python::attach(|py| {
+            self.batcher
+                .bind(py)
+                .call_method0("step")
+                .and_then(|r| r.extract::<Vec<(i64, Vec<(String, String)>, Option<String>)>>())
+                .map_err(|e| python_error(py, &e))
+        });
+        let events = match stepped {
+            Ok(events) => events,
+            Err(msg) => {
+                tracing::error!(error = %msg, generations = self.running.len(), "generation raised");
+                self.fail_all(BackendError::Generation(msg));
+                return;
+            }
+        };
+        let mut ended = Vec::new();
+        let mut cancel = Vec::new();
+        let mut failed = false;
+        for (uid, pieces, finish) in events {
+            let Some(r) = self.running.get_mut(&uid) else { continue };
+            let _enter = r.span.clone().entered();
+            match dispatch(r, pieces, finish.as_deref()) {
+                Step::Going => continue,
+                Step::Ended {
+                    last,
+                    cancel: still_running,
+                } => {
+                    failed |= matches!(last, Event::Failed(_));
+                    if still_running {
+                        cancel.push(uid);
+                    }
+                    let r = self.running.remove(&uid).expect("present");
+                    ended.push((r.outbox, last));
+                }
+                Step::Gone => {
+                    client_gone(r.output_tokens);
+                    if finish.is_none() {
+                        cancel.push(uid);
+                    }
+                    self.running.remove(&uid);
+                }
+            }
+        }
+        if !cancel.is_empty() {
+            self.cancel(&cancel);
+        }
+        self.steps = self.steps.wrapping_add(1);
+        if !ended.is_empty() || !cancel.is_empty() {
+            self.settle(ended, failed || !cancel.is_empty());
+        } else if self.steps % MEMORY_EVERY == 0 {
+            self.refresh();
         }
     }
-}
 
-/// Closes the Python generator and clears the MLX cache when dropped, however the generation
-/// ended (see the module docs).
-struct GenerationGuard<'a> {
-    generator: Option<Py<PyAny>>,
-    engine: &'a Py<PyAny>,
-    shared: &'a Shared,
-}
-
-impl Drop for GenerationGuard<'_> {
-    fn drop(&mut self) {
-        Python::attach(|py| {
-            if let Some(generator) = self.generator.take() {
-                if let Err(e) = generator.call_method0(py, "close") {
-                    tracing::warn!(error = %e, "closing the generator raised");
-                }
-                // Its frame and locals are freed here, before the cache is cleared.
-                drop(generator);
+    /// After generations left the batch: clears the cache when the batch is idle or one of them
+    /// failed or was aborted, then sends their last events.
+    fn settle(&mut self, ended: Vec<(Outbox, Event)>, abnormal: bool) {
+        self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
+        if self.running.is_empty() || abnormal {
+            self.clear_cache();
+        }
+        for (mut outbox, last) in ended {
+            if outbox.push(last) == Flow::Open && !outbox.held.is_empty() {
+                self.draining.push(outbox);
             }
+        }
+    }
+
+    /// Ends every running generation with `error`, resets the batch and clears the cache.
+    fn fail_all(&mut self, error: BackendError) {
+        let ended: Vec<(Outbox, Event)> = self
+            .running
+            .drain()
+            .map(|(_, r)| (r.outbox, Event::Failed(error.clone())))
+            .collect();
+        self.call("reset");
+        self.settle(ended, true);
+    }
+
+    fn cancel(&self, uids: &[i64]) {
+        Python::attach(|py| {
+            if let Err(e) = self.batcher.bind(py).call_method1("cancel", (uids.to_vec(),)) {
+                tracing::error!(error = %python_error(py, &e), "cancelling generations failed; resetting the batch");
+                let _ = self.batcher.bind(py).call_method0("reset");
+            }
+        });
+    }
+
+    fn call(&self, method: &str) {
+        Python::attach(|py| {
+            if let Err(e) = self.batcher.bind(py).call_method0(method) {
+                tracing::error!(error = %python_error(py, &e), method, "backend call failed");
+            }
+        });
+    }
+
+    /// Clears the MLX cache (with the cycle collector when reference counting left something).
+    fn clear_cache(&self) {
+        Python::attach(|py| {
             let engine = self.engine.bind(py);
             let left = |method: &str| engine.call_method0(method).and_then(|b| b.extract::<u64>());
             match left("clear_cache") {
                 Ok(0) => {}
-                // Something outlived reference counting (a cycle): collect it, then clear again.
-                Ok(bytes) => {
+                Ok(bytes) if self.running.is_empty() => {
                     tracing::debug!(bytes, "cache not empty after clearing; running the cycle collector");
                     if let Err(e) = left("collect_and_clear") {
                         tracing::error!(error = %e, "clearing the MLX cache failed");
                     }
                 }
+                Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "clearing the MLX cache failed"),
             }
-            refresh_memory(engine, self.shared);
+        });
+        self.refresh();
+    }
+
+    /// Reads MLX's memory counters and the prompt cache's size into the shared status.
+    fn refresh(&self) {
+        Python::attach(|py| {
+            refresh_memory(self.engine.bind(py), self.shared);
+            match self
+                .batcher
+                .bind(py)
+                .call_method0("prompt_cache_stats")
+                .and_then(|t| t.extract::<(u64, u64)>())
+            {
+                Ok((bytes, entries)) => {
+                    self.shared.prompt_cache_bytes.store(bytes, Ordering::Relaxed);
+                    self.shared.prompt_cache_entries.store(entries, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the prompt cache's size"),
+            }
         });
     }
 }
 
-/// Sends an event while holding the GIL; waits for a slow client with the GIL released.
-fn send(py: Python<'_>, rt: &Handle, events: &mpsc::Sender<Event>, event: Event) -> bool {
-    match events.try_send(event) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
-        Err(mpsc::error::TrySendError::Full(event)) => py.detach(|| send_blocking(rt, events, event)),
-    }
-}
-
-/// Sends an event, waiting up to [`CLIENT_WRITE_TIMEOUT`] for room; `false` when the client is
-/// gone or does not read.
-fn send_blocking(rt: &Handle, events: &mpsc::Sender<Event>, event: Event) -> bool {
-    // The timer must be made inside `block_on`, where the runtime's context is entered.
-    match rt.block_on(async { tokio::time::timeout(CLIENT_WRITE_TIMEOUT, events.send(event)).await }) {
-        Ok(Ok(())) => true,
-        Ok(Err(_closed)) => false,
-        Err(_elapsed) => {
-            tracing::warn!("client stopped reading; generation abandoned");
-            false
-        }
-    }
-}
-
-/// Runs one generation, streaming its pieces; returns the final event (`Done` or `Failed`),
-/// which the caller sends after the guard has cleared the cache, or `None` when the client left.
-fn run(engine: &Py<PyAny>, job: &Job, shared: &Shared, recheck: &Recheck, rt: &Handle) -> Option<Event> {
-    Python::attach(|py| {
-        let mut guard = GenerationGuard {
-            generator: None,
-            engine,
-            shared,
-        };
-        let engine = engine.bind(py);
-        let events = &job.events;
-        let request = &job.request;
-        let chat = serde_json::to_string(&request.chat).expect("chat serialises");
-        let params = serde_json::to_string(&request.sampling).expect("sampling serialises");
-        let (input_tokens, generator) = match engine
-            .call_method1("prepare", (chat, params))
-            .and_then(|t| t.extract::<(u32, Bound<'_, PyAny>)>())
-        {
-            Ok(v) => v,
-            Err(e) => {
-                let msg = format!(
-                    "the model's chat template cannot render this conversation: {}",
-                    python_error(py, &e)
-                );
-                return Some(Event::Failed(BackendError::InvalidRequest(msg)));
-            }
-        };
-        guard.generator = Some(generator.clone().unbind());
-        let context = shared.context_length.load(Ordering::Relaxed);
-        if context > 0 && input_tokens > context {
-            let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
-            return Some(Event::Failed(BackendError::InvalidRequest(msg)));
-        }
-        if !send(py, rt, events, Event::Started { input_tokens }) {
-            return client_gone(0);
-        }
-        let mut iter = match PyIterator::from_object(&generator) {
-            Ok(it) => it,
-            Err(e) => return Some(Event::Failed(BackendError::Generation(python_error(py, &e)))),
-        };
-        let mut stops = StopMatcher::new(&request.stop_sequences);
-        let mut output_tokens = 0u32;
-        loop {
-            if events.is_closed() {
-                return client_gone(output_tokens);
-            }
-            let snapshot = recheck.snapshot.load();
-            if snapshot.tier == Tier::Emergency {
-                let message = format!(
-                    "generation aborted: memory tier Emergency ({:.2} GB available)",
-                    snapshot.available_gb()
-                );
-                tracing::warn!(output_tokens, "{message}");
-                let retry_after_secs = recheck.retry_after_secs;
-                return Some(Event::Failed(BackendError::Refused {
-                    message,
-                    retry_after_secs,
-                }));
-            }
-            let item = match iter.next() {
-                None => {
-                    let text = stops.finish();
-                    if !text.is_empty() && !send(py, rt, events, Event::Text(text)) {
-                        return client_gone(output_tokens);
-                    }
-                    return Some(Event::Done {
-                        reason: StopReason::EndTurn,
-                        stop_sequence: None,
-                        output_tokens,
-                    });
+/// Turns one generation's pieces of one step into events for its client.
+fn dispatch(r: &mut Running, pieces: Vec<(String, String)>, finish: Option<&str>) -> Step {
+    r.output_tokens += 1;
+    for (kind, payload) in pieces {
+        let event = match kind.as_str() {
+            "text" => {
+                let matched = r.stops.push(&payload);
+                if !matched.text.is_empty() && r.outbox.push(Event::Text(matched.text)) == Flow::Closed {
+                    return Step::Gone;
                 }
-                Some(Err(e)) => {
-                    let msg = python_error(py, &e);
-                    tracing::error!(error = %msg, output_tokens, "generation raised");
-                    return Some(Event::Failed(BackendError::Generation(msg)));
+                if let Some(stop) = matched.stop {
+                    let last = Event::Done {
+                        reason: StopReason::StopSequence,
+                        stop_sequence: Some(stop),
+                        output_tokens: r.output_tokens,
+                    };
+                    return Step::Ended {
+                        last,
+                        cancel: finish.is_none(),
+                    };
                 }
-                Some(Ok(item)) => item,
-            };
-            let (pieces, finish): (Vec<(String, String)>, Option<String>) = match item.extract() {
-                Ok(v) => v,
-                Err(e) => return Some(Event::Failed(BackendError::Generation(e.to_string()))),
-            };
-            output_tokens += 1;
-            for (kind, payload) in pieces {
-                let event = match kind.as_str() {
-                    "text" => {
-                        let matched = stops.push(&payload);
-                        if !matched.text.is_empty() && !send(py, rt, events, Event::Text(matched.text)) {
-                            return client_gone(output_tokens);
-                        }
-                        if let Some(stop) = matched.stop {
-                            let reason = StopReason::StopSequence;
-                            return Some(Event::Done {
-                                reason,
-                                stop_sequence: Some(stop),
-                                output_tokens,
-                            });
-                        }
-                        continue;
-                    }
-                    "thinking" => Event::Thinking(payload),
-                    "tool" => tool_use(&payload),
-                    other => {
-                        tracing::warn!(kind = other, "unknown piece from the bridge");
-                        continue;
-                    }
+                continue;
+            }
+            "thinking" => Event::Thinking(payload),
+            "tool" => tool_use(&payload),
+            "error" => {
+                tracing::error!(error = %payload, output_tokens = r.output_tokens, "generation raised");
+                return Step::Ended {
+                    last: Event::Failed(BackendError::Generation(payload)),
+                    cancel: false,
                 };
-                if !send(py, rt, events, event) {
-                    return client_gone(output_tokens);
-                }
             }
-            if let Some(finish) = finish {
-                let rest = stops.finish();
-                if !rest.is_empty() && !send(py, rt, events, Event::Text(rest)) {
-                    return client_gone(output_tokens);
-                }
-                let reason = match finish.as_str() {
-                    "length" => StopReason::MaxTokens,
-                    "tool_use" => StopReason::ToolUse,
-                    _ => StopReason::EndTurn,
-                };
-                return Some(Event::Done {
-                    reason,
-                    stop_sequence: None,
-                    output_tokens,
-                });
+            other => {
+                tracing::warn!(kind = other, "unknown piece from the bridge");
+                continue;
             }
+        };
+        if r.outbox.push(event) == Flow::Closed {
+            return Step::Gone;
         }
-    })
+    }
+    let Some(finish) = finish else { return Step::Going };
+    let rest = r.stops.finish();
+    if !rest.is_empty() && r.outbox.push(Event::Text(rest)) == Flow::Closed {
+        return Step::Gone;
+    }
+    let reason = match finish {
+        "length" => StopReason::MaxTokens,
+        "tool_use" => StopReason::ToolUse,
+        _ => StopReason::EndTurn,
+    };
+    Step::Ended {
+        last: Event::Done {
+            reason,
+            stop_sequence: None,
+            output_tokens: r.output_tokens,
+        },
+        cancel: false,
+    }
 }
 
 /// A parsed call from the bridge (`{"name": ..., "arguments": {...}}`) as a `ToolUse` event.

@@ -84,6 +84,8 @@ pub enum Event {
     Started {
         /// Prompt tokens.
         input_tokens: u32,
+        /// Of those, how many come from the prompt cache (not processed again).
+        cached_tokens: u32,
     },
     /// Generated text (never part of a stop sequence).
     Text(String),
@@ -159,6 +161,10 @@ pub struct BackendStatus {
     pub cache_bytes: u64,
     /// Peak MLX bytes since start.
     pub peak_bytes: u64,
+    /// Bytes of KV cache kept for reuse by later prompts (part of `active_bytes`).
+    pub prompt_cache_bytes: u64,
+    /// Prompts in the prompt cache.
+    pub prompt_cache_entries: u64,
 }
 
 /// A running generation: its events, in order. Dropping it cancels the generation.
