@@ -70,7 +70,7 @@ test-rust: build
 
 bench: build policies
 	cargo bench --locked --bench admission --bench policy
-	$(PY) benches/tokens_per_second.py
+	$(PY) benches/compare.py
 
 fmt:
 	cargo fmt

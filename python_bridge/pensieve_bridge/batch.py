@@ -32,8 +32,6 @@ PREFILL_BATCH = 8
 PREFILL_STEP = 2048
 #: A cached prefix shorter than this many tokens is not used.
 MIN_REUSE = 16
-#: Scripted (test) generations get uids from here, apart from the batch generator's.
-SCRIPT_UID_BASE = 1 << 40
 
 
 @dataclass
@@ -42,7 +40,10 @@ class _Running:
     detokenizer: object
     fault: bool = False
     produced: int = 0
+    #: A scripted (test) answer: the prompt is processed for real (and cached), then this is
+    #: replayed instead of sampling, one token per step.
     replay: Optional[Iterator[tuple]] = None
+    prefilling: bool = False
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Batcher:
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[LRUPromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
-    _next_script: int = field(init=False, default=SCRIPT_UID_BASE)
+    _caching: bool = field(init=False, default=True)
 
     def __post_init__(self):
         self._stops = make_stop_sequences(self.engine.tokenizer)
@@ -101,10 +102,8 @@ class Batcher:
         script = _script_in(prompt_text) if engine._scripts else None
         if script is not None:
             running.replay = _replay(engine.tokenizer, script, max_tokens)
-            uid = self._next_script
-            self._next_script += 1
-            self._running[uid] = running
-            return uid, n, 0
+            running.prefilling = True
+            max_tokens = 1
 
         cache, rest = None, tokens
         if self._cache is not None:
@@ -150,15 +149,23 @@ class Batcher:
         Generations still prefilling report nothing.
         """
         out = []
+        replaying = 0
         for uid, running in list(self._running.items()):
-            if running.replay is not None:
+            if running.replay is not None and not running.prefilling:
+                replaying += 1
                 text, finish = next(running.replay)
                 self._emit(out, uid, running, text, finish)
-        if len(self._running) > sum(r.replay is not None for r in self._running.values()):
+        if len(self._running) > replaying:
             _, responses = self._gen.next()
             for r in responses:
                 running = self._running.get(r.uid)
                 if running is None:
+                    continue
+                if running.prefilling:
+                    # The one token sampled after a scripted prompt is not part of the answer.
+                    running.prefilling = r.finish_reason is None
+                    if not running.prefilling and self._cache is not None and self._caching:
+                        self._cache.insert_cache(self._key, r.all_tokens[:], r.prompt_cache)
                     continue
                 detok = running.detokenizer
                 if r.finish_reason != "stop":
@@ -166,7 +173,7 @@ class Batcher:
                 if r.finish_reason is not None:
                     detok.finalize()
                 self._emit(out, r.uid, running, detok.last_segment, r.finish_reason)
-                if r.finish_reason is not None and self._cache is not None:
+                if r.finish_reason is not None and self._cache is not None and self._caching:
                     self._cache.insert_cache(self._key, r.all_tokens[:], r.prompt_cache)
         return out
 
@@ -189,9 +196,8 @@ class Batcher:
         """Stops these generations (gone clients, aborts, failures) and forgets them."""
         for uid in uids:
             self._running.pop(uid, None)
-        batched = [uid for uid in uids if uid < SCRIPT_UID_BASE]
-        if batched:
-            self._gen.remove(batched)
+        if uids:
+            self._gen.remove(list(uids))
 
     def reset(self) -> None:
         """After a failure of the model itself: forgets every generation, starts a new batch."""
@@ -213,10 +219,17 @@ class Batcher:
         return mx.get_cache_memory()
 
     def drop_prompt_cache(self) -> None:
-        """Releases every cached prompt (memory has left Safe)."""
+        """Releases every cached prompt."""
         if self._cache is not None:
             self._cache.trim_to(n_sequences=0)
         mx.clear_cache()
+
+    def set_caching(self, on: bool) -> None:
+        """Whether finished generations are kept in the prompt cache; off also releases it all
+        (memory has left Safe)."""
+        self._caching = on
+        if not on:
+            self.drop_prompt_cache()
 
     def prompt_cache_stats(self) -> tuple[int, int]:
         """``(bytes, entries)`` of the prompt cache."""

@@ -416,6 +416,8 @@ struct Worker<'a> {
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
+    /// Whether the prompt cache keeps finished generations (memory is Safe).
+    caching: bool,
 }
 
 fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, recheck: &Recheck) {
@@ -428,12 +430,13 @@ fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: 
         running: HashMap::new(),
         draining: Vec::new(),
         steps: 0,
+        caching: true,
     };
     loop {
         if w.running.is_empty() {
             // Nothing to decode: wait for work, waking now and then while something needs
             // watching (held events, a prompt cache that memory pressure must release).
-            let watch = !w.draining.is_empty() || shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0;
+            let watch = !w.draining.is_empty() || w.caching && shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0;
             let work = if watch {
                 match queue.recv_timeout(IDLE_TICK) {
                     Ok(work) => Some(work),
@@ -538,9 +541,20 @@ impl Worker<'_> {
     /// Memory, slow clients, then one decoding step of the batch.
     fn turn(&mut self) {
         let snapshot = self.recheck.snapshot.load();
-        if snapshot.tier != Tier::Safe && self.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0 {
-            tracing::info!(tier = ?snapshot.tier, "memory left Safe: releasing the prompt cache");
-            self.call("drop_prompt_cache");
+        let safe = snapshot.tier == Tier::Safe;
+        if safe != self.caching {
+            // Out of Safe, the prompt cache is the first thing given back, and stays empty.
+            if safe {
+                tracing::info!("memory is Safe again: the prompt cache is back on");
+            } else {
+                tracing::info!(tier = ?snapshot.tier, "memory left Safe: releasing the prompt cache");
+            }
+            Python::attach(|py| {
+                if let Err(e) = self.batcher.bind(py).call_method1("set_caching", (safe,)) {
+                    tracing::error!(error = %python_error(py, &e), "switching the prompt cache failed");
+                }
+            });
+            self.caching = safe;
             self.refresh();
         }
         if snapshot.tier == Tier::Emergency && !self.running.is_empty() {
@@ -663,7 +677,7 @@ impl Worker<'_> {
         });
     }
 
-    fn call(&self, method: &str) {
+    fn call(&self, method: &'static str) {
         Python::attach(|py| {
             if let Err(e) = self.batcher.bind(py).call_method0(method) {
                 tracing::error!(error = %python_error(py, &e), method, "backend call failed");

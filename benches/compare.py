@@ -1,0 +1,268 @@
+"""pensieve against mlx-lm's own server (``python -m mlx_lm server``) on the same model folder.
+
+Run with ``make bench`` (or ``.venv/bin/python benches/compare.py`` after ``make build``). It
+builds the demo model folder with ``python -m pensieve_bridge.demo``, starts both servers on it,
+and measures them side by side in one run, alternating which goes first in every round:
+
+- single stream: one request, 256 tokens, temperature 0; output tokens / wall time;
+- 8 streams: eight such requests at once; all their output tokens / wall time of the slowest;
+- agent-shaped prompt: a system prompt of ``AGENT_CHARS`` characters (default 40,000, about
+  what Claude Code sends) in two blocks, the first a Claude Code billing header whose values
+  change on every request; time to first token the first time the prompt is seen (cold) and
+  on the next request with a new billing header and a new question (warm).
+
+pensieve is asked over the Anthropic Messages API, mlx-lm over its OpenAI chat API, each with
+the same messages. Medians are printed, and the ratios pensieve / mlx-lm (for tokens/s, higher
+is better; for time to first token, lower is better). ``ROUNDS`` sets the rounds (default 5).
+"""
+
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release" / "pensieve"
+PY = sys.executable
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+TOKENS = 256
+STREAMS = 8
+AGENT_CHARS = int(os.environ.get("AGENT_CHARS", "40000"))
+
+WORDS = (
+    "file read write edit tool call shell command test build commit branch merge diff patch "
+    "function module crate package import export return error result option value type trait "
+    "struct enum match loop async await future stream buffer cache memory thread lock queue "
+    "request response header body status server client layer policy config setting path"
+).split()
+
+
+def agent_system(seed):
+    """A long, stable system prompt (unique per ``seed``, so that every cold start is cold)."""
+    rnd = random.Random(seed)
+    out = [f"You are an agent for software engineering tasks (session {seed})."]
+    size = len(out[0])
+    while size < AGENT_CHARS:
+        sentence = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(8, 20))).capitalize() + "."
+        out.append(sentence)
+        size += len(sentence) + 1
+    return "\n".join(out)
+
+
+def billing(value):
+    return f"x-anthropic-billing-header: cc_version=2.1.328.{value}; cc_entrypoint=sdk-cli; cch={value:05x};"
+
+
+# --- the two servers, one client function each -----------------------------------------------
+
+
+class Pensieve:
+    name = "pensieve"
+
+    def __init__(self, model_dir):
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--port", "0", "--model", str(model_dir)],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PENSIEVE_LOG__LEVEL": "warn,pensieve::server=info"},
+        )
+        for line in self.proc.stderr:
+            m = re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        else:
+            raise RuntimeError("pensieve did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def body(self, system_blocks, question, max_tokens, stream):
+        return "/v1/messages", {
+            "model": "demo", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "system": [{"type": "text", "text": t} for t in system_blocks],
+            "messages": [{"role": "user", "content": question}],
+        }
+
+    @staticmethod
+    def tokens(reply):
+        return reply["usage"]["output_tokens"]
+
+    @staticmethod
+    def is_content(data):
+        return data.get("type") == "content_block_delta"
+
+
+class MlxLm:
+    name = "mlx-lm"
+
+    def __init__(self, model_dir):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [PY, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(self.port),
+             "--log-level", "WARNING"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("mlx-lm server did not start")
+
+    def body(self, system_blocks, question, max_tokens, stream):
+        return "/v1/chat/completions", {
+            "model": "default_model", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": t} for t in system_blocks]},
+                {"role": "user", "content": question},
+            ],
+        }
+
+    @staticmethod
+    def tokens(reply):
+        return reply["usage"]["completion_tokens"]
+
+    @staticmethod
+    def is_content(data):
+        choices = data.get("choices") or [{}]
+        return bool((choices[0].get("delta") or {}).get("content"))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(server, path, body):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+    return conn, conn.getresponse()
+
+
+# --- the measurements ---------------------------------------------------------------------------
+
+SHORT_SYSTEM = ["You are a helpful assistant."]
+
+
+def single(server, i=0):
+    """``(output tokens, seconds)`` of one non-streamed request."""
+    path, body = server.body(SHORT_SYSTEM, f"Tell me about memory, part {i}.", TOKENS, False)
+    t0 = time.perf_counter()
+    conn, res = post(server, path, body)
+    reply = json.loads(res.read())
+    took = time.perf_counter() - t0
+    conn.close()
+    if res.status != 200:
+        raise RuntimeError(f"{server.name}: {res.status} {reply}")
+    return server.tokens(reply), took
+
+
+def concurrent(server):
+    """Aggregate tokens/s of ``STREAMS`` requests at once."""
+    results = [None] * STREAMS
+
+    def run(i):
+        results[i] = single(server, i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(STREAMS)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    return sum(n for n, _ in results) / took
+
+
+def first_token(server, system_blocks, question):
+    """Seconds to the first generated text of a streamed request."""
+    path, body = server.body(system_blocks, question, 8, True)
+    t0 = time.perf_counter()
+    conn, res = post(server, path, body)
+    if res.status != 200:
+        raise RuntimeError(f"{server.name}: {res.status} {res.read()[:300]}")
+    first = None
+    for raw in res:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        if first is None and server.is_content(json.loads(line[6:])):
+            first = time.perf_counter() - t0
+    conn.close()
+    if first is None:
+        raise RuntimeError(f"{server.name}: no text in the stream")
+    return first
+
+
+def agent(server, trial):
+    """Cold then warm time to first token for an agent-shaped prompt."""
+    system = agent_system(f"{server.name}-{trial}")
+    cold = first_token(server, [billing(2 * trial + 1), system], "List the files in this folder.")
+    warm = first_token(server, [billing(2 * trial + 2), system], "Now open the README.")
+    return cold, warm
+
+
+def main():
+    if not BIN.exists():
+        sys.exit(f"{BIN} is missing: run `make build` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "demo"
+        subprocess.run([PY, "-m", "pensieve_bridge.demo", str(model_dir)], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        servers = [Pensieve(model_dir), MlxLm(model_dir)]
+        results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": []}
+                   for s in servers}
+        try:
+            for s in servers:  # warm-up: load kernels, fill caches
+                single(s), concurrent(s), agent(s, -1)
+            for r in range(ROUNDS):
+                order = servers if r % 2 == 0 else servers[::-1]
+                for s in order:
+                    n, took = single(s, r)
+                    results[s.name]["tokens"].append(n)
+                    results[s.name]["single"].append(n / took)
+                for s in order:
+                    results[s.name]["concurrent"].append(concurrent(s))
+                for s in order:
+                    cold, warm = agent(s, r)
+                    results[s.name]["cold"].append(cold)
+                    results[s.name]["warm"].append(warm)
+                print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
+        finally:
+            for s in servers:
+                s.proc.terminate()
+                s.proc.wait()
+    med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in results.items()}
+    p, m = med["pensieve"], med["mlx-lm"]
+    print(f"demo model ({model_dir.name}), {ROUNDS} alternating rounds, medians; "
+          f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}")
+    print(f"{'':34}{'pensieve':>12}{'mlx-lm':>12}{'ratio':>9}")
+    rows = [
+        (f"single stream, tokens/s ({TOKENS} tok)", "single", "{:12.0f}"),
+        (f"{STREAMS} streams, aggregate tokens/s", "concurrent", "{:12.0f}"),
+        (f"agent prompt cold, first token s", "cold", "{:12.3f}"),
+        (f"agent prompt warm, first token s", "warm", "{:12.3f}"),
+    ]
+    for label, key, fmt in rows:
+        print(f"{label:34}{fmt.format(p[key])}{fmt.format(m[key])}{p[key] / m[key]:9.2f}")
+    print(f"{'warm / cold':34}{p['warm'] / p['cold']:12.2f}{m['warm'] / m['cold']:12.2f}")
+    print(f"(agent system prompt: {AGENT_CHARS} characters; output tokens per single request: "
+          f"pensieve {p['tokens']:.0f}, mlx-lm {m['tokens']:.0f})")
+
+
+if __name__ == "__main__":
+    main()
