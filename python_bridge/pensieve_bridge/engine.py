@@ -1,10 +1,9 @@
-"""The MLX engine that pensieve's Rust backend drives, one generation at a time.
+"""The loaded model: what pensieve's Rust backend loads on its thread.
 
-Rust owns one :class:`Engine` on a dedicated thread. For each request it calls
-:meth:`Engine.render` to turn the normalised chat into prompt tokens, then iterates the
-generator returned by :meth:`Engine.generate`. The generator clears the MLX cache in its
-``finally``; Rust closes it, drops it and calls :meth:`Engine.clear_cache` once more, because
-the generator's own locals are only released after its ``finally`` has run.
+Rust owns one :class:`Engine` (model, tokenizer, chat template, memory counters, cache
+clearing) and one :class:`~pensieve_bridge.batch.Batcher` built on it, which runs the
+generations. :meth:`Engine.render` is also what ``count_tokens`` uses, so that counts match
+generation exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import demo
-from .response import ResponseSplitter, initial_state
 
 #: Set in the environment (tests only) to make a generation whose prompt contains this text
 #: raise after two tokens: a real Python exception in the middle of a real generation.
@@ -102,60 +100,21 @@ class Engine:
             tokens = tokens["input_ids"]
         return list(tokens)
 
-    def prepare(self, chat_json: str, params_json: str) -> tuple[int, Iterator[tuple]]:
-        """Renders the prompt and returns ``(input_tokens, generator)``; nothing runs until the
-        generator is iterated.
-
-        The generator yields ``(pieces, finish_reason)`` per token: ``pieces`` is a list of
-        ``(kind, payload)`` from :class:`~pensieve_bridge.response.ResponseSplitter` (``text``,
-        ``thinking``, or ``tool`` with the JSON of a parsed call); ``finish_reason`` is None until
-        the last token, then ``"stop"`` (end of turn), ``"tool_use"`` (end of turn after a tool
-        call) or ``"length"`` (``max_tokens``).
-        """
-        chat = json.loads(chat_json)
-        tokens = self._render(chat)
-        return len(tokens), self._generate(tokens, chat.get("tools"), json.loads(params_json))
-
     def generate(self, tokens: list[int], params_json: str) -> Iterator[tuple]:
-        """Yields ``(text, finish_reason)`` per token for prompt ``tokens`` (no block splitting)."""
-        for pieces, finish in self._generate(tokens, None, json.loads(params_json), split=False):
-            yield ("".join(p for _, p in pieces), finish)
-
-    def _generate(self, tokens, tools, params, split=True):
+        """Yields ``(text, finish_reason)`` per token for prompt ``tokens``, one generation on its
+        own with mlx-lm's ``stream_generate``: the reference the batched path
+        (:class:`~pensieve_bridge.batch.Batcher`, what the server runs) is compared with."""
+        params = json.loads(params_json)
         sampler = make_sampler(
             temp=float(params.get("temperature", 1.0)),
             top_p=float(params.get("top_p") or 0.0),
             top_k=int(params.get("top_k") or 0),
         )
-        max_tokens = int(params["max_tokens"])
-        prompt_text = None
-        if self._fault_marker or self._scripts:
-            prompt_text = self.tokenizer.decode(tokens)
-        fault = self._fault_marker is not None and self._fault_marker in prompt_text
-        splitter = ResponseSplitter(self.tokenizer, tools, initial_state(self.tokenizer, tokens))
-        script = _script_in(prompt_text) if self._scripts else None
-        if script is not None:
-            stream = _replay(self.tokenizer, script, max_tokens)
-        else:
-            stream = (
-                (r.text, r.finish_reason)
-                for r in stream_generate(
-                    self.model, self.tokenizer, mx.array(tokens), max_tokens=max_tokens, sampler=sampler
-                )
-            )
         try:
-            n = 0
-            for text, finish in stream:
-                n += 1
-                if fault and n > 2:
-                    raise RuntimeError("injected fault: the test asked this generation to fail")
-                if not split:
-                    yield [("text", text)], finish
-                    continue
-                pieces = splitter.feed(text, finish)
-                if finish == "stop" and splitter.made_tool_call:
-                    finish = "tool_use"
-                yield pieces, finish
+            for r in stream_generate(
+                self.model, self.tokenizer, mx.array(tokens), max_tokens=int(params["max_tokens"]), sampler=sampler
+            ):
+                yield r.text, r.finish_reason
         finally:
             mx.clear_cache()
 

@@ -1,24 +1,28 @@
-"""Generation on real MLX: determinism, sampling parameters, and the cache-clearing guarantee."""
+"""Generation on real MLX through the Batcher (the path the server runs): determinism, sampling
+parameters, max_tokens, a failing generation, and the cache-clearing guarantee."""
 
 import json
 
 import mlx.core as mx
-import pytest
 
+from pensieve_bridge import batch as batch_mod
 from pensieve_bridge import engine as engine_mod
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hello there"}], "tools": None})
 
 
-def run(engine, **params):
+def run(engine, chat=CHAT, **params):
+    """``[(pieces, finish)]`` of one generation, run to its end in a fresh Batcher, which is then
+    idle: its cache must be empty (as the server's long-lived Batcher is, between requests)."""
     params.setdefault("max_tokens", 32)
-    gen = engine.generate(engine.render(CHAT), json.dumps(params))
-    try:
-        return list(gen)
-    finally:
-        gen.close()
-        del gen
-        engine.clear_cache()
+    b = batch_mod.Batcher(engine, 4, 0)
+    uid, _, _ = b.add(chat, json.dumps(params), 0)
+    out = []
+    while b.running():
+        out += [(pieces, finish) for u, pieces, finish in b.step() if u == uid]
+    assert b.clear() == 0
+    assert mx.get_cache_memory() == 0
+    return out
 
 
 def test_temperature_zero_is_deterministic(engine):
@@ -29,43 +33,40 @@ def test_temperature_zero_is_deterministic(engine):
 
 
 def test_cache_is_empty_after_a_generation_that_succeeds(engine):
-    run(engine, temperature=0)
-    assert mx.get_cache_memory() == 0
+    run(engine, temperature=0)  # run() checks the cache once the batch is idle
 
 
-def test_cache_is_empty_after_a_generation_closed_half_way(engine):
-    gen = engine.generate(engine.render(CHAT), json.dumps({"max_tokens": 64, "temperature": 0}))
+def test_cache_is_empty_after_a_generation_cancelled_half_way(engine):
+    b = batch_mod.Batcher(engine, 4, 0)
+    uid, _, _ = b.add(CHAT, json.dumps({"max_tokens": 64, "temperature": 0}), 0)
     for _ in range(5):
-        next(gen)
+        b.step()
     assert mx.get_cache_memory() > 0 or mx.get_active_memory() > 0
-    gen.close()
-    del gen
-    assert engine.clear_cache() == 0
+    b.cancel([uid])
+    assert b.running() == 0
+    assert b.clear() == 0
     assert mx.get_cache_memory() == 0
 
 
-def test_cache_is_empty_after_a_generation_that_raises(monkeypatch):
+def test_a_generation_that_raises_reports_an_error_and_leaves_no_cache(monkeypatch):
     monkeypatch.setenv(engine_mod.FAULT_MARKER_ENV, "FAIL-HERE")
     eng = engine_mod.Engine("demo")
     chat = json.dumps({"messages": [{"role": "user", "content": "please FAIL-HERE"}]})
-    gen = eng.generate(eng.render(chat), json.dumps({"max_tokens": 16, "temperature": 0}))
-    with pytest.raises(RuntimeError, match="injected fault"):
-        for _ in gen:
-            pass
-    del gen
-    assert eng.clear_cache() == 0
-    assert mx.get_cache_memory() == 0
+    out = run(eng, chat, max_tokens=16, temperature=0)
+    pieces, finish = out[-1]
+    assert finish == "error" and pieces[0][0] == "error" and "injected fault" in pieces[0][1]
+    assert len(out) == 3  # two tokens, then the failure (run() checks the cache)
 
 
 def test_sampling_parameters_reach_mlx_lm(engine, monkeypatch):
     seen = {}
-    real = engine_mod.make_sampler
+    real = batch_mod.make_sampler
 
     def spy(**kwargs):
         seen.update(kwargs)
         return real(**kwargs)
 
-    monkeypatch.setattr(engine_mod, "make_sampler", spy)
+    monkeypatch.setattr(batch_mod, "make_sampler", spy)
     run(engine, temperature=0.7, top_p=0.9, top_k=40, max_tokens=4)
     assert seen == {"temp": 0.7, "top_p": 0.9, "top_k": 40}
 
@@ -79,3 +80,10 @@ def test_top_k_one_equals_greedy(engine):
 def test_max_tokens_bounds_the_generation(engine):
     out = run(engine, temperature=0, max_tokens=5)
     assert len(out) == 5 and out[-1][1] == "length"
+
+
+def test_the_reference_generator_clears_the_cache(engine):
+    gen = engine.generate(engine.render(CHAT), json.dumps({"max_tokens": 8, "temperature": 0}))
+    assert len(list(gen)) == 8
+    del gen  # its locals are freed after its own clear_cache() ran
+    assert engine.clear_cache() == 0

@@ -83,14 +83,18 @@ def test_the_demo_tokenizer_gets_mlx_lms_json_parser_and_think_markers(engine):
 
 def test_a_scripted_reply_replays_through_the_real_tokenizer(monkeypatch):
     from pensieve_bridge import engine as engine_mod
+    from pensieve_bridge.batch import Batcher
 
     monkeypatch.setenv(engine_mod.SCRIPTS_ENV, "1")
     eng = engine_mod.Engine("demo")
     reply = '<think>hmm</think>Calling.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     chat = {"messages": [{"role": "user", "content": f"[[script]]{reply}[[/script]]"}], "tools": WEATHER}
-    n, gen = eng.prepare(json.dumps(chat), json.dumps({"max_tokens": 200, "temperature": 0}))
+    b = Batcher(eng, 4, 0)
+    uid, n, _ = b.add(json.dumps(chat), json.dumps({"max_tokens": 200, "temperature": 0}), 0)
     assert n > 10
-    items = list(gen)
+    items = []
+    while b.running():
+        items += [(pieces, finish) for _, pieces, finish in b.step()]
     pieces = [p for ps, _ in items for p in ps]
     assert items[-1][1] == "tool_use"
     assert ("tool", json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})) in pieces

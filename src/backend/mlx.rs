@@ -466,6 +466,18 @@ fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: 
     }
 }
 
+/// The drop guard of the batch: however the loop ends (the queue closed at shutdown, a panic
+/// outside a turn), generations still running fail and the MLX cache is cleared.
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        if self.running.is_empty() {
+            self.clear_cache();
+        } else {
+            self.fail_all(BackendError::Stopped);
+        }
+    }
+}
+
 impl Worker<'_> {
     /// Starts a piece of work from the queue.
     fn take(&mut self, work: Work) {
