@@ -106,6 +106,19 @@ async fn generations_are_decoded_together_each_with_its_own_sampling_stops_and_c
     }
     let h = s.health().await;
     assert_eq!(h["backend"]["active_generations"], 4, "{h}");
+    // A token count is answered while the batch is full (it needs no slot).
+    let count = tokio::time::timeout(
+        Duration::from_secs(20),
+        reqwest::Client::new()
+            .post(s.url("/v1/messages/count_tokens"))
+            .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "count me"}]}))
+            .send(),
+    )
+    .await
+    .expect("count_tokens waited for a generation slot")
+    .unwrap();
+    assert_eq!(count.status(), 200);
+    assert!(count.json::<Value>().await.unwrap()["input_tokens"].as_u64().unwrap() > 2);
 
     // Meanwhile, short requests with their own settings queue behind and are answered as the
     // long ones leave: drop two streams (cancel), and the short ones run beside the others.

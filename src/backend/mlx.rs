@@ -37,6 +37,7 @@ pub struct MlxBackend {
     jobs: SyncSender<Work>,
     shared: Arc<Shared>,
     model: String,
+    max_queue: usize,
 }
 
 impl std::fmt::Debug for MlxBackend {
@@ -149,7 +150,12 @@ impl MlxBackend {
             })
             .map_err(|e| format!("could not start the backend thread: {e}"))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(MlxBackend { jobs, shared, model }),
+            Ok(Ok(())) => Ok(MlxBackend {
+                jobs,
+                shared,
+                model,
+                max_queue: config.max_queue.max(1),
+            }),
             Ok(Err(message)) => Err(message),
             Err(_) => Err(format!("the backend thread died while loading model `{model}`")),
         }
@@ -161,7 +167,14 @@ impl MlxBackend {
     }
 
     fn enqueue(&self, work: Work) -> Result<(), BackendError> {
-        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        // The bound is this count, not the channel: the backend thread takes work off the
+        // channel at once (so that token counts are answered while the batch is full) and keeps
+        // generations waiting for a slot, still counted here, until they start.
+        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.max_queue {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::QueueFull { queued });
+        }
         self.jobs.try_send(work).map_err(|e| {
             let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
             match e {
@@ -413,6 +426,8 @@ struct Worker<'a> {
     shared: &'a Shared,
     recheck: &'a Recheck,
     running: HashMap<i64, Running>,
+    /// Generations taken off the queue, waiting for a free slot (still counted as queued).
+    waiting: VecDeque<Job>,
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
@@ -428,12 +443,13 @@ fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: 
         shared,
         recheck,
         running: HashMap::new(),
+        waiting: VecDeque::new(),
         draining: Vec::new(),
         steps: 0,
         caching: true,
     };
     loop {
-        if w.running.is_empty() {
+        if w.running.is_empty() && w.waiting.is_empty() {
             // Nothing to decode: wait for work, waking now and then while something needs
             // watching (held events, a prompt cache that memory pressure must release).
             let watch = !w.draining.is_empty() || w.caching && shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0;
@@ -453,11 +469,19 @@ fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: 
                 w.take(work);
             }
         }
-        while w.running.len() < max_concurrent {
-            match queue.try_recv() {
-                Ok(work) => w.take(work),
-                Err(_) => break,
+        while let Ok(work) = queue.try_recv() {
+            w.take(work);
+        }
+        w.waiting.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
             }
+            !gone
+        });
+        while w.running.len() < max_concurrent {
+            let Some(job) = w.waiting.pop_front() else { break };
+            w.start(job);
         }
         if catch_unwind(AssertUnwindSafe(|| w.turn())).is_err() {
             tracing::error!("the backend loop panicked; its generations fail and the cache is cleared");
@@ -479,19 +503,23 @@ impl Drop for Worker<'_> {
 }
 
 impl Worker<'_> {
-    /// Starts a piece of work from the queue.
+    /// Takes work off the queue: a token count is answered now, a generation waits for a slot.
     fn take(&mut self, work: Work) {
-        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-        let job = match work {
-            Work::Generate(job) => job,
+        match work {
+            Work::Generate(job) => self.waiting.push_back(job),
             Work::Count { chat, reply, span } => {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
                 let _enter = span.enter();
                 if !reply.is_closed() {
                     let _ = reply.send(count(&self.engine, &chat));
                 }
-                return;
             }
-        };
+        }
+    }
+
+    /// Starts a waiting generation: admission again, then into the batch.
+    fn start(&mut self, job: Job) {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         let _enter = job.span.enter();
         if job.events.is_closed() {
             tracing::debug!("client left while queued");
