@@ -259,7 +259,7 @@ def main():
     ]
     for label, key, fmt in rows:
         print(f"{label:34}{fmt.format(p[key])}{fmt.format(m[key])}{p[key] / m[key]:9.2f}")
-    print(f"{'warm / cold':34}{p['warm'] / p['cold']:12.2f}{m['warm'] / m['cold']:12.2f}")
+    print(f"{'warm / cold':34}{p['warm'] / p['cold']:12.3f}{m['warm'] / m['cold']:12.3f}")
     print(f"(agent system prompt: {AGENT_CHARS} characters; output tokens per single request: "
           f"pensieve {p['tokens']:.0f}, mlx-lm {m['tokens']:.0f})")
 
