@@ -445,6 +445,7 @@ fn describe_source(fig: &Figment, key: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
     use super::*;
     use figment::Jail;

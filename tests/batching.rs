@@ -165,3 +165,17 @@ async fn generations_are_decoded_together_each_with_its_own_sampling_stops_and_c
     );
     assert!(!s.log().contains("panicked"));
 }
+
+#[tokio::test]
+async fn a_stream_the_client_cut_leaves_its_prompt_in_the_cache() {
+    let s = Server::start();
+    let mut body = hello(100_000);
+    body["system"] = json!("You are a coding agent working in a large repository. ".repeat(100));
+    let (stream, _) = first_delta(s.post_stream(&body).await).await;
+    drop(stream);
+    s.idle_backend().await;
+    body["max_tokens"] = json!(4);
+    let u = usage(&s, &body).await;
+    let read = u["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(read > 500 && u["input_tokens"] == 1, "{u}");
+}

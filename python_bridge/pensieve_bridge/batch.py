@@ -192,12 +192,21 @@ class Batcher:
             out.append((uid, [("error", f"{type(e).__name__}: {e}")], "error"))
             self.cancel([uid])
 
-    def cancel(self, uids: list[int]) -> None:
-        """Stops these generations (gone clients, aborts, failures) and forgets them."""
+    def cancel(self, uids: list[int], keep: bool = False) -> None:
+        """Stops these generations and forgets them. With ``keep`` (a client that left, a stop
+        sequence), what their KV cache holds so far goes into the prompt cache: an agent whose
+        user interrupted a turn sends that prefix again next. Not after failures."""
         for uid in uids:
             self._running.pop(uid, None)
-        if uids:
-            self._gen.remove(list(uids))
+        if not uids:
+            return
+        keep = keep and self._cache is not None and self._caching
+        caches = self._gen.remove(list(uids), return_prompt_caches=keep)
+        for cache, tokens in caches.values():
+            if len(tokens) >= MIN_REUSE:
+                self._cache.insert_cache(self._key, list(tokens), cache)
+        if caches:
+            self._fit_cache()
 
     def reset(self) -> None:
         """After a failure of the model itself: forgets every generation, starts a new batch."""

@@ -65,3 +65,21 @@ def test_cancel_and_a_too_long_prompt(engine):
     assert b.running() == 0
     assert b.step() == []
     assert b.clear() == 0
+
+
+def test_a_cancelled_generation_leaves_its_prefix_in_the_prompt_cache(engine):
+    b = Batcher(engine, 4, 64 << 20)
+    uid, n, _ = b.add(chat("hello"), json.dumps({"max_tokens": 1000, "temperature": 0}), 0)
+    for _ in range(5):
+        b.step()
+    b.cancel([uid], keep=True)
+    assert b.prompt_cache_stats()[1] == 1
+    _, n2, cached = b.add(chat("hello"), GREEDY, 0)
+    assert cached == n2 - 1
+    run(b)
+    # Without keep (a failure), nothing is cached.
+    b2 = Batcher(engine, 4, 64 << 20)
+    uid, _, _ = b2.add(chat("hello"), GREEDY, 0)
+    b2.step()
+    b2.cancel([uid])
+    assert b2.prompt_cache_stats() == (0, 0)

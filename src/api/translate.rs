@@ -185,7 +185,10 @@ fn msg(role: &'static str, content: String) -> ChatMessage {
 /// message when there is one (templates expect turns to alternate).
 fn add_user(out: &mut Vec<ChatMessage>, content: &Content, at: &str, vision: bool) -> Result<(), ApiError> {
     let blocks = match content {
-        Content::Text(t) => return Ok(push_user_text(out, t.clone())),
+        Content::Text(t) => {
+            push_user_text(out, without_billing_header(t).into_owned());
+            return Ok(());
+        }
         Content::Blocks(b) => b,
     };
     let mut text = String::new();

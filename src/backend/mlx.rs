@@ -708,9 +708,11 @@ impl Worker<'_> {
         self.settle(ended, true);
     }
 
+    /// Removes generations from the batch, keeping what they computed in the prompt cache
+    /// (clients that left, stop sequences).
     fn cancel(&self, uids: &[i64]) {
         Python::attach(|py| {
-            if let Err(e) = self.batcher.bind(py).call_method1("cancel", (uids.to_vec(),)) {
+            if let Err(e) = self.batcher.bind(py).call_method1("cancel", (uids.to_vec(), true)) {
                 tracing::error!(error = %python_error(py, &e), "cancelling generations failed; resetting the batch");
                 let _ = self.batcher.bind(py).call_method0("reset");
             }
