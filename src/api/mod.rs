@@ -250,17 +250,40 @@ fn queue_timeout(waited: std::time::Duration) -> ApiError {
 }
 
 /// Reads a whole body; a body over the limit of `BodyLimitLayer` is a 413.
-pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = source {
-            if err.is::<http_body_util::LengthLimitError>() {
-                return crate::layers::too_large(limit);
+pub async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(buf.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
             }
-            source = err.source();
+            Some(Err(e)) if is_over_limit(&e) => {
+                drop(buf);
+                // Read the rest before answering, as the limit layer does for a declared
+                // length: a client still sending when the server closes sees a reset, not the
+                // 413. Past the limit, every frame reads as an error; only the time is bounded.
+                let rest = async { while body.frame().await.is_some() {} };
+                let _ = tokio::time::timeout(crate::layers::DRAIN_TIMEOUT, rest).await;
+                return Err(crate::layers::too_large(limit));
+            }
+            Some(Err(e)) => return Err(ApiError::invalid(format!("could not read the request body: {e}"))),
         }
-        ApiError::invalid(format!("could not read the request body: {e}"))
-    })
+    }
+}
+
+fn is_over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Unknown paths: 404 `not_found_error`.

@@ -9,7 +9,8 @@
 //! (up to [`DRAIN_FACTOR`] times the limit, for at most [`DRAIN_TIMEOUT`]). Answering while the
 //! client is still sending would make the server close a socket with unread data, which the
 //! kernel turns into a reset: the client would see a broken connection instead of the 413.
-//! A body larger than that is not read; the 413 carries `connection: close`.
+//! A body larger than that is not read; the 413 carries `connection: close`. A client that sent
+//! `expect: 100-continue` has not sent its body yet, and gets the 413 at once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -95,6 +96,18 @@ where
         match declared {
             Some(n) if n > self.limit as u64 => {
                 let mut res = too_large(self.limit).to_response(request_id(req.headers()));
+                // A client that sent `expect: 100-continue` waits for a go-ahead that it will
+                // not get (hyper sends it only when the body is read): it has nothing to send
+                // yet, so the answer can go at once.
+                let waits = req
+                    .headers()
+                    .get(header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if waits {
+                    return LimitFuture::Ready {
+                        future: ResponseFuture::refused(res),
+                    };
+                }
                 if n > self.limit as u64 * DRAIN_FACTOR {
                     res.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));

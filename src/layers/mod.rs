@@ -24,7 +24,7 @@ pub use auth::{ApiKey, ApiKeyLayer};
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use headers::{MemoryHeaders, MemoryHeadersLayer};
-pub use limit::{too_large, BodyLimit, BodyLimitLayer};
+pub use limit::{too_large, BodyLimit, BodyLimitLayer, LimitFuture, DRAIN_FACTOR, DRAIN_TIMEOUT};
 pub use logging::{Logging, LoggingLayer};
 
 use crate::memory::MemorySnapshot;
