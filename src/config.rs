@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub headers: BTreeMap<String, String>,
     /// How long running generations may finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// Open connections at most; more wait in the kernel's backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +69,7 @@ impl Default for ServerConfig {
             max_body_mb: 32,
             headers: BTreeMap::new(),
             shutdown_grace_secs: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -348,6 +351,9 @@ impl Config {
                 "memory.sample_interval_ms",
                 format!("must be between 1 and 60000, got {}", m.sample_interval_ms),
             ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1".into()));
         }
         if self.server.max_body_mb == 0 {
             return Err(invalid("server.max_body_mb", "must be at least 1".into()));

@@ -330,3 +330,30 @@ async fn sigterm_with_no_grace_aborts_running_work_and_exits_zero() {
     let drained = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
     assert!(drained.is_ok());
 }
+
+#[tokio::test]
+async fn a_flood_of_connections_is_bounded_and_served_as_they_close() {
+    let s = Server::start_with(&[("PENSIEVE_SERVER__MAX_CONNECTIONS", "4")]);
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // Four connections that never send a request take every slot.
+    let mut idle: Vec<_> = (0..4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let blocked = client.get(s.url("/health")).send().await;
+    assert!(blocked.is_err(), "a fifth connection was served: {blocked:?}");
+    assert!(s.log().contains("connection limit reached"));
+    // One closes: the waiting connection is served.
+    idle.pop();
+    let res = reqwest::Client::new()
+        .get(s.url("/health/live"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("served once a slot was free");
+    assert_eq!(res.status(), 200);
+    drop(idle);
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+}
