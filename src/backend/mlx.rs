@@ -644,6 +644,7 @@ impl Worker<'_> {
                 return;
             }
         };
+        let before = self.running.len();
         let mut ended = Vec::new();
         let mut cancel = Vec::new();
         let mut failed = false;
@@ -676,7 +677,9 @@ impl Worker<'_> {
             self.cancel(&cancel);
         }
         self.steps = self.steps.wrapping_add(1);
-        if !ended.is_empty() || !cancel.is_empty() {
+        // Anything that left the batch (ended, cut by a stop sequence, its client gone on the
+        // last token) settles: the count, and the cache when the batch is now idle.
+        if self.running.len() != before {
             self.settle(ended, failed || !cancel.is_empty());
         } else if self.steps % MEMORY_EVERY == 0 {
             self.refresh();
@@ -841,9 +844,8 @@ fn tool_use(payload: &str) -> Event {
     }
 }
 
-fn client_gone(output_tokens: u32) -> Option<Event> {
+fn client_gone(output_tokens: u32) {
     tracing::info!(output_tokens, "client went away; generation stopped");
-    None
 }
 
 fn count(engine: &Py<PyAny>, chat: &Chat) -> Result<u32, BackendError> {
