@@ -4,7 +4,7 @@ Rust owns one :class:`Batcher` on its backend thread and runs a loop: :meth:`Bat
 each request that starts (rendering, prompt-cache lookup, insertion into mlx-lm's
 ``BatchGenerator``), :meth:`Batcher.step` for one decoding step of every running generation
 (one call, one GIL crossing, for the whole batch), :meth:`Batcher.cancel` for clients that left
-or an Emergency abort, and :meth:`Batcher.clear` whenever the batch is idle.
+or an Emergency abort, and the engine's ``clear_cache`` whenever the batch is idle.
 
 The prompt cache is mlx-lm's ``LRUPromptCache``: the KV cache of each finished generation is
 kept under its tokens (prompt and answer), and a new prompt starts from the longest cached
@@ -221,11 +221,6 @@ class Batcher:
         """Keeps the prompt cache and the running generations' caches within the budget."""
         if self._cache is not None:
             self._cache.trim_to(n_bytes=self.prompt_cache_bytes - self._gen.prompt_cache_nbytes)
-
-    def clear(self) -> int:
-        """Clears MLX's allocator cache (the batch must be idle); returns the bytes left in it."""
-        mx.clear_cache()
-        return mx.get_cache_memory()
 
     def drop_prompt_cache(self) -> None:
         """Releases every cached prompt."""

@@ -32,7 +32,7 @@ def test_batched_greedy_answers_match_one_at_a_time(engine):
     for uid, q in uids.items():
         assert out[uid] == alone[q]
         assert finishes[uid] == "length"
-    assert b.clear() == 0
+    assert engine.clear_cache() == 0
 
 
 def test_a_repeated_prefix_comes_from_the_prompt_cache_and_can_be_dropped(engine):
@@ -64,7 +64,7 @@ def test_cancel_and_a_too_long_prompt(engine):
     b.cancel([uid])
     assert b.running() == 0
     assert b.step() == []
-    assert b.clear() == 0
+    assert engine.clear_cache() == 0
 
 
 def test_a_cancelled_generation_leaves_its_prefix_in_the_prompt_cache(engine):

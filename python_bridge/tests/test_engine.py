@@ -20,7 +20,7 @@ def run(engine, chat=CHAT, **params):
     out = []
     while b.running():
         out += [(pieces, finish) for u, pieces, finish in b.step() if u == uid]
-    assert b.clear() == 0
+    assert engine.clear_cache() == 0
     assert mx.get_cache_memory() == 0
     return out
 
@@ -44,7 +44,7 @@ def test_cache_is_empty_after_a_generation_cancelled_half_way(engine):
     assert mx.get_cache_memory() > 0 or mx.get_active_memory() > 0
     b.cancel([uid])
     assert b.running() == 0
-    assert b.clear() == 0
+    assert engine.clear_cache() == 0
     assert mx.get_cache_memory() == 0
 
 
