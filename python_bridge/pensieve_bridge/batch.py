@@ -6,10 +6,12 @@ each request that starts (rendering, prompt-cache lookup, insertion into mlx-lm'
 (one call, one GIL crossing, for the whole batch), :meth:`Batcher.cancel` for clients that left
 or an Emergency abort, and the engine's ``clear_cache`` whenever the batch is idle.
 
-The prompt cache is mlx-lm's ``LRUPromptCache``: the KV cache of each finished generation is
-kept under its tokens (prompt and answer), and a new prompt starts from the longest cached
-prefix, trimmed to the point where the two diverge. It is capped in bytes, together with the
-caches of the running generations, and :meth:`Batcher.drop_prompt_cache` releases all of it.
+The prompt cache (:class:`~pensieve_bridge.prompt_cache.PromptCache`, over mlx-lm's
+``LRUPromptCache``): the KV cache of each finished generation is kept under its tokens (prompt
+and answer), and a new prompt starts from the longest cached prefix, trimmed to the point where
+the two diverge. Entries own exactly the memory they count. It is capped in bytes, together
+with the caches of the running generations, and :meth:`Batcher.drop_prompt_cache` releases all
+of it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .engine import Engine, _replay, _script_in
+from .prompt_cache import PromptCache
 from .response import ResponseSplitter, initial_state
 
 #: How many prompts are prefilled together.
@@ -54,18 +57,13 @@ class Batcher:
     max_concurrent: int = 8
     prompt_cache_bytes: int = 0
     _gen: BatchGenerator = field(init=False)
-    _cache: Optional[LRUPromptCache] = field(init=False)
+    _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
     _caching: bool = field(init=False, default=True)
 
     def __post_init__(self):
         self._stops = make_stop_sequences(self.engine.tokenizer)
-        self._cache = (
-            LRUPromptCache(max_size=64, max_bytes=self.prompt_cache_bytes)
-            if self.prompt_cache_bytes > 0
-            else None
-        )
-        self._key = self.engine.path
+        self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes) if self.prompt_cache_bytes > 0 else None
         self._new_generator()
 
     def _new_generator(self):
@@ -107,7 +105,7 @@ class Batcher:
 
         cache, rest = None, tokens
         if self._cache is not None:
-            cache, rest = self._cache.fetch_nearest_cache(self._key, tokens)
+            cache, rest = self._cache.fetch(tokens)
             if cache is not None and not rest:
                 # An exact hit: the last prompt token must go through the model again to give
                 # the first logits, so the cache gives up one token.
@@ -165,7 +163,7 @@ class Batcher:
                     # The one token sampled after a scripted prompt is not part of the answer.
                     running.prefilling = r.finish_reason is None
                     if not running.prefilling and self._cache is not None and self._caching:
-                        self._cache.insert_cache(self._key, r.all_tokens[:], r.prompt_cache)
+                        self._cache.insert(r.all_tokens, r.prompt_cache)
                     continue
                 detok = running.detokenizer
                 if r.finish_reason != "stop":
@@ -174,8 +172,17 @@ class Batcher:
                     detok.finalize()
                 self._emit(out, r.uid, running, detok.last_segment, r.finish_reason)
                 if r.finish_reason is not None and self._cache is not None and self._caching:
-                    self._cache.insert_cache(self._key, r.all_tokens[:], r.prompt_cache)
+                    self._cache.insert(r.all_tokens, r.prompt_cache)
+        self._release_if_idle()
         return out
+
+    def _release_if_idle(self) -> None:
+        """An idle batch starts afresh (5 µs): mlx-lm's generation batch keeps its last step's
+        logits (vocabulary × 4 bytes a sequence) after its last sequence has left, and an idle
+        server holds only the weights and the prompt cache."""
+        if not self._running:
+            self._gen.close()
+            self._new_generator()
 
     def _emit(self, out, uid, running, text, finish):
         try:
@@ -204,9 +211,10 @@ class Batcher:
         caches = self._gen.remove(list(uids), return_prompt_caches=keep)
         for cache, tokens in caches.values():
             if len(tokens) >= MIN_REUSE:
-                self._cache.insert_cache(self._key, list(tokens), cache)
+                self._cache.insert(tokens, cache)
         if caches:
             self._fit_cache()
+        self._release_if_idle()
 
     def reset(self) -> None:
         """After a failure of the model itself: forgets every generation, starts a new batch."""
@@ -220,12 +228,12 @@ class Batcher:
     def _fit_cache(self) -> None:
         """Keeps the prompt cache and the running generations' caches within the budget."""
         if self._cache is not None:
-            self._cache.trim_to(n_bytes=self.prompt_cache_bytes - self._gen.prompt_cache_nbytes)
+            self._cache.trim_to(self.prompt_cache_bytes - self._gen.prompt_cache_nbytes)
 
     def drop_prompt_cache(self) -> None:
         """Releases every cached prompt."""
         if self._cache is not None:
-            self._cache.trim_to(n_sequences=0)
+            self._cache.clear()
         mx.clear_cache()
 
     def set_caching(self, on: bool) -> None:

@@ -1,0 +1,95 @@
+"""The prompt cache: KV caches of earlier prompts, kept for reuse, that own what they count.
+
+mlx-lm's ``LRUPromptCache`` does the bookkeeping (a trie of token prefixes, least recently used
+out, a cap in bytes), and counts an entry as the ``nbytes`` of its arrays. What mlx-lm hands us
+to cache does not own its memory, though:
+
+- a sequence taken out of the continuous batch (``BatchKVCache.extract``) is a lazy
+  ``contiguous`` of a slice of the whole batch's KV buffer: until it is evaluated, the graph keeps
+  the batch buffer (every sequence, padded to the allocation step) alive;
+- a single sequence's ``KVCache`` is allocated in steps of 256 tokens, and ``nbytes`` counts the
+  whole allocation, not the tokens cached;
+- a view of a larger buffer (a slice along the batch axis) keeps that buffer alive while its
+  ``nbytes`` counts the slice, and ``copy.deepcopy`` of such a view copies the whole buffer.
+
+Measured on the demo model before this module: after a few hundred batched requests, MLX's
+active memory held 88 MB above the weights while the cache reported 17 MB. :func:`own` makes
+an entry hold exactly what it reports: trimmed to the tokens it caches, copied out of any larger
+buffer, evaluated. Its cost is one copy of the KV cache of a finished sequence (often none: an
+extracted sequence is already a lazy copy, and evaluating it is that copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import CacheList, KVCache, LRUPromptCache, QuantizedKVCache
+
+#: How many prompts are kept at most, whatever their size.
+MAX_ENTRIES = 64
+
+
+def own(prompt_cache: List[Any]) -> int:
+    """Makes every layer of ``prompt_cache`` own exactly its arrays, evaluated; returns their bytes.
+
+    In place: a layer keeps its type and offset, so mlx-lm uses it as before.
+    """
+    arrays: list = []
+    for layer in prompt_cache:
+        _own_layer(layer, arrays)
+    mx.eval(arrays)
+    return sum(a.nbytes for a in arrays)
+
+
+def _own_layer(layer: Any, arrays: list) -> None:
+    if isinstance(layer, CacheList):
+        for sub in layer.caches:
+            _own_layer(sub, arrays)
+        return
+    if type(layer) in (KVCache, QuantizedKVCache) and layer.keys is not None:
+        # Allocated in steps: keep only the positions filled.
+        n = layer.offset
+        layer.keys = tree_map(lambda a: a[..., :n, :], layer.keys)
+        layer.values = tree_map(lambda a: a[..., :n, :], layer.values)
+    for name, value in list(vars(layer).items()):
+        if not any(isinstance(a, mx.array) for _, a in tree_flatten(value)):
+            continue
+        # `contiguous` copies a view whose buffer is larger than itself, and gives the lazy
+        # slice of a batch buffer its own allocation once evaluated.
+        owned = tree_map(lambda a: mx.contiguous(a) if isinstance(a, mx.array) else a, value)
+        setattr(layer, name, owned)
+        arrays.extend(a for _, a in tree_flatten(owned) if isinstance(a, mx.array))
+
+
+class PromptCache:
+    """mlx-lm's ``LRUPromptCache`` under one model key, with entries that own their memory."""
+
+    def __init__(self, key: str, max_bytes: int):
+        self._key = key
+        self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+
+    def fetch(self, tokens: List[int]):
+        """``(cache, rest)``: a copy of the cache of the longest cached prefix of ``tokens``
+        (or None) and the tokens it does not cover."""
+        return self._lru.fetch_nearest_cache(self._key, tokens)
+
+    def insert(self, tokens: List[int], prompt_cache: List[Any]) -> None:
+        """Keeps ``prompt_cache`` (the KV cache of ``tokens``), owned; may evict older entries."""
+        own(prompt_cache)
+        self._lru.insert_cache(self._key, list(tokens), prompt_cache)
+
+    def trim_to(self, n_bytes: int) -> None:
+        """Evicts least recently used entries until the cache holds at most ``n_bytes``."""
+        self._lru.trim_to(n_bytes=n_bytes)
+
+    def clear(self) -> None:
+        self._lru.trim_to(n_sequences=0)
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
