@@ -9,9 +9,8 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{Request, Response};
 use pensieve::config::MemoryConfig;
-use pensieve::layers::admission::refusal;
 use pensieve::layers::AdmissionLayer;
-use pensieve::memory::{MemoryProbe, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use pensieve::memory::{Gate, MemoryProbe, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
 use tower::{Layer, Service, ServiceExt};
 
 fn admission(c: &mut Criterion) {
@@ -19,13 +18,11 @@ fn admission(c: &mut Criterion) {
     let mut probe = SystemProbe::new().unwrap();
     let first = Sampler::sample(&mut probe, &thresholds, &MemorySnapshot::unknown(), &Default::default());
     let handle = SnapshotHandle::new(first);
+    let gate = Gate::new(handle.clone(), thresholds, 5);
 
     let mut group = c.benchmark_group("admission");
     group.bench_function(BenchmarkId::new("decision", "snapshot"), |b| {
-        b.iter(|| {
-            let snap = handle.load();
-            black_box(refusal(&snap, &thresholds, 5).is_none())
-        })
+        b.iter(|| black_box(gate.check().is_ok()))
     });
     group.bench_function(BenchmarkId::new("decision", "sysinfo_refresh_per_request"), |b| {
         let mut system = sysinfo::System::new().unwrap();
@@ -41,7 +38,7 @@ fn admission(c: &mut Criterion) {
 
     // The whole layer around a no-op service, as a request sees it.
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let svc = AdmissionLayer::new(handle.clone(), thresholds, 5).layer(tower::service_fn(|_r: Request<()>| async {
+    let svc = AdmissionLayer::new(gate.clone()).layer(tower::service_fn(|_r: Request<()>| async {
         Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
     }));
     group.bench_function(BenchmarkId::new("layer", "admit"), |b| {

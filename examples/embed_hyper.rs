@@ -1,71 +1,73 @@
-//! Run with `cargo run --release --example embed_hyper`, then
+//! Run with `cargo run --release --example embed_hyper -- config/pensieve.toml`, then
 //! `curl -i localhost:7878/anything`.
 //!
-//! A plain hyper server of its own, with its own handler, behind pensieve's layers: request
-//! ids, logging, memory headers, API keys, body limit and memory admission. No axum, no model:
-//! the layers are ordinary tower layers over `http::Request`/`http::Response`.
+//! A plain hyper server with a handler of its own behind pensieve's whole `/v1` stack, built
+//! from a configuration file (the first argument, or `PENSIEVE_CONFIG`; the same `[memory]`,
+//! `[server]`, `[layers]` and `[policies]` keys as `config/pensieve.toml`): request ids,
+//! logging, memory headers, API keys, the body limit, the WASM policies in `policies.dir`
+//! (reloaded when a file changes, with their `classify` hook in the memory sampler) and memory
+//! admission. No axum router and no model: the stack is an ordinary tower service. The port
+//! is `EXAMPLE_PORT` (0 for any free one), 7878 by default.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use pensieve::config::{HeaderMode, MemoryConfig};
-use pensieve::layers::{
-    AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer, REQUEST_ID,
-};
-use pensieve::memory::{MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
-use tower::ServiceBuilder;
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use pensieve::config::{Config, Flags};
+use pensieve::layers::{read_body, MaxBody};
+use pensieve::memory::{Gate, Hooks, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use pensieve::policy::{PolicyEngine, Watcher};
+use pensieve::stack::{Body, Stack};
+use tower::Layer;
 
-/// The application's own handler: echoes how much body it got.
-async fn handler(req: Request<Limited<Incoming>>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Ok(Response::builder()
-                .status(413)
-                .body(Full::new(Bytes::from("too large")))
-                .unwrap())
-        }
-    };
-    Ok(Response::new(Full::new(Bytes::from(format!(
-        "hello from my own app; you sent {} bytes\n",
-        body.len()
-    )))))
+/// The application's own handler: says how much body it got.
+async fn handler(req: Request<Body>) -> Result<Response<Body>, Infallible> {
+    let limit = req.extensions().get::<MaxBody>().copied();
+    Ok(match read_body(req.into_body(), limit).await {
+        Ok(body) => Response::new(Body::from(format!(
+            "hello from my own app; you sent {} bytes\n",
+            body.len()
+        ))),
+        Err(e) => e.to_response(None),
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().init();
-    let memory = MemoryConfig::default();
-    let thresholds = Thresholds::from_config(&memory);
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let file = std::env::args()
+        .nth(1)
+        .or_else(|| std::env::var("PENSIEVE_CONFIG").ok())
+        .map(PathBuf::from);
+    let config = Config::load(file.as_deref(), &Flags::default())?;
+
+    let thresholds = Thresholds::from_config(&config.memory);
     let snapshot = SnapshotHandle::new(MemorySnapshot::unknown());
+    let policies = Arc::new(PolicyEngine::new(&config.policies)?);
+    policies.load_dir();
+    let _watcher = Watcher::spawn(policies.clone())?;
+    let hooks = Hooks {
+        backend: None,
+        proposer: Some(policies.clone()),
+    };
+    let interval = Duration::from_millis(config.memory.sample_interval_ms);
     let _sampler = Sampler::spawn(
         Box::new(SystemProbe::new()?),
         thresholds,
-        Duration::from_millis(memory.sample_interval_ms),
+        interval,
         snapshot.clone(),
-        Default::default(),
+        hooks,
     )?;
-    let service = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
-        .layer(LoggingLayer)
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(MemoryHeadersLayer::new(
-            snapshot.clone(),
-            HeaderMode::Always,
-            Default::default(),
-        ))
-        .layer(ApiKeyLayer::new(std::env::var("EXAMPLE_API_KEY").ok()))
-        .layer(BodyLimitLayer::new(1 << 20))
-        .layer(AdmissionLayer::new(snapshot, thresholds, memory.retry_after_secs))
-        .service_fn(handler);
+    let gate = Gate::new(snapshot, thresholds, config.memory.retry_after_secs);
+    let service = Stack::new(&config, gate)
+        .policies(policies)
+        .layer(tower::service_fn(handler));
+
     let port: u16 = std::env::var("EXAMPLE_PORT")
         .ok()
         .and_then(|p| p.parse().ok())

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_FILE: &str = "config/pensieve.toml";
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "PENSIEVE_";
-const SECTIONS: [&str; 5] = ["server", "memory", "backend", "policies", "log"];
+const SECTIONS: [&str; 6] = ["server", "memory", "backend", "layers", "policies", "log"];
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -34,6 +34,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// The model and the Python environment that runs it.
     pub backend: BackendConfig,
+    /// Which layers run on `/v1`.
+    pub layers: LayersConfig,
     /// WebAssembly admission policies.
     pub policies: PoliciesConfig,
     /// Log format and level.
@@ -74,15 +76,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// When the memory headers are sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeaderMode {
-    /// On every `/v1/` response.
-    Always,
-    /// Only on memory refusals.
-    OnReject,
-}
+pub use crate::layers::HeaderMode;
 
 /// `[memory]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -146,6 +140,35 @@ impl Default for BackendConfig {
             max_queue: 16,
             queue_timeout_ms: 120_000,
             prompt_cache_mb: 2048,
+        }
+    }
+}
+
+/// `[layers]`: which layers of the `/v1` stack run (all by default). Request ids, the body
+/// limit and metrics always run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LayersConfig {
+    /// One tracing span and one log line per request.
+    pub logging: bool,
+    /// `x-memory-status`, `x-available-memory-gb` and `server.headers` on every response.
+    pub memory_headers: bool,
+    /// `server.api_keys` (does nothing while the list is empty).
+    pub auth: bool,
+    /// Memory admission: 503 while the tier is Critical or Emergency.
+    pub admission: bool,
+    /// The WASM policies in `policies.dir`.
+    pub policies: bool,
+}
+
+impl Default for LayersConfig {
+    fn default() -> Self {
+        Self {
+            logging: true,
+            memory_headers: true,
+            auth: true,
+            admission: true,
+            policies: true,
         }
     }
 }
@@ -575,4 +598,32 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn layers_are_all_on_by_default_and_switched_from_file_and_env() {
+        Jail::expect_with(|jail| {
+            let c = Config::load(None, &Flags::default()).unwrap();
+            assert_eq!(c.layers, LayersConfig::default());
+            assert!(
+                c.layers.logging && c.layers.memory_headers && c.layers.auth && c.layers.admission && c.layers.policies
+            );
+            jail.create_file(LAYERS_FILE, "[layers]\nauth = false\n")?;
+            jail.set_env("PENSIEVE_LAYERS__POLICIES", "false");
+            let file = Path::new(LAYERS_FILE);
+            let c = Config::load(Some(file), &Flags::default()).unwrap();
+            assert!(!c.layers.auth && !c.layers.policies && c.layers.admission);
+            let explained = Config::explain(Some(file), &Flags::default()).unwrap();
+            assert!(explained.contains("layers.auth = false  # file"), "{explained}");
+            assert!(
+                explained.contains("layers.policies = false  # environment PENSIEVE_LAYERS__POLICIES"),
+                "{explained}"
+            );
+            jail.create_file(LAYERS_FILE, "[layers]\nmetrics = false\n")?;
+            let err = Config::load(Some(file), &Flags::default()).unwrap_err().to_string();
+            assert!(err.contains("metrics") && err.contains(LAYERS_FILE), "{err}");
+            Ok(())
+        });
+    }
+
+    const LAYERS_FILE: &str = "layers.toml";
 }

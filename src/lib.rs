@@ -2,8 +2,9 @@
 //! request push the machine into swap or the OOM killer.
 //!
 //! The public face is the tower layers ([`layers`]), the configuration ([`config`]), the memory
-//! sampler and snapshot ([`memory`]) and the backend trait ([`backend`]). [`server::router`]
-//! assembles them; `examples/embed_hyper.rs` shows the layers in front of a handler of your own.
+//! sampler, snapshot and gate ([`memory`]) and the backend trait ([`backend`]). [`stack::Stack`]
+//! builds the `/v1` layer stack from the configuration, for the server ([`server::router`]) and
+//! for an app of your own (`examples/embed_hyper.rs`, `examples/embed_axum.rs`).
 
 #![deny(missing_docs)]
 
@@ -15,3 +16,4 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod stack;

@@ -1,107 +1,91 @@
-//! Builds the layer stack around the API and serves it, with graceful shutdown.
+//! Builds the server around the API and serves it, with graceful shutdown.
 //!
 //! ```text
-//! request-id ─ logging ─ propagate request-id ─ catch-panic ─┬─ /health, /health/ready, /health/live
-//!                                                            └─ /v1: memory headers ─ auth ─ body limit
-//!                                                                    └─ /v1/messages: admission ─ handler
+//! /v1/*:   the Stack (src/stack.rs), switched by [layers]:
+//!          request-id ─ logging ─ propagate request-id ─ catch-panic ─ metrics ─ memory headers
+//!            ─ auth ─ body limit ─ WASM policies ─ memory admission ─ handler
+//! /health, /health/ready, /health/live, /metrics, anything else:
+//!          request-id ─ logging ─ propagate request-id ─ catch-panic ─ metrics ─ handler
 //! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::{self, AppState};
-use crate::backend::{Backend, MlxBackend, Recheck};
+use crate::backend::{Backend, MlxBackend};
 use crate::config::Config;
-use crate::layers::{
-    AdmissionLayer, ApiKeyLayer, BodyLimitLayer, LoggingLayer, MakeRequestId, MemoryHeadersLayer, REQUEST_ID,
-};
-use crate::memory::{Hooks, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use crate::layers::{LoggingLayer, MakeRequestId, MetricsLayer, REQUEST_ID};
+use crate::memory::{Gate, Hooks, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Watcher};
+use crate::stack::Stack;
 
 /// The whole application: routes and layers, ready for `axum::serve`.
-pub fn router(
-    config: &Config,
-    backend: Arc<dyn Backend>,
-    snapshot: SnapshotHandle,
-    policies: Option<Arc<PolicyEngine>>,
-) -> Router {
-    let thresholds = Thresholds::from_config(&config.memory);
-    let max_body_bytes = (config.server.max_body_mb as usize).saturating_mul(1024 * 1024);
-    let queue_timeout = Duration::from_millis(config.backend.queue_timeout_ms);
+pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: Option<Arc<PolicyEngine>>) -> Router {
+    let metrics = Arc::new(Metrics::default());
     let state = AppState {
-        backend,
-        snapshot: snapshot.clone(),
-        thresholds,
-        max_body_bytes,
-        queue_timeout,
-        policies,
-        metrics: Arc::new(crate::metrics::Metrics::default()),
+        backend: backend.clone(),
+        gate: gate.clone(),
+        queue_timeout: Duration::from_millis(config.backend.queue_timeout_ms),
+        policies: policies.clone(),
+        metrics: metrics.clone(),
     };
-    let mut fixed = HeaderMap::new();
-    for (k, v) in &config.server.headers {
-        // Validated when the configuration was loaded.
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
-            fixed.insert(k, v);
-        }
+    let mut stack = Stack::new(config, gate)
+        .metrics(metrics.clone())
+        .in_flight(Arc::new(move || backend.status().active_generations));
+    if let Some(engine) = policies {
+        stack = stack.policies(engine);
     }
     let v1 = Router::new()
+        .route("/v1/messages", post(api::messages).fallback(api::method_not_allowed))
         .route(
-            "/messages",
-            post(api::messages)
-                .layer(AdmissionLayer::new(
-                    snapshot.clone(),
-                    thresholds,
-                    config.memory.retry_after_secs,
-                ))
-                .fallback(api::method_not_allowed),
-        )
-        .route(
-            "/messages/count_tokens",
+            "/v1/messages/count_tokens",
             post(api::count_tokens).fallback(api::method_not_allowed),
         )
-        .route("/models", get(api::list_models).fallback(api::method_not_allowed))
-        .route("/models/{id}", get(api::get_model).fallback(api::method_not_allowed))
-        .fallback(api::not_found)
-        .layer(BodyLimitLayer::new(max_body_bytes))
-        .layer(ApiKeyLayer::new(config.server.api_keys.clone()))
-        .layer(MemoryHeadersLayer::new(snapshot, config.memory.headers, fixed));
+        .route("/v1/models", get(api::list_models).fallback(api::method_not_allowed))
+        .route("/v1/models/{id}", get(api::get_model).fallback(api::method_not_allowed))
+        .route("/v1/{*rest}", any(api::not_found))
+        .layer(stack);
+    let plain = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
+        .layer(LoggingLayer)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            tracing::error!("a handler panicked");
+            ApiError::new(ErrorKind::Api, "internal server error").to_response::<axum::body::Body>(None)
+        }))
+        .layer(MetricsLayer::new(metrics));
     Router::new()
         .route("/health", get(api::health).fallback(api::method_not_allowed))
         .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))
         .route("/health/live", get(api::live).fallback(api::method_not_allowed))
         .route("/metrics", get(api::metrics).fallback(api::method_not_allowed))
-        .nest("/v1", v1)
         .fallback(api::not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), api::track))
+        .layer(plain)
+        .merge(v1)
         .with_state(state)
-        .layer(CatchPanicLayer::custom(|_panic| {
-            tracing::error!("a handler panicked");
-            ApiError::new(ErrorKind::Api, "internal server error").to_response::<axum::body::Body>(None)
-        }))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(LoggingLayer)
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
 }
 
 /// Loads the model, starts the sampler, binds and serves until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> Result<(), String> {
     let thresholds = Thresholds::from_config(&config.memory);
     let snapshot = SnapshotHandle::new(crate::memory::MemorySnapshot::unknown());
+    let gate = Gate::new(snapshot.clone(), thresholds, config.memory.retry_after_secs);
     let probe = SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
     if let Some(cg) = probe.cgroup() {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }
     let backend_config = config.backend.clone();
-    let recheck = Recheck::new(&config.memory, snapshot.clone());
     tracing::info!(model = %backend_config.model, "loading the model");
-    let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, recheck))
+    let backend_gate = gate.clone();
+    let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, backend_gate))
         .await
         .map_err(|e| format!("the model loader panicked: {e}"))??;
     let policies = Arc::new(PolicyEngine::new(&config.policies)?);
@@ -124,7 +108,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
     let backend: Arc<dyn Backend> = Arc::new(backend);
-    let app = router(&config, backend, snapshot, Some(policies));
+    let app = router(&config, backend, gate, Some(policies));
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -271,3 +255,6 @@ impl tokio::io::AsyncWrite for Permitted {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::backend::BackendError;
+use crate::memory::{Refusal, Tier};
 
 /// The Anthropic error types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,17 @@ pub struct ApiError {
     pub retry_after_secs: Option<u32>,
     /// Status and type chosen by an admission policy, instead of `kind`'s.
     pub custom: Option<(StatusCode, String)>,
+    /// Who refused the request, when it was an admission decision (for metrics and logs).
+    pub refused_by: Option<RefusedBy>,
+}
+
+/// The admission decision behind a refusal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// The memory gate, in this tier.
+    Memory(Tier),
+    /// This WASM policy.
+    Policy(String),
 }
 
 impl ApiError {
@@ -82,6 +94,7 @@ impl ApiError {
             message: message.into(),
             retry_after_secs: None,
             custom: None,
+            refused_by: None,
         }
     }
 
@@ -90,8 +103,14 @@ impl ApiError {
         Self::new(ErrorKind::InvalidRequest, message)
     }
 
-    /// A refusal by an admission policy, with the status and type it chose (400 to 599).
-    pub fn from_policy(status: u16, error_type: String, message: String, retry_after_secs: Option<u32>) -> Self {
+    /// A refusal by the admission policy `policy`, with the status and type it chose (400 to 599).
+    pub fn from_policy(
+        policy: String,
+        status: u16,
+        error_type: String,
+        message: String,
+        retry_after_secs: Option<u32>,
+    ) -> Self {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let kind = if status.is_client_error() {
             ErrorKind::InvalidRequest
@@ -103,6 +122,7 @@ impl ApiError {
             message,
             retry_after_secs,
             custom: Some((status, error_type)),
+            refused_by: Some(RefusedBy::Policy(policy)),
         }
     }
 
@@ -165,7 +185,8 @@ impl From<BackendError> for ApiError {
             BackendError::NotReady => {
                 ApiError::new(ErrorKind::Overloaded, "the model is not loaded yet; retry shortly").retry_after(2)
             }
-            BackendError::Refused {
+            BackendError::Memory(refusal) => refusal.into(),
+            BackendError::Aborted {
                 message,
                 retry_after_secs,
             } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
@@ -173,6 +194,16 @@ impl From<BackendError> for ApiError {
             BackendError::InvalidRequest(msg) => ApiError::invalid(msg),
             BackendError::Stopped => ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5),
         }
+    }
+}
+
+/// A memory refusal: 503 `overloaded_error` with `retry-after`, the message naming the tier,
+/// the memory available and the threshold.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        let mut e = ApiError::new(ErrorKind::Overloaded, r.to_string()).retry_after(r.retry_after_secs);
+        e.refused_by = Some(RefusedBy::Memory(r.tier));
+        e
     }
 }
 

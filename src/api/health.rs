@@ -15,8 +15,9 @@ fn round2(x: f64) -> f64 {
 
 /// `GET /health`: always 200; the body says how things are.
 pub async fn health(State(app): State<AppState>) -> Response {
-    let snap = app.snapshot.load();
+    let snap = app.gate.snapshot().load();
     let backend = app.backend.status();
+    let thresholds = app.gate.thresholds();
     let status = if !backend.ready || !snap.tier.admits() {
         "unhealthy"
     } else if snap.tier == Tier::Warning {
@@ -38,9 +39,9 @@ pub async fn health(State(app): State<AppState>) -> Response {
             "source": snap.source.as_str(),
             "pressure_some_avg10": snap.pressure_some_avg10,
             "thresholds_gb": {
-                "warning": round2(app.thresholds.warning as f64 / crate::memory::GIB),
-                "critical": round2(app.thresholds.critical as f64 / crate::memory::GIB),
-                "emergency": round2(app.thresholds.emergency as f64 / crate::memory::GIB),
+                "warning": round2(thresholds.warning as f64 / crate::memory::GIB),
+                "critical": round2(thresholds.critical as f64 / crate::memory::GIB),
+                "emergency": round2(thresholds.emergency as f64 / crate::memory::GIB),
             },
         },
         "backend": backend,
@@ -51,7 +52,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
 
 /// `GET /health/ready`: 503 while requests would be refused.
 pub async fn ready(State(app): State<AppState>) -> Response {
-    let snap = app.snapshot.load();
+    let snap = app.gate.snapshot().load();
     let backend_ready = app.backend.status().ready;
     if backend_ready && snap.tier.admits() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()

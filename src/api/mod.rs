@@ -14,30 +14,28 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{OriginalUri, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use http::{HeaderMap, Method};
 
 use crate::backend::{Backend, Event};
-use crate::layers::request_id;
-use crate::memory::{SnapshotHandle, Thresholds};
+use crate::layers::{read_body, request_id, MaxBody, ParsedMessages};
+use crate::memory::Gate;
 use error::{ApiError, ErrorKind};
 
 pub use health::{health, live, ready};
 
-/// What handlers share.
+/// What handlers share: the backend and the state `/health` and `/metrics` show. Layer
+/// settings are not here: the layers hold them, and say what a handler needs in the request's
+/// extensions ([`MaxBody`], [`ParsedMessages`]).
 #[derive(Clone)]
 pub struct AppState {
     /// The backend that generates.
     pub backend: Arc<dyn Backend>,
-    /// The latest memory snapshot.
-    pub snapshot: SnapshotHandle,
-    /// For `/health`'s view of the tiers.
-    pub thresholds: Thresholds,
-    /// Largest body accepted, for the 413 message.
-    pub max_body_bytes: usize,
+    /// The memory gate (snapshot and thresholds), for `/health`.
+    pub gate: Gate,
     /// How long a request may wait for its generation to start.
     pub queue_timeout: std::time::Duration,
-    /// WebAssembly admission policies, when there are any.
+    /// WebAssembly admission policies, when there are any (their status, for `/health`).
     pub policies: Option<Arc<crate::policy::PolicyEngine>>,
     /// What `/metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -48,7 +46,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let policies = app.policies.as_ref().map(|p| p.status()).unwrap_or_default();
     let text = app
         .metrics
-        .render(&app.snapshot.load(), &app.backend.status(), &policies);
+        .render(&app.gate.snapshot().load(), &app.backend.status(), &policies);
     (
         [(
             http::header::CONTENT_TYPE,
@@ -59,30 +57,17 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Counts every request by route and status, and memory refusals by tier.
-pub async fn track(State(app): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let route = crate::metrics::route_of(req.uri().path());
-    let res = next.run(req).await;
-    let status = res.status().as_u16();
-    app.metrics.request(route, status);
-    if status == 503 {
-        if let Some(tier) = res
-            .headers()
-            .get(crate::layers::X_MEMORY_STATUS)
-            .and_then(|t| t.to_str().ok())
-        {
-            if tier == "Critical" || tier == "Emergency" {
-                app.metrics.memory_refusal(tier);
-            }
-        }
-    }
-    res
-}
-
 /// `POST /v1/messages`
-pub async fn messages(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn messages(
+    State(app): State<AppState>,
+    parsed: Option<Extension<ParsedMessages>>,
+    limit: Option<Extension<MaxBody>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let span = tracing::Span::current();
-    match handle_messages(&app, &headers, body, &span).await {
+    let parsed = parsed.map(|Extension(ParsedMessages(req))| req);
+    match handle_messages(&app, parsed, limit.map(|l| l.0), body, &span).await {
         Ok(res) => res,
         Err(e) => e.to_response(request_id(&headers)),
     }
@@ -90,52 +75,25 @@ pub async fn messages(State(app): State<AppState>, headers: HeaderMap, body: Bod
 
 async fn handle_messages(
     app: &AppState,
-    headers: &HeaderMap,
+    parsed: Option<Arc<types::MessagesRequest>>,
+    limit: Option<MaxBody>,
     body: Body,
     span: &tracing::Span,
 ) -> Result<Response, ApiError> {
     let timing = sse::Timing::start(app.metrics.clone());
-    let bytes = read_body(body, app.max_body_bytes).await?;
-    let req = translate::parse(&bytes)?;
+    let req = match parsed {
+        // The policy layer read and parsed it already.
+        Some(req) => req,
+        None => Arc::new(translate::parse(&read_body(body, limit).await?)?),
+    };
     let backend_req = translate::to_backend(&req, false)?;
-    if let Some(policies) = app.policies.as_ref().filter(|p| !p.is_empty()) {
-        let record = policy_request(app, headers, &req, bytes.len());
-        let mem = crate::policy::memory_record(&app.snapshot.load());
-        // WASI's synchronous bindings block on a runtime of their own, which a tokio worker
-        // must not do: policies run on the blocking pool.
-        let engine = policies.clone();
-        let decision = tokio::task::spawn_blocking(move || engine.decide(&record, &mem))
-            .await
-            .map_err(|_| ApiError::new(ErrorKind::Api, "an admission policy panicked the host"))?;
-        if let crate::policy::Decision::Reject {
-            policy,
-            status,
-            error_type,
-            message,
-            retry_after_secs,
-        } = decision
-        {
-            tracing::info!(%policy, status, "refused by policy");
-            app.metrics.policy_refusal(&policy);
-            return Err(ApiError::from_policy(status, error_type, message, retry_after_secs));
-        }
-    }
     let mut generation = app.backend.generate(backend_req)?;
     // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
     // memory fell while queued) is a proper HTTP error rather than an event in a 200 stream.
     let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
         .await
-        .map_err(|_| {
-            // Dropping `generation` here tells the backend to skip this request when it gets to it.
-            ApiError::new(
-                ErrorKind::RateLimit,
-                format!(
-                    "waited {} ms for the model without starting (backend.queue_timeout_ms); retry later",
-                    app.queue_timeout.as_millis()
-                ),
-            )
-            .retry_after(5)
-        })?;
+        // Dropping `generation` here tells the backend to skip this request when it gets to it.
+        .map_err(|_| queue_timeout(app.queue_timeout))?;
     let (input_tokens, cached_tokens) = match first {
         Some(Event::Started {
             input_tokens,
@@ -164,36 +122,16 @@ async fn handle_messages(
     }
 }
 
-/// What policies see of a request. Credentials never reach them.
-fn policy_request(
-    app: &AppState,
-    headers: &HeaderMap,
-    req: &types::MessagesRequest,
-    body_len: usize,
-) -> crate::policy::Request {
-    const SECRET: [&str; 4] = ["authorization", "x-api-key", "cookie", "proxy-authorization"];
-    crate::policy::Request {
-        method: "POST".into(),
-        path: "/v1/messages".into(),
-        model: Some(req.model.clone()),
-        max_tokens: Some(req.max_tokens),
-        // An estimate: the exact count needs the tokenizer, which runs on the backend thread.
-        input_tokens: Some((body_len / 4) as u32),
-        streaming: req.stream,
-        in_flight: app.backend.status().active_generations,
-        headers: headers
-            .iter()
-            .filter(|(k, _)| !SECRET.contains(&k.as_str()))
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-    }
-}
-
 /// `POST /v1/messages/count_tokens`: exact, through the same template and tokenizer as
 /// generation (system, tools and all). `max_tokens` is not needed here.
-pub async fn count_tokens(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn count_tokens(
+    State(app): State<AppState>,
+    limit: Option<Extension<MaxBody>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
-        let bytes = read_body(body, app.max_body_bytes).await?;
+        let bytes = read_body(body, limit.map(|l| l.0)).await?;
         let mut value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
         if let Some(obj) = value.as_object_mut() {
@@ -247,43 +185,6 @@ fn queue_timeout(waited: std::time::Duration) -> ApiError {
         ),
     )
     .retry_after(5)
-}
-
-/// Reads a whole body; a body over the limit of `BodyLimitLayer` is a 413.
-pub async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        match body.frame().await {
-            None => return Ok(buf.freeze()),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    buf.extend_from_slice(&data);
-                }
-            }
-            Some(Err(e)) if is_over_limit(&e) => {
-                drop(buf);
-                // Read the rest before answering, as the limit layer does for a declared
-                // length: a client still sending when the server closes sees a reset, not the
-                // 413. Past the limit, every frame reads as an error; only the time is bounded.
-                let rest = async { while body.frame().await.is_some() {} };
-                let _ = tokio::time::timeout(crate::layers::DRAIN_TIMEOUT, rest).await;
-                return Err(crate::layers::too_large(limit));
-            }
-            Some(Err(e)) => return Err(ApiError::invalid(format!("could not read the request body: {e}"))),
-        }
-    }
-}
-
-fn is_over_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// Unknown paths: 404 `not_found_error`.

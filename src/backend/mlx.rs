@@ -24,8 +24,7 @@ use super::{
     Backend, BackendError, BackendStatus, Chat, Event, GenerateRequest, Generation, StopMatcher, StopReason, TokenCount,
 };
 use crate::config::BackendConfig;
-use crate::layers::admission::refusal;
-use crate::memory::{BackendMemory, SnapshotHandle, Thresholds, Tier};
+use crate::memory::{BackendMemory, Gate, Tier};
 
 /// Events buffered per generation before the backend waits for the client.
 const EVENT_BUFFER: usize = 64;
@@ -89,32 +88,10 @@ enum Work {
     },
 }
 
-/// Admission settings the backend re-checks when a queued request is about to start.
-#[derive(Clone, Debug)]
-pub struct Recheck {
-    /// The published memory snapshot.
-    pub snapshot: SnapshotHandle,
-    /// The thresholds, for the refusal message.
-    pub thresholds: Thresholds,
-    /// `retry-after` of refusals.
-    pub retry_after_secs: u32,
-}
-
-impl Recheck {
-    /// From the `[memory]` section and the published snapshot.
-    pub fn new(memory: &crate::config::MemoryConfig, snapshot: SnapshotHandle) -> Self {
-        Self {
-            snapshot,
-            thresholds: Thresholds::from_config(memory),
-            retry_after_secs: memory.retry_after_secs,
-        }
-    }
-}
-
 impl MlxBackend {
     /// Starts the backend thread and loads the model; returns when the model is loaded, or
     /// with a message that says which model failed, why, and what to do.
-    pub fn start(config: &BackendConfig, recheck: Recheck) -> Result<MlxBackend, String> {
+    pub fn start(config: &BackendConfig, gate: Gate) -> Result<MlxBackend, String> {
         let venv = resolve_venv(&config.python)?;
         let (jobs, queue) = sync_channel::<Work>(config.max_queue.max(1));
         let shared = Arc::new(Shared::default());
@@ -140,7 +117,7 @@ impl MlxBackend {
                     };
                     shared.ready.store(true, Ordering::SeqCst);
                     let _ = ready_tx.send(Ok(()));
-                    let run = catch_unwind(AssertUnwindSafe(|| worker(engine, batcher, queue, &shared, &recheck)));
+                    let run = catch_unwind(AssertUnwindSafe(|| worker(engine, batcher, queue, &shared, &gate)));
                     // Whatever ended the loop, say so: requests then get 503, not a silent queue.
                     shared.ready.store(false, Ordering::SeqCst);
                     if run.is_err() {
@@ -424,7 +401,7 @@ struct Worker<'a> {
     engine: Py<PyAny>,
     batcher: Py<PyAny>,
     shared: &'a Shared,
-    recheck: &'a Recheck,
+    gate: &'a Gate,
     running: HashMap<i64, Running>,
     /// Generations taken off the queue, waiting for a free slot (still counted as queued).
     waiting: VecDeque<Job>,
@@ -435,13 +412,13 @@ struct Worker<'a> {
     caching: bool,
 }
 
-fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, recheck: &Recheck) {
+fn worker(engine: Py<PyAny>, batcher: Py<PyAny>, queue: Receiver<Work>, shared: &Shared, gate: &Gate) {
     let max_concurrent = shared.max_concurrent.load(Ordering::Relaxed).max(1) as usize;
     let mut w = Worker {
         engine,
         batcher,
         shared,
-        recheck,
+        gate,
         running: HashMap::new(),
         waiting: VecDeque::new(),
         draining: Vec::new(),
@@ -526,12 +503,8 @@ impl Worker<'_> {
             return;
         }
         // Memory may have fallen while the request waited.
-        let recheck = self.recheck;
-        if let Some(err) = refusal(&recheck.snapshot.load(), &recheck.thresholds, recheck.retry_after_secs) {
-            let _ = job.events.try_send(Event::Failed(BackendError::Refused {
-                message: err.message,
-                retry_after_secs: recheck.retry_after_secs,
-            }));
+        if let Err(refusal) = self.gate.check() {
+            let _ = job.events.try_send(Event::Failed(BackendError::Memory(refusal)));
             return;
         }
         let request = &job.request;
@@ -580,7 +553,7 @@ impl Worker<'_> {
 
     /// Memory, slow clients, then one decoding step of the batch.
     fn turn(&mut self) {
-        let snapshot = self.recheck.snapshot.load();
+        let snapshot = self.gate.snapshot().load();
         let safe = snapshot.tier == Tier::Safe;
         if safe != self.caching {
             // Out of Safe, the prompt cache is the first thing given back, and stays empty.
@@ -603,8 +576,8 @@ impl Worker<'_> {
                 snapshot.available_gb()
             );
             tracing::warn!(generations = self.running.len(), "{message}");
-            let retry_after_secs = self.recheck.retry_after_secs;
-            self.fail_all(BackendError::Refused {
+            let retry_after_secs = self.gate.retry_after_secs();
+            self.fail_all(BackendError::Aborted {
                 message,
                 retry_after_secs,
             });

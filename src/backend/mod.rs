@@ -9,7 +9,7 @@ mod stop;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use mlx::{MlxBackend, Recheck};
+pub use mlx::MlxBackend;
 pub use stop::StopMatcher;
 
 /// One message of the normalised chat, as the chat template takes it.
@@ -125,9 +125,12 @@ pub enum BackendError {
     /// The model is not loaded.
     #[error("backend not ready")]
     NotReady,
-    /// Refused when it was about to start (memory fell while it waited) or aborted (Emergency).
+    /// Refused when it was about to start: memory fell while it waited.
+    #[error("{0}")]
+    Memory(crate::memory::Refusal),
+    /// Aborted while running: memory reached Emergency.
     #[error("{message}")]
-    Refused {
+    Aborted {
         /// Says why, with the numbers.
         message: String,
         /// For `retry-after`.

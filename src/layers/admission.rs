@@ -1,45 +1,41 @@
-//! Memory admission: refuse generations when the memory tier is Critical or Emergency.
+//! Memory admission: refuse new work when the memory tier is Critical or Emergency.
 //!
-//! The layer only loads the latest [`MemorySnapshot`](crate::memory::MemorySnapshot) published
-//! by the background sampler: an atomic load, no syscall and no lock on the request path.
-//! A refusal is a 503 response with `retry-after`, the memory headers and an Anthropic
-//! `overloaded_error` body that says the tier, the memory available and the threshold.
+//! The layer asks a [`Gate`](crate::memory::Gate), which only loads the latest
+//! [`MemorySnapshot`](crate::memory::MemorySnapshot) published by the background sampler: an
+//! atomic load, no syscall and no lock on the request path. A refusal is a 503 response with
+//! `retry-after`, the memory headers and an Anthropic `overloaded_error` body that says the
+//! tier, the memory available and the threshold. Reads (`GET`, `HEAD`, `OPTIONS`) are never
+//! refused: they allocate nothing, and `/v1/models` should answer while memory is short.
 //!
 //! ```
 //! use pensieve::layers::AdmissionLayer;
-//! use pensieve::memory::{MemorySnapshot, SnapshotHandle, Thresholds};
-//! use pensieve::config::MemoryConfig;
+//! use pensieve::memory::{Gate, MemorySnapshot, SnapshotHandle, Thresholds};
 //! let snapshot = SnapshotHandle::new(MemorySnapshot::unknown());
-//! let layer = AdmissionLayer::new(snapshot, Thresholds::from_config(&MemoryConfig::default()), 5);
+//! let thresholds = Thresholds { warning: 2 << 30, critical: 1 << 30, emergency: 1 << 29, hysteresis: 0.1 };
+//! let layer = AdmissionLayer::new(Gate::new(snapshot, thresholds, 5));
 //! # let _ = layer;
 //! ```
 
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
 use super::{memory_headers, request_id, ResponseBody, ResponseFuture};
-use crate::api::error::{ApiError, ErrorKind};
-use crate::memory::{MemorySnapshot, SnapshotHandle, Thresholds, Tier};
+use crate::api::error::ApiError;
+use crate::memory::{Gate, Tier};
 
 /// Applies [`Admission`] to a service.
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
-    snapshot: SnapshotHandle,
-    thresholds: Thresholds,
-    retry_after_secs: u32,
+    gate: Gate,
 }
 
 impl AdmissionLayer {
-    /// Refuses while the snapshot's tier does not admit, with `retry-after: retry_after_secs`.
-    pub fn new(snapshot: SnapshotHandle, thresholds: Thresholds, retry_after_secs: u32) -> Self {
-        Self {
-            snapshot,
-            thresholds,
-            retry_after_secs,
-        }
+    /// Refuses while `gate` does.
+    pub fn new(gate: Gate) -> Self {
+        Self { gate }
     }
 }
 
@@ -49,7 +45,7 @@ impl<S> Layer<S> for AdmissionLayer {
     fn layer(&self, inner: S) -> Admission<S> {
         Admission {
             inner,
-            layer: self.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -58,7 +54,7 @@ impl<S> Layer<S> for AdmissionLayer {
 #[derive(Clone, Debug)]
 pub struct Admission<S> {
     inner: S,
-    layer: AdmissionLayer,
+    gate: Gate,
 }
 
 impl<S> Admission<S> {
@@ -71,23 +67,6 @@ impl<S> Admission<S> {
 /// The tier a request was admitted under, in the request's extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AdmittedTier(pub Tier);
-
-/// The refusal for `snapshot`, or `None` when it admits.
-pub fn refusal(snapshot: &MemorySnapshot, thresholds: &Thresholds, retry_after_secs: u32) -> Option<ApiError> {
-    if snapshot.tier.admits() {
-        return None;
-    }
-    let threshold = thresholds.threshold_of(snapshot.tier) as f64 / crate::memory::GIB;
-    let message = format!(
-        "memory tier {}: {:.2} GB available, at or below the {} threshold of {:.2} GB; \
-         new generations are refused until memory recovers",
-        snapshot.tier,
-        snapshot.available_gb(),
-        snapshot.tier.as_str().to_lowercase(),
-        threshold,
-    );
-    Some(ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs))
-}
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Admission<S>
 where
@@ -102,16 +81,18 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let snapshot = self.layer.snapshot.load();
+        let snapshot = self.gate.snapshot().load();
         tracing::Span::current().record("tier", snapshot.tier.as_str());
-        match refusal(&snapshot, &self.layer.thresholds, self.layer.retry_after_secs) {
-            None => {
-                req.extensions_mut().insert(AdmittedTier(snapshot.tier));
+        let read = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        match self.gate.decide(&snapshot) {
+            Ok(tier) => {
+                req.extensions_mut().insert(AdmittedTier(tier));
                 ResponseFuture::inner(self.inner.call(req))
             }
-            Some(err) => {
+            Err(_) if read => ResponseFuture::inner(self.inner.call(req)),
+            Err(refusal) => {
                 tracing::warn!(tier = %snapshot.tier, available_gb = snapshot.available_gb(), "refused for memory");
-                let mut res: Response<Bytes> = err.to_response(request_id(req.headers()));
+                let mut res: Response<Bytes> = ApiError::from(refusal).to_response(request_id(req.headers()));
                 memory_headers(res.headers_mut(), &snapshot);
                 ResponseFuture::refused(res)
             }
@@ -123,7 +104,7 @@ where
 mod tests {
     use super::*;
     use crate::config::MemoryConfig;
-    use crate::memory::Source;
+    use crate::memory::{MemorySnapshot, SnapshotHandle, Source, Thresholds};
     use http_body_util::BodyExt;
     use tower::{service_fn, ServiceExt};
 
@@ -138,13 +119,18 @@ mod tests {
     }
 
     async fn call(s: MemorySnapshot) -> Response<ResponseBody<http_body_util::Full<Bytes>>> {
+        call_with(s, Method::POST).await
+    }
+
+    async fn call_with(s: MemorySnapshot, method: Method) -> Response<ResponseBody<http_body_util::Full<Bytes>>> {
         let handle = SnapshotHandle::new(s);
-        let svc = AdmissionLayer::new(handle, Thresholds::from_config(&MemoryConfig::default()), 7).layer(service_fn(
-            |_req: Request<()>| async {
-                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
-            },
-        ));
-        svc.oneshot(Request::new(())).await.unwrap()
+        let gate = Gate::new(handle, Thresholds::from_config(&MemoryConfig::default()), 7);
+        let svc = AdmissionLayer::new(gate).layer(service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+        }));
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        svc.oneshot(req).await.unwrap()
     }
 
     #[tokio::test]
@@ -176,5 +162,12 @@ mod tests {
     #[tokio::test]
     async fn emergency_is_refused_too() {
         assert_eq!(call(snapshot(Tier::Emergency, 0.1)).await.status(), 503);
+    }
+
+    #[tokio::test]
+    async fn reads_are_never_refused() {
+        for method in [Method::GET, Method::HEAD] {
+            assert_eq!(call_with(snapshot(Tier::Emergency, 0.1), method).await.status(), 200);
+        }
     }
 }

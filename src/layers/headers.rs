@@ -10,8 +10,17 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::memory_headers;
-use crate::config::HeaderMode;
 use crate::memory::SnapshotHandle;
+
+/// When the memory headers are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMode {
+    /// On every response.
+    Always,
+    /// Only on memory refusals (which set their own).
+    OnReject,
+}
 
 /// Applies [`MemoryHeaders`] to a service.
 #[derive(Clone, Debug)]

@@ -1,13 +1,16 @@
 //! The tower layers in front of the API, each usable in any hyper or axum app.
 //!
-//! - [`AdmissionLayer`]: 503 while memory is Critical or Emergency.
+//! - [`AdmissionLayer`]: 503 while memory is Critical or Emergency (a [`Gate`](crate::memory::Gate)).
+//! - [`PolicyLayer`]: the WASM admission policies' `decide`.
 //! - [`MemoryHeadersLayer`]: `x-memory-status`, `x-available-memory-gb` and static headers.
 //! - [`ApiKeyLayer`]: optional API keys, compared in constant time.
 //! - [`BodyLimitLayer`]: 413 `request_too_large` above a size.
 //! - [`LoggingLayer`]: one tracing span per request.
+//! - [`MetricsLayer`]: requests by route and status, refusals by who refused.
 //!
-//! Request ids come from tower-http's `SetRequestIdLayer` with [`MakeRequestId`]; see
-//! `examples/embed_hyper.rs` for the whole stack around a handler of your own.
+//! Request ids come from tower-http's `SetRequestIdLayer` with [`MakeRequestId`]. Each layer
+//! takes plain values; [`Stack`](crate::stack::Stack) builds the whole `/v1` stack from the
+//! configuration (`examples/embed_hyper.rs` puts it in front of a handler of your own).
 
 pub mod admission;
 mod auth;
@@ -16,6 +19,8 @@ mod future;
 mod headers;
 mod limit;
 mod logging;
+mod metrics;
+mod policy;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -23,9 +28,11 @@ pub use admission::{Admission, AdmissionLayer};
 pub use auth::{ApiKey, ApiKeyLayer};
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
-pub use headers::{MemoryHeaders, MemoryHeadersLayer};
-pub use limit::{too_large, BodyLimit, BodyLimitLayer, LimitFuture, DRAIN_FACTOR, DRAIN_TIMEOUT};
+pub use headers::{HeaderMode, MemoryHeaders, MemoryHeadersLayer};
+pub use limit::{read_body, too_large, BodyLimit, BodyLimitLayer, LimitFuture, MaxBody, DRAIN_FACTOR, DRAIN_TIMEOUT};
 pub use logging::{Logging, LoggingLayer};
+pub use metrics::{MetricsLayer, RecordMetrics};
+pub use policy::{InFlight, ParsedMessages, Policies, PolicyBody, PolicyLayer};
 
 use crate::memory::MemorySnapshot;
 

@@ -12,6 +12,7 @@
 //! assert_eq!(handle.load().tier, Tier::Safe);
 //! ```
 
+mod gate;
 mod probe;
 mod sampler;
 mod tier;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+pub use gate::{Gate, Refusal};
 pub use probe::{cgroup, psi_some_avg10, MemoryProbe, ProbeReading, SystemProbe};
 pub use sampler::{BackendMemory, Hooks, Sampler, TierProposer};
 pub use tier::{Thresholds, Tier};

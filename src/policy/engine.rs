@@ -584,14 +584,14 @@ impl crate::memory::TierProposer for PolicyEngine {
 /// component-type section, and so componentised on load exactly like a wit-bindgen module built
 /// for wasm32-unknown-unknown.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const WIT: &str = include_str!("../../policies/wit/policy.wit");
 
     /// A core module whose three exports have the given bodies (each must leave an i32 pointer
     /// to its result on the stack; the result areas are at 0, 16 and 32).
-    fn core_policy(configure: &str, classify: &str, decide: &str) -> Vec<u8> {
+    pub(crate) fn core_policy(configure: &str, classify: &str, decide: &str) -> Vec<u8> {
         let wat = format!(
             r#"(module
                 (memory (export "memory") 1)
@@ -617,14 +617,14 @@ mod tests {
         module
     }
 
-    const OK: &str = "(i32.store8 (i32.const 0) (i32.const 0)) (i32.const 0)";
-    const NONE: &str = "(i32.store8 (i32.const 16) (i32.const 0)) (i32.const 16)";
-    const ADMIT: &str = "(i32.store8 (i32.const 32) (i32.const 0)) (i32.const 32)";
+    pub(crate) const OK: &str = "(i32.store8 (i32.const 0) (i32.const 0)) (i32.const 0)";
+    pub(crate) const NONE: &str = "(i32.store8 (i32.const 16) (i32.const 0)) (i32.const 16)";
+    pub(crate) const ADMIT: &str = "(i32.store8 (i32.const 32) (i32.const 0)) (i32.const 32)";
     const LOOP: &str = "(loop $l (br $l)) (i32.const 0)";
     const TRAP: &str = "unreachable";
     const BOMB: &str = "(loop $l (drop (memory.grow (i32.const 16))) (br $l)) (i32.const 0)";
     /// reject { status: 429, error-type: "rate_limit_error", message: "not today", retry-after: some(7) }
-    const REJECT: &str = "(i32.store8 (i32.const 32) (i32.const 1))
+    pub(crate) const REJECT: &str = "(i32.store8 (i32.const 32) (i32.const 1))
         (i32.store16 (i32.const 36) (i32.const 429))
         (i32.store (i32.const 40) (i32.const 200)) (i32.store (i32.const 44) (i32.const 16))
         (i32.store (i32.const 48) (i32.const 216)) (i32.store (i32.const 52) (i32.const 9))

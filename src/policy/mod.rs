@@ -17,3 +17,6 @@ mod watch;
 pub use bindings::{Memory, Rejection, Request, Tier as WitTier, Verdict};
 pub use engine::{host_tier, memory_record, wit_tier, Decision, PolicyEngine, PolicyStatus};
 pub use watch::Watcher;
+
+#[cfg(test)]
+pub(crate) use engine::tests as testing;

@@ -1,0 +1,199 @@
+//! WASM admission policies as a layer: every request it wraps is put to the loaded policies'
+//! `decide`, and the first rejection is the response.
+//!
+//! With policies loaded, the layer reads the (already size-limited) body once and builds the
+//! policy's `request` record from the real method, path and headers (credentials never
+//! passed) and, when the body is a Messages request, its `model`, `max_tokens` and `stream`.
+//! The parsed request goes on in the request's extensions ([`ParsedMessages`]), so that the
+//! handler does not parse it twice, and the body goes on as the bytes read. With no policy
+//! configured, the request passes untouched: no read, no copy.
+//!
+//! `decide` runs on tokio's blocking pool, never on an async worker: a policy may run for up to
+//! `policies.timeout_ms`, and WASI's synchronous bindings block on a runtime of their own.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! use pensieve::layers::PolicyLayer;
+//! use pensieve::memory::{MemorySnapshot, SnapshotHandle};
+//! use pensieve::policy::PolicyEngine;
+//! let engine = Arc::new(PolicyEngine::new(&Default::default()).unwrap());
+//! engine.load_dir();
+//! let layer = PolicyLayer::new(engine, SnapshotHandle::new(MemorySnapshot::unknown()));
+//! # let _ = layer;
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use tower::{Layer, Service};
+
+use super::{read_body, request_id, MaxBody, ResponseBody};
+use crate::api::error::{ApiError, ErrorKind};
+use crate::api::types::MessagesRequest;
+use crate::memory::SnapshotHandle;
+use crate::policy::{memory_record, Decision, PolicyEngine};
+
+/// Headers that never reach a policy.
+const SECRET: [&str; 4] = ["authorization", "x-api-key", "cookie", "proxy-authorization"];
+
+/// How many generations run now, for the policy's `in_flight`.
+pub type InFlight = Arc<dyn Fn() -> u32 + Send + Sync>;
+
+/// A Messages request the policy layer has already parsed, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct ParsedMessages(pub Arc<MessagesRequest>);
+
+/// Applies [`Policies`] to a service.
+#[derive(Clone)]
+pub struct PolicyLayer {
+    engine: Arc<PolicyEngine>,
+    snapshot: SnapshotHandle,
+    in_flight: Option<InFlight>,
+}
+
+impl std::fmt::Debug for PolicyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyLayer")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyLayer {
+    /// Runs `engine`'s policies, with memory from `snapshot`.
+    pub fn new(engine: Arc<PolicyEngine>, snapshot: SnapshotHandle) -> Self {
+        Self {
+            engine,
+            snapshot,
+            in_flight: None,
+        }
+    }
+
+    /// Tells policies how many generations run (`in_flight`; 0 without it).
+    pub fn in_flight(mut self, count: InFlight) -> Self {
+        self.in_flight = Some(count);
+        self
+    }
+}
+
+impl<S> Layer<S> for PolicyLayer {
+    type Service = Policies<S>;
+
+    fn layer(&self, inner: S) -> Policies<S> {
+        Policies {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Puts requests to the WASM policies. See the [module docs](self).
+#[derive(Clone)]
+pub struct Policies<S> {
+    inner: S,
+    layer: PolicyLayer,
+}
+
+/// The request body the inner service gets: the original, or the bytes the layer read.
+pub type PolicyBody<B> = Either<B, Full<Bytes>>;
+
+/// The response future of [`Policies`].
+pub type PolicyFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Policies<S>
+where
+    S: Service<Request<PolicyBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Send,
+    ReqB::Error: Into<tower::BoxError>,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = PolicyFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if self.layer.engine.is_empty() {
+            let future = self.inner.call(req.map(Either::Left));
+            return Box::pin(async move { Ok(future.await?.map(ResponseBody::inner)) });
+        }
+        // The service that was made ready is the one to call; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let id = request_id(&parts.headers).map(str::to_owned);
+            let refuse = |e: ApiError| Ok(e.to_response::<Bytes>(id.as_deref()).map(ResponseBody::from));
+            let bytes = match read_body(body, parts.extensions.get::<MaxBody>().copied()).await {
+                Ok(bytes) => bytes,
+                Err(e) => return refuse(e),
+            };
+            let parsed = is_messages(&parts)
+                .then(|| crate::api::translate::parse(&bytes).ok())
+                .flatten();
+            let record = crate::policy::Request {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_owned(),
+                model: parsed.as_ref().map(|m| m.model.clone()),
+                max_tokens: parsed.as_ref().map(|m| m.max_tokens),
+                // An estimate: the exact count needs the tokenizer, on the backend thread.
+                input_tokens: parsed.as_ref().map(|_| (bytes.len() / 4) as u32),
+                streaming: parsed.as_ref().is_some_and(|m| m.stream),
+                in_flight: layer.in_flight.as_ref().map_or(0, |count| count()),
+                headers: visible_headers(&parts.headers),
+            };
+            let memory = memory_record(&layer.snapshot.load());
+            let engine = layer.engine.clone();
+            let decision = match tokio::task::spawn_blocking(move || engine.decide(&record, &memory)).await {
+                Ok(decision) => decision,
+                Err(_) => return refuse(ApiError::new(ErrorKind::Api, "an admission policy panicked the host")),
+            };
+            if let Decision::Reject {
+                policy,
+                status,
+                error_type,
+                message,
+                retry_after_secs,
+            } = decision
+            {
+                tracing::info!(%policy, status, "refused by policy");
+                return refuse(ApiError::from_policy(
+                    policy,
+                    status,
+                    error_type,
+                    message,
+                    retry_after_secs,
+                ));
+            }
+            let mut req = Request::from_parts(parts, Either::Right(Full::new(bytes)));
+            if let Some(parsed) = parsed {
+                req.extensions_mut().insert(ParsedMessages(Arc::new(parsed)));
+            }
+            Ok(inner.call(req).await?.map(ResponseBody::inner))
+        })
+    }
+}
+
+fn is_messages(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::POST && parts.uri.path().ends_with("/messages")
+}
+
+fn visible_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !SECRET.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
