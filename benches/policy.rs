@@ -1,13 +1,19 @@
-//! The admission decision with one WASM policy against none, side by side.
+//! The admission decision with one WASM policy against none, side by side: `decide` itself,
+//! and the whole policy layer around a no-op service (reading the body, parsing a Messages
+//! request, `decide` on tokio's blocking pool), as a request sees it.
 //! Needs `make policies` first (it uses the shipped tenant gate). Run with `make bench`.
 
+use std::convert::Infallible;
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pensieve::config::PoliciesConfig;
-use pensieve::memory::MemorySnapshot;
+use pensieve::layers::PolicyLayer;
+use pensieve::memory::{MemorySnapshot, SnapshotHandle};
 use pensieve::policy::{memory_record, PolicyEngine, Request};
+use tower::{Layer, ServiceExt};
 
 fn engine_with(files: &[&str]) -> PolicyEngine {
     let dir = tempfile::tempdir().unwrap().keep();
@@ -49,6 +55,33 @@ fn policy(c: &mut Criterion) {
         let engine = engine_with(files);
         group.bench_function(BenchmarkId::new("decide", label), |b| {
             b.iter(|| black_box(engine.decide(&request, &mem)))
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = serde_json::json!({"model": "demo", "max_tokens": 1024, "stream": true,
+        "messages": [{"role": "user", "content": "hello ".repeat(200)}]})
+    .to_string();
+    for (label, files) in [("none", &[][..]), ("tenant_gate", &["tenant_gate"][..])] {
+        let layer = PolicyLayer::new(
+            Arc::new(engine_with(files)),
+            SnapshotHandle::new(MemorySnapshot::unknown()),
+        );
+        let svc = layer.layer(tower::service_fn(|_r: http::Request<_>| async {
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+        }));
+        group.bench_function(BenchmarkId::new("layer", label), |b| {
+            b.iter(|| {
+                let req = http::Request::post("/v1/messages")
+                    .header("x-tenant", "globex")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+                    .unwrap();
+                let svc = svc.clone();
+                rt.block_on(async move { black_box(svc.oneshot(req).await.unwrap().status()) })
+            })
         });
     }
     group.finish();

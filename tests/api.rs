@@ -1,6 +1,6 @@
 //! Anthropic API fidelity against the real server: tool calls, thinking, count_tokens, models,
 //! context overflow, images. The demo model's own text is random, so tool calls and thinking
-//! come from scripted replies (`PENSIEVE_TEST_SCRIPTS=1`): model-shaped text replayed token by
+//! come from scripted replies (the test-only model id `scripted:demo`): model-shaped text replayed token by
 //! token through the real tokenizer, detokenizer, mlx-lm's state machine and tool parser.
 
 mod common;
@@ -21,7 +21,8 @@ fn scripted(reply: &str) -> Value {
 }
 
 fn scripts_server() -> Server {
-    Server::start_with(&[("PENSIEVE_TEST_SCRIPTS", "1")])
+    // The test-only model id: the demo model behind the bridge's scripted test batcher.
+    Server::start_with(&[("PENSIEVE_BACKEND__MODEL", SCRIPTED)])
 }
 
 #[tokio::test]
@@ -39,7 +40,7 @@ async fn a_tool_call_is_a_tool_use_block_with_stop_reason_tool_use() {
     assert!(c[2]["id"].as_str().unwrap().starts_with("toolu_"));
     assert_eq!(c[2]["name"], "get_weather");
     assert_eq!(c[2]["input"], json!({"city": "Oslo", "days": 2}));
-    assert_eq!(m["model"], "demo");
+    assert_eq!(m["model"], SCRIPTED);
 }
 
 #[tokio::test]

@@ -193,7 +193,7 @@ async fn a_client_that_hangs_up_mid_stream_stops_its_generation_and_leaves_no_ca
 
 #[tokio::test]
 async fn a_python_exception_is_a_500_that_says_what_failed_and_the_next_request_works() {
-    let s = Server::start_with(&[("PENSIEVE_FAULT_MARKER", "PLEASE-FAIL")]);
+    let s = Server::start_with(&[("PENSIEVE_BACKEND__MODEL", SCRIPTED)]);
     let mut body = hello(50);
     body["messages"][0]["content"] = json!("PLEASE-FAIL now");
     let res = s.post(&body).await;

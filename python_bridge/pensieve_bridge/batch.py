@@ -1,10 +1,12 @@
 """Continuous batching with a prompt cache: what pensieve's backend thread drives.
 
-Rust owns one :class:`Batcher` on its backend thread and runs a loop: :meth:`Batcher.add` for
-each request that starts (rendering, prompt-cache lookup, insertion into mlx-lm's
-``BatchGenerator``), :meth:`Batcher.step` for one decoding step of every running generation
-(one call, one GIL crossing, for the whole batch), :meth:`Batcher.cancel` for clients that left
-or an Emergency abort, and the engine's ``clear_cache`` whenever the batch is idle.
+Rust owns one :class:`Batcher` on its backend thread (made by :func:`open_batcher`) and runs a
+loop: :meth:`Batcher.add` for each request that starts (rendering, prompt-cache lookup,
+insertion into mlx-lm's ``BatchGenerator``), :meth:`Batcher.step` for one decoding step of
+every running generation (one call, one GIL crossing, for the whole batch),
+:meth:`Batcher.cancel` for clients that left or an Emergency abort, and the engine's
+``clear_cache`` whenever the batch is idle. Results are tuples of small integer codes
+(:mod:`pensieve_bridge.protocol`), never strings to match.
 
 The prompt cache (:class:`~pensieve_bridge.prompt_cache.PromptCache`, over mlx-lm's
 ``LRUPromptCache``): the KV cache of each finished generation is kept under its tokens (prompt
@@ -12,21 +14,26 @@ and answer), and a new prompt starts from the longest cached prefix, trimmed to 
 the two diverge. Entries own exactly the memory they count. It is capped in bytes, together
 with the caches of the running generations, and :meth:`Batcher.drop_prompt_cache` releases all
 of it.
+
+A request's stop sequences go to mlx-lm too, as token sequences, so that a sequence whose
+tokens match stops inside the batch at once; Rust still matches the text (a stop string can be
+tokenised another way) and names the sequence.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .engine import Engine, _replay, _script_in
+from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache
+from .protocol import Added, Finish, Piece
 from .response import ResponseSplitter, initial_state
 
 #: How many prompts are prefilled together.
@@ -35,18 +42,25 @@ PREFILL_BATCH = 8
 PREFILL_STEP = 2048
 #: A cached prefix shorter than this many tokens is not used.
 MIN_REUSE = 16
+#: mlx-lm's finish reasons, as protocol codes.
+FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH}
+
+
+def open_batcher(engine: Engine, max_concurrent: int, prompt_cache_bytes: int) -> "Batcher":
+    """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id."""
+    if engine.model_id.startswith(SCRIPTED):
+        from .testing import ScriptedBatcher
+
+        return ScriptedBatcher(engine, max_concurrent, prompt_cache_bytes)
+    return Batcher(engine, max_concurrent, prompt_cache_bytes)
 
 
 @dataclass
-class _Running:
+class Running:
+    """One generation in the batch, as the bridge sees it."""
+
     splitter: ResponseSplitter
     detokenizer: object
-    fault: bool = False
-    produced: int = 0
-    #: A scripted (test) answer: the prompt is processed for real (and cached), then this is
-    #: replayed instead of sampling, one token per step.
-    replay: Optional[Iterator[tuple]] = None
-    prefilling: bool = False
 
 
 @dataclass
@@ -62,7 +76,7 @@ class Batcher:
     _caching: bool = field(init=False, default=True)
 
     def __post_init__(self):
-        self._stops = make_stop_sequences(self.engine.tokenizer)
+        self._eos = set(self.engine.tokenizer.eos_token_ids)
         self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes) if self.prompt_cache_bytes > 0 else None
         self._new_generator()
 
@@ -74,35 +88,26 @@ class Batcher:
             prefill_step_size=PREFILL_STEP,
         )
 
-    def add(self, chat_json: str, params_json: str, context_length: int) -> tuple[int, int, int]:
+    def add(self, chat_json: str, params_json: str, context_length: int) -> tuple[Added, int, int, int]:
         """Renders a request and queues it in the batch.
 
-        Returns ``(uid, input_tokens, cached_tokens)``; ``uid`` is -1 (and nothing is queued)
-        when the prompt is longer than ``context_length`` (0: no limit).
+        ``params`` holds ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``stop`` (a
+        list of strings). Returns ``(added, uid, input_tokens, cached_tokens)``; with
+        :attr:`Added.TOO_LONG` nothing is queued (the prompt is longer than ``context_length``;
+        0: no limit).
         """
         engine = self.engine
         chat = json.loads(chat_json)
         params = json.loads(params_json)
-        tokens = engine._render(chat)
+        tokens = engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
-            return -1, n, 0
-        max_tokens = int(params["max_tokens"])
-        tools = chat.get("tools")
-        prompt_text = None
-        if engine._fault_marker or engine._scripts:
-            prompt_text = engine.tokenizer.decode(tokens)
-        running = _Running(
-            splitter=ResponseSplitter(engine.tokenizer, tools, initial_state(engine.tokenizer, tokens)),
+            return Added.TOO_LONG, 0, n, 0
+        running = Running(
+            splitter=ResponseSplitter(engine.tokenizer, chat.get("tools"), initial_state(engine.tokenizer, tokens)),
             detokenizer=engine.tokenizer.detokenizer,
-            fault=engine._fault_marker is not None and engine._fault_marker in prompt_text,
         )
-        script = _script_in(prompt_text) if engine._scripts else None
-        if script is not None:
-            running.replay = _replay(engine.tokenizer, script, max_tokens)
-            running.prefilling = True
-            max_tokens = 1
-
+        running, max_tokens = self._prepare(running, tokens, int(params["max_tokens"]))
         cache, rest = None, tokens
         if self._cache is not None:
             cache, rest = self._cache.fetch(tokens)
@@ -129,52 +134,72 @@ class Batcher:
             caches=[cache],
             all_tokens=[tokens[:cached]],
             samplers=[sampler],
-            stop_sequences=[self._stops],
+            stop_sequences=[make_stop_sequences(engine.tokenizer, params.get("stop") or [])],
         )
         del cache
         self._running[uid] = running
         self._fit_cache()
-        return uid, n, cached
+        return Added.STARTED, uid, n, cached
 
-    def step(self) -> list[tuple[int, list[tuple[str, str]], Optional[str]]]:
+    def _prepare(self, running: Running, tokens: list[int], max_tokens: int) -> tuple[Running, int]:
+        """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""
+        return running, max_tokens
+
+    def step(self) -> list[tuple[int, list[tuple[Piece, str]], Optional[Finish]]]:
         """One step of every running generation: ``[(uid, pieces, finish)]``.
 
-        ``pieces`` are ``(kind, payload)`` from the response splitter (``text``, ``thinking``,
-        ``tool``); ``finish`` is None while a generation runs, then ``stop``, ``tool_use`` or
-        ``length``. A generation whose own processing raised reports ``[("error", message)]``
-        with finish ``error`` and is removed; an exception from the model itself propagates
-        (the whole batch has failed: the caller cancels everything and calls :meth:`reset`).
-        Generations still prefilling report nothing.
+        ``pieces`` are ``(Piece, payload)`` from the response splitter; ``finish`` is None while
+        a generation runs, then a :class:`~pensieve_bridge.protocol.Finish`. A generation whose
+        own processing raised reports ``[(Piece.ERROR, message)]`` with ``Finish.ERROR`` and is
+        removed; an exception from the model itself propagates (the whole batch has failed: the
+        caller cancels everything and calls :meth:`reset`). Generations still prefilling
+        report nothing.
         """
-        out = []
-        replaying = 0
-        for uid, running in list(self._running.items()):
-            if running.replay is not None and not running.prefilling:
-                replaying += 1
-                text, finish = next(running.replay)
-                self._emit(out, uid, running, text, finish)
-        if len(self._running) > replaying:
+        out: list = []
+        if self._running and self._model_step_needed():
             _, responses = self._gen.next()
             for r in responses:
                 running = self._running.get(r.uid)
-                if running is None:
-                    continue
-                if running.prefilling:
-                    # The one token sampled after a scripted prompt is not part of the answer.
-                    running.prefilling = r.finish_reason is None
-                    if not running.prefilling and self._cache is not None and self._caching:
-                        self._cache.insert(r.all_tokens, r.prompt_cache)
-                    continue
-                detok = running.detokenizer
-                if r.finish_reason != "stop":
-                    detok.add_token(r.token)
-                if r.finish_reason is not None:
-                    detok.finalize()
-                self._emit(out, r.uid, running, detok.last_segment, r.finish_reason)
-                if r.finish_reason is not None and self._cache is not None and self._caching:
-                    self._cache.insert(r.all_tokens, r.prompt_cache)
+                if running is not None:
+                    self._respond(out, r, running)
         self._release_if_idle()
         return out
+
+    def _model_step_needed(self) -> bool:
+        return True
+
+    def _respond(self, out: list, r, running: Running) -> None:
+        """Turns mlx-lm's response for one generation into its pieces."""
+        detok = running.detokenizer
+        finish = FINISH.get(r.finish_reason) if r.finish_reason is not None else None
+        if finish != Finish.STOP or r.token not in self._eos:
+            # An end-of-sequence token is not text; the last token of a stop sequence is,
+            # so that Rust sees the whole sequence and names it.
+            detok.add_token(r.token)
+        if finish is not None:
+            detok.finalize()
+        self._emit(out, r.uid, running, detok.last_segment, finish)
+        if finish is not None:
+            self._keep(r.all_tokens, r.prompt_cache)
+
+    def _keep(self, tokens, prompt_cache) -> None:
+        if self._cache is not None and self._caching:
+            self._cache.insert(tokens, prompt_cache)
+
+    def _emit(self, out: list, uid: int, running: Running, text: str, finish: Optional[Finish]) -> None:
+        try:
+            pieces = self._pieces(running, text, finish)
+            if finish == Finish.STOP and running.splitter.made_tool_call:
+                finish = Finish.TOOL_USE
+            out.append((uid, pieces, finish))
+            if finish is not None:
+                del self._running[uid]
+        except Exception as e:  # this generation's own failure; the others go on
+            out.append((uid, [(Piece.ERROR, f"{type(e).__name__}: {e}")], Finish.ERROR))
+            self.cancel([uid])
+
+    def _pieces(self, running: Running, text: str, finish: Optional[Finish]) -> list:
+        return running.splitter.feed(text, finish)
 
     def _release_if_idle(self) -> None:
         """An idle batch starts afresh (5 µs): mlx-lm's generation batch keeps its last step's
@@ -183,21 +208,6 @@ class Batcher:
         if not self._running:
             self._gen.close()
             self._new_generator()
-
-    def _emit(self, out, uid, running, text, finish):
-        try:
-            running.produced += 1
-            if running.fault and running.produced > 2:
-                raise RuntimeError("injected fault: the test asked this generation to fail")
-            pieces = running.splitter.feed(text, finish)
-            if finish == "stop" and running.splitter.made_tool_call:
-                finish = "tool_use"
-            out.append((uid, pieces, finish))
-            if finish is not None:
-                del self._running[uid]
-        except Exception as e:  # this generation's own failure; the others go on
-            out.append((uid, [("error", f"{type(e).__name__}: {e}")], "error"))
-            self.cancel([uid])
 
     def cancel(self, uids: list[int], keep: bool = False) -> None:
         """Stops these generations and forgets them. With ``keep`` (a client that left, a stop
@@ -221,9 +231,6 @@ class Batcher:
         self._running.clear()
         self._gen.close()
         self._new_generator()
-
-    def running(self) -> int:
-        return len(self._running)
 
     def _fit_cache(self) -> None:
         """Keeps the prompt cache and the running generations' caches within the budget."""

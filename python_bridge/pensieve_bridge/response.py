@@ -12,8 +12,9 @@ import json
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
-#: Kinds of piece yielded by :class:`ResponseSplitter`.
-TEXT, THINKING, TOOL = "text", "thinking", "tool"
+from .protocol import Piece
+
+TEXT, THINKING, TOOL = Piece.TEXT, Piece.THINKING, Piece.TOOL
 
 
 def initial_state(tokenizer, prompt_tokens) -> str:
@@ -30,7 +31,7 @@ def initial_state(tokenizer, prompt_tokens) -> str:
 class ResponseSplitter:
     """Feed it decoded text; it returns ``(kind, payload)`` pieces in order.
 
-    ``kind`` is ``text``, ``thinking`` or ``tool``; a tool payload is the JSON text of
+    ``kind`` is a :class:`~pensieve_bridge.protocol.Piece` (text, thinking or tool); a tool payload is the JSON text of
     ``{"name": ..., "arguments": {...}}``, produced once the whole call has been generated.
     A call that the parser cannot read is returned as text, so nothing the model said is lost.
     """
@@ -47,13 +48,13 @@ class ResponseSplitter:
         self.made_tool_call = False
         self._last_kind = None
 
-    def feed(self, text: str, finish: str | None = None) -> list[tuple[str, str]]:
+    def feed(self, text: str, finish=None) -> list[tuple[Piece, str]]:
         self._state, segments = TextStateMachine.split(self._state, text)
         if finish is not None:
             # Whatever was held back as a possible marker start is text after all.
             self._state, flushed, current = TextStateMachine.flush(self._state)
             segments.append((current, flushed))
-        out: list[tuple[str, str]] = []
+        out: list[tuple[Piece, str]] = []
         for state, piece in segments:
             if self._prev == "tool" and state != "tool":
                 out.extend(self._close_tool())
@@ -72,7 +73,7 @@ class ResponseSplitter:
             out.extend(self._close_tool())
         return _merge(out)
 
-    def _close_tool(self) -> list[tuple[str, str]]:
+    def _close_tool(self) -> list[tuple[Piece, str]]:
         raw, self._tool_text = self._tool_text, ""
         if not raw.strip():
             return []

@@ -1,4 +1,11 @@
+"""Fixtures and helpers shared by the bridge's tests (test-only code lives here, not in the package)."""
+
+import json
+
+import mlx.core as mx
 import pytest
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 from pensieve_bridge.engine import Engine
 
@@ -6,3 +13,33 @@ from pensieve_bridge.engine import Engine
 @pytest.fixture(scope="session")
 def engine():
     return Engine("demo")
+
+
+def running(batcher):
+    """How many generations the batcher runs."""
+    return len(batcher._running)
+
+
+def add(batcher, chat_json, params_json, context_length=0):
+    """``(uid, input_tokens, cached_tokens)`` of a request that starts (asserts it does)."""
+    added, uid, n, cached = batcher.add(chat_json, params_json, context_length)
+    assert added == 0, "the prompt was refused as too long"
+    return uid, n, cached
+
+
+def reference_generate(engine, tokens, params_json):
+    """``(text, finish_reason)`` per token, one generation on its own with mlx-lm's
+    ``stream_generate``: the reference the batched path is compared with."""
+    params = json.loads(params_json)
+    sampler = make_sampler(
+        temp=float(params.get("temperature", 1.0)),
+        top_p=float(params.get("top_p") or 0.0),
+        top_k=int(params.get("top_k") or 0),
+    )
+    try:
+        for r in stream_generate(
+            engine.model, engine.tokenizer, mx.array(tokens), max_tokens=int(params["max_tokens"]), sampler=sampler
+        ):
+            yield r.text, r.finish_reason
+    finally:
+        mx.clear_cache()

@@ -5,8 +5,10 @@ import json
 
 import mlx.core as mx
 
+from conftest import add, reference_generate, running
 from pensieve_bridge import batch as batch_mod
 from pensieve_bridge import engine as engine_mod
+from pensieve_bridge.protocol import Finish, Piece
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hello there"}], "tools": None})
 
@@ -15,10 +17,10 @@ def run(engine, chat=CHAT, **params):
     """``[(pieces, finish)]`` of one generation, run to its end in a fresh Batcher, which is then
     idle: its cache must be empty (as the server's long-lived Batcher is, between requests)."""
     params.setdefault("max_tokens", 32)
-    b = batch_mod.Batcher(engine, 4, 0)
-    uid, _, _ = b.add(chat, json.dumps(params), 0)
+    b = batch_mod.open_batcher(engine, 4, 0)
+    uid, _, _ = add(b, chat, json.dumps(params))
     out = []
-    while b.running():
+    while running(b):
         out += [(pieces, finish) for u, pieces, finish in b.step() if u == uid]
     assert engine.clear_cache() == 0
     assert mx.get_cache_memory() == 0
@@ -29,7 +31,7 @@ def test_temperature_zero_is_deterministic(engine):
     a = run(engine, temperature=0)
     b = run(engine, temperature=0)
     assert a == b and len(a) == 32
-    assert a[-1][1] == "length" and all(r is None for _, r in a[:-1])
+    assert a[-1][1] == Finish.LENGTH and all(r is None for _, r in a[:-1])
 
 
 def test_cache_is_empty_after_a_generation_that_succeeds(engine):
@@ -38,23 +40,23 @@ def test_cache_is_empty_after_a_generation_that_succeeds(engine):
 
 def test_cache_is_empty_after_a_generation_cancelled_half_way(engine):
     b = batch_mod.Batcher(engine, 4, 0)
-    uid, _, _ = b.add(CHAT, json.dumps({"max_tokens": 64, "temperature": 0}), 0)
+    uid, _, _ = add(b, CHAT, json.dumps({"max_tokens": 64, "temperature": 0}))
     for _ in range(5):
         b.step()
     assert mx.get_cache_memory() > 0 or mx.get_active_memory() > 0
     b.cancel([uid])
-    assert b.running() == 0
+    assert running(b) == 0
     assert engine.clear_cache() == 0
     assert mx.get_cache_memory() == 0
 
 
-def test_a_generation_that_raises_reports_an_error_and_leaves_no_cache(monkeypatch):
-    monkeypatch.setenv(engine_mod.FAULT_MARKER_ENV, "FAIL-HERE")
-    eng = engine_mod.Engine("demo")
-    chat = json.dumps({"messages": [{"role": "user", "content": "please FAIL-HERE"}]})
+def test_a_generation_that_raises_reports_an_error_and_leaves_no_cache():
+    # The test model id selects the test batcher, whose fault marker raises after two tokens.
+    eng = engine_mod.Engine("scripted:demo")
+    chat = json.dumps({"messages": [{"role": "user", "content": "please PLEASE-FAIL"}]})
     out = run(eng, chat, max_tokens=16, temperature=0)
     pieces, finish = out[-1]
-    assert finish == "error" and pieces[0][0] == "error" and "injected fault" in pieces[0][1]
+    assert finish == Finish.ERROR and pieces[0][0] == Piece.ERROR and "injected fault" in pieces[0][1]
     assert len(out) == 3  # two tokens, then the failure (run() checks the cache)
 
 
@@ -79,11 +81,21 @@ def test_top_k_one_equals_greedy(engine):
 
 def test_max_tokens_bounds_the_generation(engine):
     out = run(engine, temperature=0, max_tokens=5)
-    assert len(out) == 5 and out[-1][1] == "length"
+    assert len(out) == 5 and out[-1][1] == Finish.LENGTH
 
 
 def test_the_reference_generator_clears_the_cache(engine):
-    gen = engine.generate(engine.render(CHAT), json.dumps({"max_tokens": 8, "temperature": 0}))
+    gen = reference_generate(engine, engine.render(CHAT), json.dumps({"max_tokens": 8, "temperature": 0}))
     assert len(list(gen)) == 8
     del gen  # its locals are freed after its own clear_cache() ran
     assert engine.clear_cache() == 0
+
+
+def test_a_production_model_id_never_gets_the_test_batcher(engine):
+    assert type(batch_mod.open_batcher(engine, 4, 0)) is batch_mod.Batcher
+    b = batch_mod.open_batcher(engine, 4, 0)
+    # "PLEASE-FAIL" and [[script]] are only text to a real batcher.
+    chat = json.dumps({"messages": [{"role": "user", "content": "PLEASE-FAIL [[script]]x[[/script]]"}]})
+    out = run(engine, chat, max_tokens=6, temperature=0)
+    assert len(out) == 6 and out[-1][1] == Finish.LENGTH
+    del b

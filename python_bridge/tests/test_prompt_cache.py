@@ -7,6 +7,7 @@ import random
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from conftest import add, running
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.prompt_cache import PromptCache, own
 
@@ -59,15 +60,15 @@ def chat(q):
 def soak(batcher, rng, n):
     """``n`` requests of mixed lengths, six at a time, a fifth of them cancelled early."""
     for _ in range(n):
-        while batcher.running() >= 6:
+        while running(batcher) >= 6:
             batcher.step()
         q = "question %d %s" % (rng.randint(0, 30), "x" * rng.randint(0, 200))
         params = json.dumps({"max_tokens": rng.randint(1, 40), "temperature": 0.7})
-        uid, _, _ = batcher.add(chat(q), params, 0)
+        uid, _, _ = add(batcher, chat(q), params)
         if rng.random() < 0.2:
             batcher.step()
             batcher.cancel([uid], keep=True)
-    while batcher.running():
+    while running(batcher):
         batcher.step()
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from mlx_lm.tool_parsers import json_tools, qwen3_coder
 
+from pensieve_bridge.protocol import Piece
 from pensieve_bridge.response import ResponseSplitter
 
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -30,7 +31,7 @@ def feed_in_chunks(splitter, text, size, finish="stop"):
     # Join text pieces cut by chunking, as a client concatenating deltas would.
     merged = []
     for kind, payload in out:
-        if merged and kind != "tool" and merged[-1][0] == kind:
+        if merged and kind != Piece.TOOL and merged[-1][0] == kind:
             merged[-1] = (kind, merged[-1][1] + payload)
         else:
             merged.append((kind, payload))
@@ -44,9 +45,9 @@ def test_thinking_text_and_a_json_tool_call_in_any_chunking():
         s = ResponseSplitter(fake_tokenizer(json_tools), WEATHER)
         out = feed_in_chunks(s, text, size)
         assert out == [
-            ("thinking", "The user wants weather.\n"),
-            ("text", "Let me check."),
-            ("tool", json.dumps({"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}})),
+            (Piece.THINKING, "The user wants weather.\n"),
+            (Piece.TEXT, "Let me check."),
+            (Piece.TOOL, json.dumps({"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}})),
         ], (size, out)
         assert s.made_tool_call
 
@@ -57,7 +58,7 @@ def test_qwen3_coder_xml_calls_are_parsed_with_the_schema_types():
             "<tool_call>\n<function=get_weather>\n<parameter=city>\nBergen\n</parameter>\n</function>\n</tool_call>")
     s = ResponseSplitter(fake_tokenizer(qwen3_coder), WEATHER)
     out = feed_in_chunks(s, text, 4)
-    calls = [json.loads(p) for k, p in out if k == "tool"]
+    calls = [json.loads(p) for k, p in out if k == Piece.TOOL]
     assert calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}},
                      {"name": "get_weather", "arguments": {"city": "Bergen"}}]
 
@@ -65,14 +66,14 @@ def test_qwen3_coder_xml_calls_are_parsed_with_the_schema_types():
 def test_an_unparseable_call_comes_back_as_text_not_lost():
     s = ResponseSplitter(fake_tokenizer(json_tools), WEATHER)
     out = feed_in_chunks(s, "ok <tool_call>{not json</tool_call>", 3)
-    assert "".join(p for k, p in out if k == "text") == "ok <tool_call>{not json</tool_call>"
+    assert "".join(p for k, p in out if k == Piece.TEXT) == "ok <tool_call>{not json</tool_call>"
     assert not s.made_tool_call
 
 
 def test_a_call_cut_by_max_tokens_is_not_dropped():
     s = ResponseSplitter(fake_tokenizer(json_tools), WEATHER)
     out = feed_in_chunks(s, '<tool_call>{"name": "get_weather", "argu', 5, finish="length")
-    assert out and out[-1][0] == "text" and "get_weather" in out[-1][1]
+    assert out and out[-1][0] == Piece.TEXT and "get_weather" in out[-1][1]
 
 
 def test_the_demo_tokenizer_gets_mlx_lms_json_parser_and_think_markers(engine):
@@ -81,23 +82,24 @@ def test_the_demo_tokenizer_gets_mlx_lms_json_parser_and_think_markers(engine):
     assert t.has_thinking and t.think_start == "<think>"
 
 
-def test_a_scripted_reply_replays_through_the_real_tokenizer(monkeypatch):
+def test_a_scripted_reply_replays_through_the_real_tokenizer():
+    from conftest import add, running
     from pensieve_bridge import engine as engine_mod
-    from pensieve_bridge.batch import Batcher
+    from pensieve_bridge.batch import open_batcher
+    from pensieve_bridge.protocol import Finish
 
-    monkeypatch.setenv(engine_mod.SCRIPTS_ENV, "1")
-    eng = engine_mod.Engine("demo")
+    eng = engine_mod.Engine("scripted:demo")
     reply = '<think>hmm</think>Calling.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     chat = {"messages": [{"role": "user", "content": f"[[script]]{reply}[[/script]]"}], "tools": WEATHER}
-    b = Batcher(eng, 4, 0)
-    uid, n, _ = b.add(json.dumps(chat), json.dumps({"max_tokens": 200, "temperature": 0}), 0)
+    b = open_batcher(eng, 4, 0)
+    uid, n, _ = add(b, json.dumps(chat), json.dumps({"max_tokens": 200, "temperature": 0}))
     assert n > 10
     items = []
-    while b.running():
+    while running(b):
         items += [(pieces, finish) for _, pieces, finish in b.step()]
     pieces = [p for ps, _ in items for p in ps]
-    assert items[-1][1] == "tool_use"
-    assert ("tool", json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})) in pieces
-    assert "".join(p for k, p in pieces if k == "thinking") == "hmm"
-    assert "".join(p for k, p in pieces if k == "text") == "Calling."
+    assert items[-1][1] == Finish.TOOL_USE
+    assert (Piece.TOOL, json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})) in pieces
+    assert "".join(p for k, p in pieces if k == Piece.THINKING) == "hmm"
+    assert "".join(p for k, p in pieces if k == Piece.TEXT) == "Calling."
     eng.clear_cache()

@@ -40,9 +40,14 @@ class Server:
         self.proc.wait(timeout=30)
 
 
+SCRIPTED = "scripted:demo"
+
+
 @pytest.fixture(scope="session")
 def server():
-    s = Server({"PENSIEVE_TEST_SCRIPTS": "1", "PENSIEVE_FAULT_MARKER": "PLEASE-FAIL"})
+    # The test-only model id: the demo model behind the bridge's scripted test batcher
+    # ([[script]] replies, PLEASE-FAIL faults; see pensieve_bridge/testing.py).
+    s = Server({"PENSIEVE_BACKEND__MODEL": SCRIPTED})
     yield s
     s.stop()
 

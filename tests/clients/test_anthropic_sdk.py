@@ -18,7 +18,7 @@ def client(server):
 def test_messages_create(client):
     m = client.messages.create(model="claude-opus-4-6", max_tokens=16, extra_body={"temperature": 0}, messages=HELLO)
     assert m.type == "message" and m.role == "assistant"
-    assert m.model == "demo"
+    assert m.model == "scripted:demo"
     assert m.content[0].type == "text" and m.content[0].text
     assert m.stop_reason == "max_tokens"
     assert m.usage.output_tokens == 16 and m.usage.input_tokens > 0
@@ -57,8 +57,8 @@ def test_count_tokens_matches_usage(client):
 
 def test_models_list_and_retrieve(client):
     models = list(client.models.list())
-    assert [m.id for m in models] == ["demo"]
-    assert client.models.retrieve("claude-opus-4-1").id == "demo"
+    assert [m.id for m in models] == ["scripted:demo"]
+    assert client.models.retrieve("claude-opus-4-1").id == "scripted:demo"
 
 
 def test_beta_messages_with_betas_and_thinking(client):

@@ -32,7 +32,7 @@ def run_claude(server, tmp_path, prompt):
 
 def test_claude_code_print_mode_completes_with_success(server, tmp_path):
     # The demo model's own text rarely ends its turn, so its answer is a scripted reply
-    # (PENSIEVE_TEST_SCRIPTS): real tokens through the real tokenizer, end of turn at the end.
+    # (the scripted:demo test model): real tokens through the real tokenizer, end of turn at the end.
     result = run_claude(server, tmp_path, "say hi [[script]]Hi! I am pensieve's demo model.[[/script]]")
     assert result["subtype"] == "success", result
     assert result["is_error"] is False

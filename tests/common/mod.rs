@@ -10,6 +10,11 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pensieve");
 
+/// The test-only model id: the demo model served by the bridge's test batcher
+/// (`pensieve_bridge.testing`): a prompt's `[[script]]…[[/script]]` is replayed as the answer,
+/// and a prompt containing `PLEASE-FAIL` raises in Python after two tokens.
+pub const SCRIPTED: &str = "scripted:demo";
+
 pub struct Server {
     pub base: String,
     child: Child,

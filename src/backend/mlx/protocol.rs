@@ -1,0 +1,185 @@
+//! The boundary with the Python bridge, typed: the [`Batcher`] trait the worker drives, and the
+//! small codes Python answers with (`python_bridge/pensieve_bridge/protocol.py` has the same
+//! ones; [`CODES`] is compared with Python's when the model loads).
+
+use crate::backend::{Chat, GenerateRequest};
+
+/// What a piece of a step's output is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Answer text.
+    Text(String),
+    /// Reasoning.
+    Thinking(String),
+    /// A parsed tool call: JSON `{"name": ..., "arguments": {...}}`.
+    Tool(String),
+    /// This generation failed; why.
+    Error(String),
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// The model ended its turn (or mlx-lm caught a stop sequence).
+    Stop,
+    /// `max_tokens`.
+    Length,
+    /// A tool call ended the turn.
+    ToolUse,
+    /// Failed (its `Piece::Error` says why).
+    Error,
+}
+
+/// What [`Batcher::add`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Added {
+    /// In the batch as `uid`.
+    Started {
+        /// The batcher's id for it.
+        uid: u64,
+        /// Prompt tokens.
+        input_tokens: u32,
+        /// Of those, from the prompt cache.
+        cached_tokens: u32,
+    },
+    /// Not started: the prompt is longer than the context.
+    TooLong {
+        /// Prompt tokens.
+        input_tokens: u32,
+    },
+}
+
+/// One generation's output from one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Stepped {
+    /// Which generation.
+    pub uid: u64,
+    /// Its new pieces, in order.
+    pub pieces: Vec<Piece>,
+    /// Set on its last step.
+    pub finish: Option<Finish>,
+}
+
+/// MLX's memory counters and the prompt cache's size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Memory {
+    pub active: u64,
+    pub cache: u64,
+    pub peak: u64,
+    pub prompt_cache_bytes: u64,
+    pub prompt_cache_entries: u64,
+}
+
+/// The continuous batch and the model, as the worker drives them. `Err` is a message from the
+/// other side (a Python exception); a panic is the worker's to contain.
+pub(crate) trait Batcher {
+    /// The model's context in tokens (0: unknown).
+    fn context_length(&self) -> u32;
+    /// Renders a request and puts it in the batch (or says it is too long). `Err`: the chat
+    /// template refused it.
+    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String>;
+    /// One decoding step of every running generation. `Err`: the model itself failed, and the
+    /// whole batch with it.
+    fn step(&mut self) -> Result<Vec<Stepped>, String>;
+    /// Removes generations; with `keep`, what they computed goes into the prompt cache.
+    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String>;
+    /// Forgets every generation and starts a new batch (after a failure of the model).
+    fn reset(&mut self) -> Result<(), String>;
+    /// Whether finished generations go into the prompt cache; off releases it.
+    fn set_caching(&mut self, on: bool) -> Result<(), String>;
+    /// Prompt tokens of `chat`, with the same template as generation.
+    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String>;
+    /// Frees MLX's allocator cache (`thorough`: after a cycle collection); the bytes left.
+    fn clear_cache(&mut self, thorough: bool) -> Result<u64, String>;
+    /// The memory counters.
+    fn memory(&mut self) -> Result<Memory, String>;
+}
+
+/// Every code, as Python's `protocol.codes()` names them.
+pub(crate) const CODES: [(&str, u8); 10] = [
+    ("Piece.TEXT", 0),
+    ("Piece.THINKING", 1),
+    ("Piece.TOOL", 2),
+    ("Piece.ERROR", 3),
+    ("Finish.STOP", 0),
+    ("Finish.LENGTH", 1),
+    ("Finish.TOOL_USE", 2),
+    ("Finish.ERROR", 3),
+    ("Added.STARTED", 0),
+    ("Added.TOO_LONG", 1),
+];
+
+impl Piece {
+    /// From Python's `(code, payload)`.
+    pub fn decode(code: u8, payload: String) -> Result<Piece, String> {
+        Ok(match code {
+            0 => Piece::Text(payload),
+            1 => Piece::Thinking(payload),
+            2 => Piece::Tool(payload),
+            3 => Piece::Error(payload),
+            other => return Err(format!("the bridge sent an unknown piece code {other}")),
+        })
+    }
+}
+
+impl Finish {
+    /// From Python's code.
+    pub fn decode(code: u8) -> Result<Finish, String> {
+        Ok(match code {
+            0 => Finish::Stop,
+            1 => Finish::Length,
+            2 => Finish::ToolUse,
+            3 => Finish::Error,
+            other => return Err(format!("the bridge sent an unknown finish code {other}")),
+        })
+    }
+}
+
+impl Added {
+    /// From Python's `(code, uid, input_tokens, cached_tokens)`.
+    pub fn decode((code, uid, input_tokens, cached_tokens): (u8, u64, u32, u32)) -> Result<Added, String> {
+        Ok(match code {
+            0 => Added::Started {
+                uid,
+                input_tokens,
+                cached_tokens,
+            },
+            1 => Added::TooLong { input_tokens },
+            other => return Err(format!("the bridge sent an unknown add code {other}")),
+        })
+    }
+}
+
+/// Checks Python's `protocol.codes()` against [`CODES`].
+pub(crate) fn check_codes(python: &std::collections::HashMap<String, u8>) -> Result<(), String> {
+    let ours: std::collections::HashMap<String, u8> = CODES.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    if &ours == python {
+        Ok(())
+    } else {
+        Err(format!(
+            "the Python bridge speaks another protocol than this binary (bridge: {python:?}; binary: {ours:?}): \
+             rebuild with `make build` from the same checkout"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_decode_to_their_variants_and_unknown_ones_are_errors() {
+        assert_eq!(Piece::decode(2, "{}".into()), Ok(Piece::Tool("{}".into())));
+        assert_eq!(Finish::decode(1), Ok(Finish::Length));
+        assert_eq!(Added::decode((1, 0, 99, 0)), Ok(Added::TooLong { input_tokens: 99 }));
+        assert!(Piece::decode(9, String::new())
+            .unwrap_err()
+            .contains("unknown piece code 9"));
+        assert!(Finish::decode(7).is_err() && Added::decode((5, 0, 0, 0)).is_err());
+        let python = CODES.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        assert!(check_codes(&python).is_ok());
+        let mut other = python.clone();
+        other.insert("Piece.TEXT".into(), 5);
+        assert!(check_codes(&other).unwrap_err().contains("another protocol"));
+    }
+}

@@ -1,0 +1,183 @@
+//! The Python side: finding the venv, starting the embedded interpreter's bridge, and
+//! [`PyBatcher`], the [`Batcher`] that calls `pensieve_bridge`. The only module that touches
+//! pyo3; no Python object leaves it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use pyo3::prelude::*;
+
+use super::protocol::{check_codes, Added, Batcher, Finish, Memory, Piece, Stepped};
+use crate::backend::{Chat, GenerateRequest};
+
+/// The bridge's engine (model, tokenizer, template, memory) and batcher.
+pub(crate) struct PyBatcher {
+    engine: Py<PyAny>,
+    batcher: Py<PyAny>,
+    context_length: u32,
+}
+
+/// The virtual environment: as configured (relative to the working directory), else the one
+/// beside this crate's sources.
+pub(crate) fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
+    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join(configured);
+    [configured.to_owned(), fallback]
+        .into_iter()
+        .find(|p| p.join("lib").is_dir())
+        .ok_or_else(|| {
+            format!(
+                "the Python environment `{}` (backend.python) was not found: run `make venv` in the \
+                 pensieve checkout, or point backend.python at a venv with mlx and mlx-lm",
+                configured.display()
+            )
+        })
+}
+
+impl PyBatcher {
+    /// Loads `model` in the embedded interpreter with `venv`'s packages; a message that says
+    /// which model failed, why, and what to do.
+    pub fn load(venv: &Path, model: &str, max_concurrent: u32, prompt_cache_bytes: u64) -> Result<PyBatcher, String> {
+        Python::attach(|py| {
+            let v = py.version_info();
+            let site_packages = venv
+                .join("lib")
+                .join(format!("python{}.{}", v.major, v.minor))
+                .join("site-packages");
+            if !site_packages.is_dir() {
+                return Err(format!(
+                    "{} does not exist: the venv was made for another Python than the one pensieve was \
+                     built against ({}); rebuild with `make build`",
+                    site_packages.display(),
+                    pyo3::Python::version_str()
+                ));
+            }
+            let setup = || -> PyResult<Result<PyBatcher, String>> {
+                // Signals belong to the server (graceful shutdown), not to Python: without this,
+                // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a
+                // running generation, and the server never hears of it.
+                let signal = py.import("signal")?;
+                signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
+                py.import("site")?
+                    .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+                let codes: HashMap<String, u8> = py
+                    .import("pensieve_bridge.protocol")?
+                    .call_method0("codes")?
+                    .extract()?;
+                if let Err(message) = check_codes(&codes) {
+                    return Ok(Err(message));
+                }
+                let engine = py
+                    .import("pensieve_bridge.engine")?
+                    .getattr("Engine")?
+                    .call1((model,))?;
+                let info: String = engine.call_method0("describe")?.extract()?;
+                tracing::info!(%info, "model loaded");
+                let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
+                let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
+                    &engine,
+                    max_concurrent,
+                    prompt_cache_bytes,
+                ))?;
+                Ok(Ok(PyBatcher {
+                    engine: engine.unbind(),
+                    batcher: batcher.unbind(),
+                    context_length,
+                }))
+            };
+            setup().map_err(|e| python_error(py, &e)).and_then(|r| r).map_err(|e| {
+                format!(
+                    "could not load model `{model}`: {e}\n  backend.model must be `demo`, a local folder \
+                     with config.json, tokenizer and safetensors weights, or a Hugging Face id that mlx-lm \
+                     can download (this needs network access). The environment used was {}.",
+                    venv.display()
+                )
+            })
+        })
+    }
+
+    fn call<T>(
+        &self,
+        f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>, &Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> Result<T, String> {
+        Python::attach(|py| f(py, self.engine.bind(py), self.batcher.bind(py)).map_err(|e| python_error(py, &e)))
+    }
+}
+
+impl Batcher for PyBatcher {
+    fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String> {
+        let chat = serde_json::to_string(&request.chat).expect("chat serialises");
+        let mut params = serde_json::to_value(&request.sampling).expect("sampling serialises");
+        params["stop"] = serde_json::json!(request.stop_sequences);
+        let added = self.call(|_, _, b| {
+            b.call_method1("add", (chat, params.to_string(), context_length))?
+                .extract::<(u8, u64, u32, u32)>()
+        })?;
+        Added::decode(added)
+    }
+
+    fn step(&mut self) -> Result<Vec<Stepped>, String> {
+        type Raw = Vec<(u64, Vec<(u8, String)>, Option<u8>)>;
+        let raw = self.call(|_, _, b| b.call_method0("step")?.extract::<Raw>())?;
+        raw.into_iter()
+            .map(|(uid, pieces, finish)| {
+                Ok(Stepped {
+                    uid,
+                    pieces: pieces
+                        .into_iter()
+                        .map(|(code, payload)| Piece::decode(code, payload))
+                        .collect::<Result<_, _>>()?,
+                    finish: finish.map(Finish::decode).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String> {
+        self.call(|_, _, b| b.call_method1("cancel", (uids.to_vec(), keep)).map(drop))
+    }
+
+    fn reset(&mut self) -> Result<(), String> {
+        self.call(|_, _, b| b.call_method0("reset").map(drop))
+    }
+
+    fn set_caching(&mut self, on: bool) -> Result<(), String> {
+        self.call(|_, _, b| b.call_method1("set_caching", (on,)).map(drop))
+    }
+
+    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String> {
+        let chat = serde_json::to_string(chat).expect("chat serialises");
+        self.call(|_, e, _| e.call_method1("render", (chat,))?.len().map(|n| n as u32))
+    }
+
+    fn clear_cache(&mut self, thorough: bool) -> Result<u64, String> {
+        let method = if thorough { "collect_and_clear" } else { "clear_cache" };
+        self.call(|_, e, _| e.call_method0(method)?.extract())
+    }
+
+    fn memory(&mut self) -> Result<Memory, String> {
+        self.call(|_, e, b| {
+            let (active, cache, peak) = e.call_method0("memory")?.extract::<(u64, u64, u64)>()?;
+            let (prompt_cache_bytes, prompt_cache_entries) =
+                b.call_method0("prompt_cache_stats")?.extract::<(u64, u64)>()?;
+            Ok(Memory {
+                active,
+                cache,
+                peak,
+                prompt_cache_bytes,
+                prompt_cache_entries,
+            })
+        })
+    }
+}
+
+fn python_error(py: Python<'_>, e: &PyErr) -> String {
+    let tb = e.traceback(py).and_then(|tb| tb.format().ok()).unwrap_or_default();
+    if !tb.is_empty() {
+        tracing::debug!(traceback = %tb, "python traceback");
+    }
+    e.to_string()
+}

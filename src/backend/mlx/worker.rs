@@ -1,0 +1,479 @@
+//! The backend thread's loop: takes work off the queue, starts generations while there are free
+//! slots, runs one decoding step of the whole batch, and hands each client its events.
+//!
+//! Its guarantees, each with a unit test below (a fake [`Batcher`], no Python):
+//! - the MLX cache is cleared whenever the batch becomes idle, and after any generation that
+//!   fails or is aborted; a generation's last event is sent only after that, so a client that
+//!   has seen its answer end on an idle server sees `cache_bytes: 0`;
+//! - a client that hangs up leaves the batch within one step;
+//! - a slow reader never stalls the batch (its [`Outbox`] holds its events);
+//! - every call into the batcher runs inside a panic boundary: a panic while starting a
+//!   request fails that request, a panic in a step fails the generations of that step, a
+//!   panic while counting tokens fails that count; the loop goes on.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
+
+use super::outbox::{Flow, Outbox};
+use super::protocol::{Added, Batcher, Finish, Piece};
+use super::Shared;
+use crate::backend::{BackendError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
+use crate::memory::{Gate, Tier};
+
+/// How often an idle backend looks at memory (to release the prompt cache) and at slow clients.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// How often an idle backend hands held events to clients that are catching up.
+const DRAIN_TICK: Duration = Duration::from_millis(2);
+/// Memory counters are read again after this many decoding steps.
+const MEMORY_EVERY: u32 = 32;
+
+/// A generation to run, from the API.
+pub(crate) struct Job {
+    pub request: GenerateRequest,
+    pub events: mpsc::Sender<Event>,
+    pub span: Span,
+}
+
+/// What the backend thread is asked to do.
+pub(crate) enum Work {
+    Generate(Job),
+    Count {
+        chat: Chat,
+        reply: oneshot::Sender<Result<u32, BackendError>>,
+        span: Span,
+    },
+}
+
+/// One generation in the batch.
+struct Running {
+    span: Span,
+    stops: StopMatcher,
+    output_tokens: u32,
+    outbox: Outbox,
+}
+
+/// How one generation's step went.
+enum Step {
+    Going,
+    /// Ended; this is its last event. `cancel`: the batcher still runs it (a stop sequence).
+    Ended {
+        last: Event,
+        cancel: bool,
+    },
+    /// The client left.
+    Gone,
+}
+
+/// The loop's state: the batcher, the running generations and the events still owed.
+struct Worker<'a, B: Batcher> {
+    batcher: B,
+    shared: &'a Shared,
+    gate: &'a Gate,
+    running: HashMap<u64, Running>,
+    /// Generations taken off the queue, waiting for a free slot (still counted as queued).
+    waiting: VecDeque<Job>,
+    /// Finished generations whose last events the client has not taken yet.
+    draining: Vec<Outbox>,
+    steps: u32,
+    /// Whether the prompt cache keeps finished generations (memory is Safe).
+    caching: bool,
+}
+
+/// Runs the loop until the queue closes. See the [module docs](self).
+pub(crate) fn run<B: Batcher>(batcher: B, queue: Receiver<Work>, shared: &Shared, gate: &Gate) {
+    let max_concurrent = shared.max_concurrent.load(Ordering::Relaxed).max(1) as usize;
+    let mut w = Worker {
+        batcher,
+        shared,
+        gate,
+        running: HashMap::new(),
+        waiting: VecDeque::new(),
+        draining: Vec::new(),
+        steps: 0,
+        caching: true,
+    };
+    w.refresh();
+    loop {
+        if w.running.is_empty() && w.waiting.is_empty() {
+            // Nothing to decode: wait for work, waking now and then while something needs
+            // watching (held events, a prompt cache that memory pressure must release).
+            let tick = if !w.draining.is_empty() {
+                Some(DRAIN_TICK)
+            } else if w.caching && shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0 {
+                Some(IDLE_TICK)
+            } else {
+                None
+            };
+            let work = if let Some(tick) = tick {
+                match queue.recv_timeout(tick) {
+                    Ok(work) => Some(work),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match queue.recv() {
+                    Ok(work) => Some(work),
+                    Err(_) => break,
+                }
+            };
+            if let Some(work) = work {
+                w.take(work);
+            }
+        }
+        while let Ok(work) = queue.try_recv() {
+            w.take(work);
+        }
+        w.waiting.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            !gone
+        });
+        while w.running.len() < max_concurrent {
+            let Some(job) = w.waiting.pop_front() else { break };
+            w.start(job);
+        }
+        if catch_unwind(AssertUnwindSafe(|| w.turn())).is_err() {
+            tracing::error!("the backend loop panicked; its generations fail and the cache is cleared");
+            w.fail_all(BackendError::Generation("internal error in the backend".into()));
+        }
+    }
+}
+
+/// The drop guard of the batch: however the loop ends (the queue closed at shutdown, a panic
+/// that escaped), generations still running fail and the MLX cache is cleared.
+impl<B: Batcher> Drop for Worker<'_, B> {
+    fn drop(&mut self) {
+        if self.running.is_empty() {
+            self.clear_cache();
+        } else {
+            self.fail_all(BackendError::Stopped);
+        }
+    }
+}
+
+impl<B: Batcher> Worker<'_, B> {
+    /// Takes work off the queue: a token count is answered now, a generation waits for a slot.
+    fn take(&mut self, work: Work) {
+        match work {
+            Work::Generate(job) => self.waiting.push_back(job),
+            Work::Count { chat, reply, span } => {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                let _enter = span.enter();
+                if reply.is_closed() {
+                    return;
+                }
+                let counted = catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
+                    .unwrap_or_else(|_| Err("internal error in the backend".into()))
+                    .map_err(|e| {
+                        BackendError::InvalidRequest(format!(
+                            "the model's chat template cannot render this conversation: {e}"
+                        ))
+                    });
+                let _ = reply.send(counted);
+            }
+        }
+    }
+
+    /// Starts a waiting generation: admission again, then into the batch.
+    fn start(&mut self, job: Job) {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        let _enter = job.span.enter();
+        if job.events.is_closed() {
+            tracing::debug!("client left while queued");
+            return;
+        }
+        // Memory may have fallen while the request waited.
+        if let Err(refusal) = self.gate.check() {
+            let _ = job.events.try_send(Event::Failed(BackendError::Memory(refusal)));
+            return;
+        }
+        let context = self.batcher.context_length();
+        let added = catch_unwind(AssertUnwindSafe(|| self.batcher.add(&job.request, context)));
+        let fail = |e: BackendError| {
+            let _ = job.events.try_send(Event::Failed(e));
+        };
+        let (uid, input_tokens, cached_tokens) = match added {
+            Ok(Ok(Added::Started {
+                uid,
+                input_tokens,
+                cached_tokens,
+            })) => (uid, input_tokens, cached_tokens),
+            Ok(Ok(Added::TooLong { input_tokens })) => {
+                let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
+                return fail(BackendError::InvalidRequest(msg));
+            }
+            Ok(Err(e)) => {
+                let msg = format!("the model's chat template cannot render this conversation: {e}");
+                return fail(BackendError::InvalidRequest(msg));
+            }
+            Err(_) => {
+                tracing::error!("starting a generation panicked; that request fails");
+                return fail(BackendError::Generation("internal error in the backend".into()));
+            }
+        };
+        tracing::debug!(uid, input_tokens, cached_tokens, "generation started");
+        let mut outbox = Outbox::new(job.events);
+        let _ = outbox.push(Event::Started {
+            input_tokens,
+            cached_tokens,
+        });
+        drop(_enter);
+        self.running.insert(
+            uid,
+            Running {
+                span: job.span,
+                stops: StopMatcher::new(&job.request.stop_sequences),
+                output_tokens: 0,
+                outbox,
+            },
+        );
+        self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
+        self.refresh();
+    }
+
+    /// Memory, slow clients, then one decoding step of the batch.
+    fn turn(&mut self) {
+        let snapshot = self.gate.snapshot().load();
+        let safe = snapshot.tier == Tier::Safe;
+        if safe != self.caching {
+            // Out of Safe, the prompt cache is the first thing given back, and stays empty.
+            if safe {
+                tracing::info!("memory is Safe again: the prompt cache is back on");
+            } else {
+                tracing::info!(tier = ?snapshot.tier, "memory left Safe: releasing the prompt cache");
+            }
+            if let Err(e) = self.batcher.set_caching(safe) {
+                tracing::error!(error = %e, "switching the prompt cache failed");
+            }
+            self.caching = safe;
+            self.refresh();
+        }
+        if snapshot.tier == Tier::Emergency && !self.running.is_empty() {
+            let message = format!(
+                "generation aborted: memory tier Emergency ({:.2} GB available)",
+                snapshot.available_gb()
+            );
+            tracing::warn!(generations = self.running.len(), "{message}");
+            let retry_after_secs = self.gate.retry_after_secs();
+            self.fail_all(BackendError::Aborted {
+                message,
+                retry_after_secs,
+            });
+            return;
+        }
+        self.draining.retain_mut(|o| o.flush() == Flow::Open && !o.is_drained());
+        let gone: Vec<u64> = self
+            .running
+            .iter_mut()
+            .filter_map(|(uid, r)| (r.outbox.is_closed() || r.outbox.flush() == Flow::Closed).then_some(*uid))
+            .collect();
+        if !gone.is_empty() {
+            for uid in &gone {
+                if let Some(r) = self.running.remove(uid) {
+                    r.span.in_scope(|| client_gone(r.output_tokens));
+                }
+            }
+            self.cancel(&gone);
+            self.settle(Vec::new(), true);
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let stepped = match self.batcher.step() {
+            Ok(stepped) => stepped,
+            Err(msg) => {
+                tracing::error!(error = %msg, generations = self.running.len(), "generation raised");
+                self.fail_all(BackendError::Generation(msg));
+                return;
+            }
+        };
+        let before = self.running.len();
+        let mut ended = Vec::new();
+        let mut cancel = Vec::new();
+        let mut failed = false;
+        for s in stepped {
+            let Some(r) = self.running.get_mut(&s.uid) else {
+                continue;
+            };
+            let _enter = r.span.clone().entered();
+            match dispatch(r, s.pieces, s.finish) {
+                Step::Going => continue,
+                Step::Ended {
+                    last,
+                    cancel: still_running,
+                } => {
+                    failed |= matches!(last, Event::Failed(_));
+                    if still_running {
+                        cancel.push(s.uid);
+                    }
+                    let r = self.running.remove(&s.uid).expect("present");
+                    ended.push((r.outbox, last));
+                }
+                Step::Gone => {
+                    client_gone(r.output_tokens);
+                    if s.finish.is_none() {
+                        cancel.push(s.uid);
+                    }
+                    self.running.remove(&s.uid);
+                }
+            }
+        }
+        if !cancel.is_empty() {
+            self.cancel(&cancel);
+        }
+        self.steps = self.steps.wrapping_add(1);
+        // Anything that left the batch (ended, cut by a stop sequence, its client gone on the
+        // last token) settles: the count, and the cache when the batch is now idle.
+        if self.running.len() != before {
+            self.settle(ended, failed || !cancel.is_empty());
+        } else if self.steps % MEMORY_EVERY == 0 {
+            self.refresh();
+        }
+    }
+
+    /// After generations left the batch: clears the cache when the batch is idle or one of them
+    /// failed or was aborted, then sends their last events.
+    fn settle(&mut self, ended: Vec<(Outbox, Event)>, abnormal: bool) {
+        self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
+        if self.running.is_empty() || abnormal {
+            self.clear_cache();
+        }
+        for (mut outbox, last) in ended {
+            if outbox.push(last) == Flow::Open && !outbox.is_drained() {
+                self.draining.push(outbox);
+            }
+        }
+    }
+
+    /// Ends every running generation with `error`, resets the batch and clears the cache.
+    fn fail_all(&mut self, error: BackendError) {
+        let ended: Vec<(Outbox, Event)> = self
+            .running
+            .drain()
+            .map(|(_, r)| (r.outbox, Event::Failed(error.clone())))
+            .collect();
+        if let Err(e) = self.batcher.reset() {
+            tracing::error!(error = %e, "resetting the batch failed");
+        }
+        self.settle(ended, true);
+    }
+
+    /// Removes generations from the batch, keeping what they computed in the prompt cache
+    /// (clients that left, stop sequences).
+    fn cancel(&mut self, uids: &[u64]) {
+        if let Err(e) = self.batcher.cancel(uids, true) {
+            tracing::error!(error = %e, "cancelling generations failed; resetting the batch");
+            let _ = self.batcher.reset();
+        }
+    }
+
+    /// Clears the MLX cache (with the cycle collector when reference counting left something
+    /// on an idle batch).
+    fn clear_cache(&mut self) {
+        match self.batcher.clear_cache(false) {
+            Ok(0) => {}
+            Ok(bytes) if self.running.is_empty() => {
+                tracing::debug!(bytes, "cache not empty after clearing; running the cycle collector");
+                if let Err(e) = self.batcher.clear_cache(true) {
+                    tracing::error!(error = %e, "clearing the MLX cache failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "clearing the MLX cache failed"),
+        }
+        self.refresh();
+    }
+
+    /// Reads MLX's memory counters and the prompt cache's size into the shared status.
+    fn refresh(&mut self) {
+        match self.batcher.memory() {
+            Ok(m) => self.shared.store_memory(&m),
+            Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
+        }
+    }
+}
+
+/// Turns one generation's pieces of one step into events for its client.
+fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>) -> Step {
+    r.output_tokens += 1;
+    for piece in pieces {
+        let event = match piece {
+            Piece::Text(text) => {
+                let matched = r.stops.push(&text);
+                if !matched.text.is_empty() && r.outbox.push(Event::Text(matched.text)) == Flow::Closed {
+                    return Step::Gone;
+                }
+                if let Some(stop) = matched.stop {
+                    let last = Event::Done {
+                        reason: StopReason::StopSequence,
+                        stop_sequence: Some(stop),
+                        output_tokens: r.output_tokens,
+                    };
+                    return Step::Ended {
+                        last,
+                        cancel: finish.is_none(),
+                    };
+                }
+                continue;
+            }
+            Piece::Thinking(text) => Event::Thinking(text),
+            Piece::Tool(call) => tool_use(&call),
+            Piece::Error(message) => {
+                tracing::error!(error = %message, output_tokens = r.output_tokens, "generation raised");
+                return Step::Ended {
+                    last: Event::Failed(BackendError::Generation(message)),
+                    cancel: false,
+                };
+            }
+        };
+        if r.outbox.push(event) == Flow::Closed {
+            return Step::Gone;
+        }
+    }
+    let Some(finish) = finish else { return Step::Going };
+    let rest = r.stops.finish();
+    if !rest.is_empty() && r.outbox.push(Event::Text(rest)) == Flow::Closed {
+        return Step::Gone;
+    }
+    let reason = match finish {
+        Finish::Length => StopReason::MaxTokens,
+        Finish::ToolUse => StopReason::ToolUse,
+        Finish::Stop | Finish::Error => StopReason::EndTurn,
+    };
+    Step::Ended {
+        last: Event::Done {
+            reason,
+            stop_sequence: None,
+            output_tokens: r.output_tokens,
+        },
+        cancel: false,
+    }
+}
+
+/// A parsed call from the bridge (`{"name": ..., "arguments": {...}}`) as a `ToolUse` event.
+fn tool_use(payload: &str) -> Event {
+    let call: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+    Event::ToolUse {
+        id: format!("toolu_{}", uuid::Uuid::new_v4().simple()),
+        name: call["name"].as_str().unwrap_or_default().to_owned(),
+        input: match call.get("arguments") {
+            Some(v @ serde_json::Value::Object(_)) => v.clone(),
+            _ => serde_json::json!({}),
+        },
+    }
+}
+
+fn client_gone(output_tokens: u32) {
+    tracing::info!(output_tokens, "client went away; generation stopped");
+}
+
+#[cfg(test)]
+mod tests;
