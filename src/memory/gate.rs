@@ -24,6 +24,7 @@ impl Gate {
     }
 
     /// The snapshot it reads.
+    #[inline]
     pub fn snapshot(&self) -> &SnapshotHandle {
         &self.snapshot
     }
@@ -39,11 +40,13 @@ impl Gate {
     }
 
     /// Admits (with the tier) or refuses, by the latest snapshot: one atomic load.
+    #[inline]
     pub fn check(&self) -> Result<Tier, Refusal> {
         self.decide(&self.snapshot.load())
     }
 
     /// Admits (with the tier) or refuses, by `snapshot`.
+    #[inline]
     pub fn decide(&self, snapshot: &MemorySnapshot) -> Result<Tier, Refusal> {
         if snapshot.tier.admits() {
             return Ok(snapshot.tier);
