@@ -1,0 +1,152 @@
+#![allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
+
+use super::*;
+use figment::Jail;
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    Jail::expect_with(|_| {
+        let c = Config::load(None, &Flags::default()).unwrap();
+        assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 7777));
+        assert_eq!(
+            (c.memory.warning_gb, c.memory.critical_gb, c.memory.emergency_gb),
+            (2.0, 1.0, 0.5)
+        );
+        assert_eq!(c.memory.sample_interval_ms, 250);
+        assert_eq!(c.backend.model, "demo");
+        Ok(())
+    });
+}
+
+#[test]
+fn file_then_env_then_flags_override_in_order() {
+    Jail::expect_with(|jail| {
+        jail.create_dir("config")?;
+        jail.create_file(DEFAULT_FILE, "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n")?;
+        jail.set_env("PENSIEVE_SERVER__PORT", "9000");
+        jail.set_env("PENSIEVE_UNRELATED", "ignored");
+        let c = Config::load(None, &Flags::default()).unwrap();
+        assert_eq!(c.memory.critical_gb, 1.5);
+        assert_eq!(c.server.port, 9000);
+        let flags = Flags {
+            server: FlagServer {
+                port: Some(9100),
+                host: None,
+            },
+            ..Default::default()
+        };
+        assert_eq!(Config::load(None, &flags).unwrap().server.port, 9100);
+        let text = Config::explain(None, &flags).unwrap();
+        assert!(text.contains("memory.critical_gb = 1.5  # file"), "{text}");
+        assert!(text.contains("server.port = 9100  # command-line flag"), "{text}");
+        assert!(text.contains("memory.warning_gb = 2.0  # default"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn env_source_is_named_in_explain() {
+    Jail::expect_with(|jail| {
+        jail.set_env("PENSIEVE_MEMORY__WARNING_GB", "4");
+        let text = Config::explain(None, &Flags::default()).unwrap();
+        assert!(
+            text.contains("memory.warning_gb = 4.0  # environment PENSIEVE_MEMORY__WARNING_GB"),
+            "{text}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn thresholds_out_of_order_name_the_key_and_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("my.toml", "[memory]\nwarning_gb = 1.0\ncritical_gb = 1.0\n")?;
+        let err = Config::load(Some(Path::new("my.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory.warning_gb"), "{err}");
+        assert!(err.contains("my.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn negative_emergency_is_refused() {
+    Jail::expect_with(|jail| {
+        jail.set_env("PENSIEVE_MEMORY__EMERGENCY_GB", "-1");
+        let err = Config::load(None, &Flags::default()).unwrap_err().to_string();
+        assert!(
+            err.contains("memory.emergency_gb") && err.contains("environment"),
+            "{err}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_key_and_wrong_type_name_the_key_and_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("a.toml", "[memory]\nwarnig_gb = 3\n")?;
+        let err = Config::load(Some(Path::new("a.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("warnig_gb") && err.contains("a.toml"), "{err}");
+        jail.create_file("b.toml", "[server]\nport = \"many\"\n")?;
+        let err = Config::load(Some(Path::new("b.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.port") && err.contains("b.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn broken_toml_names_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", "[memory\n")?;
+        let err = Config::load(Some(Path::new("c.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    Jail::expect_with(|_| {
+        let err = Config::load(Some(Path::new("nope.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn layers_are_all_on_by_default_and_switched_from_file_and_env() {
+    Jail::expect_with(|jail| {
+        let c = Config::load(None, &Flags::default()).unwrap();
+        assert_eq!(c.layers, LayersConfig::default());
+        assert!(
+            c.layers.logging && c.layers.memory_headers && c.layers.auth && c.layers.admission && c.layers.policies
+        );
+        jail.create_file(LAYERS_FILE, "[layers]\nauth = false\n")?;
+        jail.set_env("PENSIEVE_LAYERS__POLICIES", "false");
+        let file = Path::new(LAYERS_FILE);
+        let c = Config::load(Some(file), &Flags::default()).unwrap();
+        assert!(!c.layers.auth && !c.layers.policies && c.layers.admission);
+        let explained = Config::explain(Some(file), &Flags::default()).unwrap();
+        assert!(explained.contains("layers.auth = false  # file"), "{explained}");
+        assert!(
+            explained.contains("layers.policies = false  # environment PENSIEVE_LAYERS__POLICIES"),
+            "{explained}"
+        );
+        jail.create_file(LAYERS_FILE, "[layers]\nmetrics = false\n")?;
+        let err = Config::load(Some(file), &Flags::default()).unwrap_err().to_string();
+        assert!(err.contains("metrics") && err.contains(LAYERS_FILE), "{err}");
+        Ok(())
+    });
+}
+
+const LAYERS_FILE: &str = "layers.toml";
