@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! /v1/*:   the Stack (src/stack.rs), switched by [layers]:
-//!          request-id ─ logging ─ propagate request-id ─ catch-panic ─ metrics ─ memory headers
+//!          request-id ─ logging ─ propagate request-id ─ metrics ─ catch-panic ─ memory headers
 //!            ─ auth ─ body limit ─ WASM policies ─ memory admission ─ handler
 //! /health, /health/ready, /health/live, /metrics, anything else:
-//!          request-id ─ logging ─ propagate request-id ─ catch-panic ─ metrics ─ handler
+//!          request-id ─ logging ─ propagate request-id ─ metrics ─ catch-panic ─ handler
 //! ```
 
 use std::sync::Arc;
@@ -17,7 +17,6 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
-use crate::api::error::{ApiError, ErrorKind};
 use crate::api::{self, AppState};
 use crate::backend::{Backend, MlxBackend};
 use crate::config::Config;
@@ -25,7 +24,7 @@ use crate::layers::{LoggingLayer, MakeRequestId, MetricsLayer, REQUEST_ID};
 use crate::memory::{Gate, Hooks, Sampler, SnapshotHandle, SystemProbe, Thresholds};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Watcher};
-use crate::stack::Stack;
+use crate::stack::{panic_response, PanicResponse, Stack};
 
 /// The whole application: routes and layers, ready for `axum::serve`.
 pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: Option<Arc<PolicyEngine>>) -> Router {
@@ -57,11 +56,8 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
         .layer(LoggingLayer)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            tracing::error!("a handler panicked");
-            ApiError::new(ErrorKind::Api, "internal server error").to_response::<axum::body::Body>(None)
-        }))
-        .layer(MetricsLayer::new(metrics));
+        .layer(MetricsLayer::new(metrics))
+        .layer(CatchPanicLayer::custom(panic_response as PanicResponse));
     Router::new()
         .route("/health", get(api::health).fallback(api::method_not_allowed))
         .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))

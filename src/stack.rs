@@ -2,7 +2,7 @@
 //! API, and what an app of your own puts in front of its handler.
 //!
 //! ```text
-//! request-id ─ logging ─ propagate request-id ─ catch-panic ─ metrics ─ memory headers ─ auth
+//! request-id ─ logging ─ propagate request-id ─ metrics ─ catch-panic ─ memory headers ─ auth
 //!   ─ body limit ─ WASM policies ─ memory admission ─ your service
 //! ```
 //!
@@ -161,22 +161,25 @@ where
             );
             svc = stage(headers.layer(svc));
         }
+        svc = stage(CatchPanicLayer::custom(panic_response as PanicResponse).layer(svc));
         if let Some(metrics) = &self.metrics {
             svc = stage(MetricsLayer::new(metrics.clone()).layer(svc));
         }
-        svc = stage(
-            CatchPanicLayer::custom(|_panic| {
-                tracing::error!("a handler panicked");
-                ApiError::new(ErrorKind::Api, "internal server error").to_response::<Body>(None)
-            })
-            .layer(svc),
-        );
         svc = stage(PropagateRequestIdLayer::new(REQUEST_ID).layer(svc));
         if on.logging {
             svc = stage(LoggingLayer.layer(svc));
         }
         V1(stage(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId).layer(svc)))
     }
+}
+
+/// What catch-panic answers: a 500 `api_error`, the panic in the log only.
+pub(crate) type PanicResponse = fn(Box<dyn std::any::Any + Send>) -> Response<Body>;
+
+/// See [`PanicResponse`].
+pub(crate) fn panic_response(_panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
+    tracing::error!("a handler panicked");
+    ApiError::new(ErrorKind::Api, "internal server error").to_response(None)
 }
 
 /// Boxes a stage, turning its response body into [`Body`].

@@ -27,6 +27,10 @@ struct FakeBackend {
 
 impl Backend for FakeBackend {
     fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError> {
+        assert!(
+            request.chat.messages[0].content != "panic",
+            "the fake backend was told to panic"
+        );
         let input_tokens = request.chat.messages.len() as u32 * 10;
         self.asked.lock().unwrap().push(request);
         let (tx, rx) = mpsc::channel(8);
@@ -267,6 +271,22 @@ async fn a_policy_refuses_in_the_layer_before_the_handler_and_is_counted() {
     assert!(app.backend.asked.lock().unwrap().is_empty());
     let m = metrics(&app).await;
     assert!(m.contains(r#"pensieve_policy_refusals_total{name="refuse"} 1"#), "{m}");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_500_api_error_and_is_counted() {
+    let app = app(&Config::default(), Tier::Safe, false);
+    let mut body = hello();
+    body["messages"][0]["content"] = json!("panic");
+    let a = send(&app, post("/v1/messages", body)).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(a.json()["error"]["type"], "api_error");
+    assert!(a.headers.contains_key("request-id"));
+    let m = metrics(&app).await;
+    assert!(
+        m.contains(r#"pensieve_requests_total{route="/v1/messages",status="500"} 1"#),
+        "{m}"
+    );
 }
 
 // === [layers]: each switch removes its layer ===
