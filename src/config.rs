@@ -116,7 +116,7 @@ impl Default for MemoryConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
-    /// A Hugging Face id, a local folder, or `demo`.
+    /// A Hugging Face id, a local folder, a `.gguf` file (or a folder holding one), or `demo`.
     pub model: String,
     /// The virtual environment holding mlx and mlx-lm.
     pub python: PathBuf,
@@ -129,6 +129,11 @@ pub struct BackendConfig {
     /// Bytes of KV cache kept for reuse across requests (prompt cache) and held by running
     /// generations, in MiB; 0 turns the prompt cache off.
     pub prompt_cache_mb: u64,
+    /// The BLAS MLX uses on a CPU: `auto` (OpenBLAS where installed), `off`, or a library path.
+    pub blas: String,
+    /// On a CPU, run quantised and half-precision weights as float32 (faster through BLAS)
+    /// when that takes at most a quarter of the memory available at load.
+    pub cpu_float32: bool,
 }
 
 impl Default for BackendConfig {
@@ -140,6 +145,8 @@ impl Default for BackendConfig {
             max_queue: 16,
             queue_timeout_ms: 120_000,
             prompt_cache_mb: 2048,
+            blas: "auto".into(),
+            cpu_float32: true,
         }
     }
 }
@@ -401,6 +408,13 @@ impl Config {
         }
         if self.backend.queue_timeout_ms == 0 {
             return Err(invalid("backend.queue_timeout_ms", "must be at least 1".into()));
+        }
+        let blas = &self.backend.blas;
+        if blas != "auto" && blas != "off" && !Path::new(blas).exists() {
+            return Err(invalid(
+                "backend.blas",
+                format!("must be \"auto\", \"off\" or the path of a BLAS library, not `{blas}` (no such file)"),
+            ));
         }
         if self.backend.model.trim().is_empty() {
             return Err(invalid("backend.model", "must not be empty".into()));

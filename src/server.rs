@@ -74,7 +74,14 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let thresholds = Thresholds::from_config(&config.memory);
     let snapshot = SnapshotHandle::new(crate::memory::MemorySnapshot::unknown());
     let gate = Gate::new(snapshot.clone(), thresholds, config.memory.retry_after_secs);
-    let probe = SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
+    let mut probe = SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
+    // One reading now, so that the model loads knowing the memory it may use.
+    snapshot.store(Sampler::sample(
+        &mut probe,
+        &thresholds,
+        &crate::memory::MemorySnapshot::unknown(),
+        &Hooks::default(),
+    ));
     if let Some(cg) = probe.cgroup() {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }

@@ -13,9 +13,12 @@ import json
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm import load
+from mlx_lm.utils import dequantize_model
 
-from . import demo
+from . import blas, demo, gguf
 
 #: A model id starting with this is served by the test batcher of
 #: :mod:`pensieve_bridge.testing` (scripted replies, injected faults); the rest is the model.
@@ -34,21 +37,57 @@ def resolve_model(model: str) -> str:
 class Engine:
     """A loaded model and tokenizer, with the chat template and generation."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, cpu_float32_budget: int = 0):
+        """Loads ``model`` (``demo``, a folder, a Hugging Face id or a GGUF file).
+
+        On a CPU, quantised and half-precision weights are turned into float32 when they then
+        take at most ``cpu_float32_budget`` bytes (0: never): MLX's quantised kernels do not
+        use BLAS and float16 arithmetic is slow on x86 CPUs, so float32 through BLAS is several
+        times faster there. Metal keeps the weights as they are."""
         self.model_id = model
         self.path = resolve_model(model)
-        self.model, self.tokenizer = load(self.path)
-        config = getattr(self.model, "args", None)
-        ctx = getattr(config, "max_position_embeddings", None)
-        if not ctx:
-            ctx = getattr(self.tokenizer, "model_max_length", None)
+        self.notes = []
+        gguf_file = gguf.find_gguf(self.path)
+        if gguf_file:
+            self.model, self.tokenizer, ctx = gguf.load(gguf_file)
+            self.notes.append(f"GGUF {gguf_file}")
+        else:
+            self.model, self.tokenizer = load(self.path)
+            config = getattr(self.model, "args", None)
+            ctx = getattr(config, "max_position_embeddings", None)
+            if not ctx:
+                ctx = getattr(self.tokenizer, "model_max_length", None)
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
+        self._float32_on_cpu(cpu_float32_budget)
         self.clear_cache()
 
+    def _float32_on_cpu(self, budget: int) -> None:
+        if mx.default_device() != mx.cpu:
+            return
+        quantised = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in self.model.named_modules())
+        half = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(self.model.parameters()))
+        if not (quantised or half):
+            return
+        need = float32_bytes(self.model)
+        if need > budget:
+            self.notes.append(
+                f"weights kept as they are: float32 would take {need / 2**30:.2f} GB, over the budget of "
+                f"{budget / 2**30:.2f} GB (backend.cpu_float32)"
+            )
+            return
+        dequantize_model(self.model)
+        self.model.set_dtype(mx.float32)
+        mx.eval(self.model.parameters())
+        self.notes.append(
+            f"weights {'dequantised' if quantised else 'converted'} to float32 for the CPU "
+            f"({need / 2**30:.2f} GB; faster through BLAS than quantised or float16 kernels)"
+        )
+
     def describe(self) -> str:
+        notes = "".join(f"; {n}" for n in self.notes)
         return (
             f"model {self.model_id} from {self.path}; python {sys.version.split()[0]}; "
-            f"mlx {mx.__version__}; context {self.context_length}"
+            f"mlx {mx.__version__}; context {self.context_length}; {blas.chosen() or 'reference BLAS'}{notes}"
         )
 
     def render(self, chat_json: str) -> list[int]:
@@ -87,3 +126,17 @@ class Engine:
     def memory() -> tuple[int, int, int]:
         """``(active, cache, peak)`` bytes as MLX counts them."""
         return mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
+
+
+def float32_bytes(model) -> int:
+    """What the model's weights take as float32: a quantised layer counts its unpacked size."""
+    total = 0
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            rows, packed = m.weight.shape[-2:]
+            total += rows * packed * 32 // m.bits * 4
+            if "bias" in m:
+                total += m.bias.size * 4
+        else:
+            total += sum(v.size * 4 for _, v in tree_flatten(m.parameters()))
+    return total

@@ -2,12 +2,17 @@
 
 import json
 
-import mlx.core as mx
-import pytest
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from pensieve_bridge import blas
 
-from pensieve_bridge.engine import Engine
+# Before anything imports MLX, as the server does: the tests run on the same BLAS.
+blas.preload("auto")
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+from mlx_lm import stream_generate  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from pensieve_bridge.engine import Engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")

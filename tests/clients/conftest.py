@@ -57,3 +57,15 @@ def keyed_server():
     s = Server({"PENSIEVE_SERVER__API_KEYS": '["sk-local"]'})
     yield s
     s.stop()
+
+
+SMOLLM2 = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """SmolLM2-135M-Instruct, a real instruct model, served from its GGUF file (`make smollm2`)."""
+    assert SMOLLM2.exists(), f"{SMOLLM2} is missing: run `make smollm2`"
+    s = Server({"PENSIEVE_BACKEND__MODEL": str(SMOLLM2)})
+    yield s
+    s.stop()

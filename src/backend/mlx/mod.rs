@@ -27,7 +27,7 @@ use super::{Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generat
 use crate::config::BackendConfig;
 use crate::memory::{BackendMemory, Gate};
 use protocol::{Batcher, Memory};
-use python::PyBatcher;
+use python::{LoadSettings, PyBatcher};
 use worker::{Job, Work};
 
 /// Events buffered per generation before the backend holds them in the client's outbox.
@@ -93,11 +93,16 @@ impl MlxBackend {
     pub fn start(config: &BackendConfig, gate: Gate) -> Result<MlxBackend, String> {
         let venv = python::resolve_venv(&config.python)?;
         let model = config.model.clone();
-        let max_concurrent = config.max_concurrent as u32;
-        let cache_bytes = config.prompt_cache_mb.saturating_mul(1 << 20);
-        Self::spawn(config, gate, move || {
-            PyBatcher::load(&venv, &model, max_concurrent, cache_bytes)
-        })
+        // A quarter of what is available now: float32 weights are faster on a CPU, but not at
+        // the price of the memory pensieve exists to guard.
+        let available = gate.snapshot().load().available_bytes;
+        let settings = LoadSettings {
+            max_concurrent: config.max_concurrent as u32,
+            prompt_cache_bytes: config.prompt_cache_mb.saturating_mul(1 << 20),
+            blas: config.blas.clone(),
+            cpu_float32_budget: if config.cpu_float32 { available / 4 } else { 0 },
+        };
+        Self::spawn(config, gate, move || PyBatcher::load(&venv, &model, &settings))
     }
 
     /// Starts the thread with the batcher `load` makes there (Python objects live on it).

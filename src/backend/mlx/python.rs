@@ -10,6 +10,18 @@ use pyo3::prelude::*;
 use super::protocol::{check_codes, Added, Batcher, Finish, Memory, Piece, Stepped};
 use crate::backend::{Chat, GenerateRequest};
 
+/// How the model is loaded.
+pub(crate) struct LoadSettings {
+    /// Generations decoded together.
+    pub max_concurrent: u32,
+    /// The prompt cache's cap.
+    pub prompt_cache_bytes: u64,
+    /// `backend.blas`.
+    pub blas: String,
+    /// On a CPU, weights become float32 when they then take at most this (0: never).
+    pub cpu_float32_budget: u64,
+}
+
 /// The bridge's engine (model, tokenizer, template, memory) and batcher.
 pub(crate) struct PyBatcher {
     engine: Py<PyAny>,
@@ -36,7 +48,7 @@ pub(crate) fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
 impl PyBatcher {
     /// Loads `model` in the embedded interpreter with `venv`'s packages; a message that says
     /// which model failed, why, and what to do.
-    pub fn load(venv: &Path, model: &str, max_concurrent: u32, prompt_cache_bytes: u64) -> Result<PyBatcher, String> {
+    pub fn load(venv: &Path, model: &str, settings: &LoadSettings) -> Result<PyBatcher, String> {
         Python::attach(|py| {
             let v = py.version_info();
             let site_packages = venv
@@ -59,6 +71,12 @@ impl PyBatcher {
                 signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
                 py.import("site")?
                     .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+                // Before anything imports MLX: an optimised BLAS must be in place first.
+                let blas: String = py
+                    .import("pensieve_bridge.blas")?
+                    .call_method1("preload", (settings.blas.as_str(),))?
+                    .extract()?;
+                tracing::info!("{blas}");
                 let codes: HashMap<String, u8> = py
                     .import("pensieve_bridge.protocol")?
                     .call_method0("codes")?
@@ -69,14 +87,14 @@ impl PyBatcher {
                 let engine = py
                     .import("pensieve_bridge.engine")?
                     .getattr("Engine")?
-                    .call1((model,))?;
+                    .call1((model, settings.cpu_float32_budget))?;
                 let info: String = engine.call_method0("describe")?.extract()?;
                 tracing::info!(%info, "model loaded");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
                 let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
                     &engine,
-                    max_concurrent,
-                    prompt_cache_bytes,
+                    settings.max_concurrent,
+                    settings.prompt_cache_bytes,
                 ))?;
                 Ok(Ok(PyBatcher {
                     engine: engine.unbind(),
@@ -87,8 +105,9 @@ impl PyBatcher {
             setup().map_err(|e| python_error(py, &e)).and_then(|r| r).map_err(|e| {
                 format!(
                     "could not load model `{model}`: {e}\n  backend.model must be `demo`, a local folder \
-                     with config.json, tokenizer and safetensors weights, or a Hugging Face id that mlx-lm \
-                     can download (this needs network access). The environment used was {}.",
+                     with config.json, tokenizer and safetensors weights, a .gguf file (llama, SmolLM, \
+                     Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that \
+                     mlx-lm can download (this needs network access). The environment used was {}.",
                     venv.display()
                 )
             })
