@@ -90,9 +90,10 @@ claude-code: $(CLAUDE)
 test-rust: build smollm2
 	cargo test --release --locked -- --test-threads=2
 
-bench: build policies
+bench: build policies smollm2
 	cargo bench --locked --bench admission --bench policy
 	$(PY) benches/compare.py
+	MODEL=$(SMOLLM2) TOKENS=64 AGENT_CHARS=2000 ROUNDS=3 $(PY) benches/compare.py
 
 fmt:
 	cargo fmt

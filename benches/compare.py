@@ -14,6 +14,12 @@ and measures them side by side in one run, alternating which goes first in every
 pensieve is asked over the Anthropic Messages API, mlx-lm over its OpenAI chat API, each with
 the same messages. Medians are printed, and the ratios pensieve / mlx-lm (for tokens/s, higher
 is better; for time to first token, lower is better). ``ROUNDS`` sets the rounds (default 5).
+
+``MODEL`` compares on another model instead of the demo: an MLX folder, or a GGUF file, which is
+first written as an MLX folder (``benches/gguf_to_mlx.py``) so that both servers load the same
+weights from the same folder. ``TOKENS`` sets the output tokens per request (default 256). For
+SmolLM2 on a CPU: ``MODEL=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf TOKENS=64
+AGENT_CHARS=2000 ROUNDS=3`` (mlx-lm's server prefills about 10 tokens/s there).
 """
 
 import http.client
@@ -34,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "pensieve"
 PY = sys.executable
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
-TOKENS = 256
+TOKENS = int(os.environ.get("TOKENS", "256"))
+MODEL = os.environ.get("MODEL")
 STREAMS = 8
 AGENT_CHARS = int(os.environ.get("AGENT_CHARS", "40000"))
 
@@ -220,9 +227,16 @@ def main():
     if not BIN.exists():
         sys.exit(f"{BIN} is missing: run `make build` first")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "demo"
-        subprocess.run([PY, "-m", "pensieve_bridge.demo", str(model_dir)], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+        if MODEL and MODEL.endswith(".gguf"):
+            model_dir = Path(tmp) / Path(MODEL).stem
+            subprocess.run([PY, str(ROOT / "benches" / "gguf_to_mlx.py"), MODEL, str(model_dir)], check=True,
+                           cwd=ROOT, stdout=subprocess.DEVNULL)
+        elif MODEL:
+            model_dir = Path(MODEL)
+        else:
+            model_dir = Path(tmp) / "demo"
+            subprocess.run([PY, "-m", "pensieve_bridge.demo", str(model_dir)], check=True, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
         servers = [Pensieve(model_dir), MlxLm(model_dir)]
         results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": []}
                    for s in servers}
@@ -248,7 +262,7 @@ def main():
                 s.proc.wait()
     med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in results.items()}
     p, m = med["pensieve"], med["mlx-lm"]
-    print(f"demo model ({model_dir.name}), {ROUNDS} alternating rounds, medians; "
+    print(f"model {model_dir.name}, {ROUNDS} alternating rounds, medians; "
           f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}")
     print(f"{'':34}{'pensieve':>12}{'mlx-lm':>12}{'ratio':>9}")
     rows = [

@@ -134,6 +134,11 @@ pub struct BackendConfig {
     /// On a CPU, run quantised and half-precision weights as float32 (faster through BLAS)
     /// when that takes at most a quarter of the memory available at load.
     pub cpu_float32: bool,
+    /// Tokens per sequence of KV cache counted, for every one of `max_concurrent` sequences,
+    /// when checking that the model fits before it loads.
+    pub kv_context_tokens: u64,
+    /// Load even when the estimate says the model would take memory to `memory.warning_gb`.
+    pub force_load: bool,
 }
 
 impl Default for BackendConfig {
@@ -147,6 +152,8 @@ impl Default for BackendConfig {
             prompt_cache_mb: 2048,
             blas: "auto".into(),
             cpu_float32: true,
+            kv_context_tokens: 4096,
+            force_load: false,
         }
     }
 }
@@ -281,11 +288,14 @@ pub struct FlagBackend {
     /// `--model`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// `--force`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_load: Option<bool>,
 }
 
 impl FlagBackend {
     fn is_empty(&self) -> bool {
-        self.model.is_none()
+        self.model.is_none() && self.force_load.is_none()
     }
 }
 

@@ -25,9 +25,13 @@ enum Command {
         /// Configuration file (default: config/pensieve.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// A Hugging Face id, a local folder, or `demo`.
+        /// A Hugging Face id, a local folder, a GGUF file, or `demo`.
         #[arg(long)]
         model: Option<String>,
+        /// Load the model even when its estimated size would take memory to the warning
+        /// threshold (`backend.force_load`).
+        #[arg(long)]
+        force: bool,
         /// Address to bind.
         #[arg(long)]
         host: Option<String>,
@@ -74,12 +78,16 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             model,
+            force,
             host,
             port,
         } => {
             let flags = Flags {
                 server: FlagServer { host, port },
-                backend: FlagBackend { model },
+                backend: FlagBackend {
+                    model,
+                    force_load: force.then_some(true),
+                },
             };
             serve(config, flags)
         }

@@ -85,6 +85,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     if let Some(cg) = probe.cgroup() {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }
+    check_model_fits(&config, &snapshot.load(), &thresholds)?;
     let backend_config = config.backend.clone();
     tracing::info!(model = %backend_config.model, "loading the model");
     let backend_gate = gate.clone();
@@ -140,6 +141,46 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Before a byte of the model is read: refuses it when its estimated size (from its headers)
+/// would take memory to the warning threshold, unless `backend.force_load`.
+fn check_model_fits(
+    config: &Config,
+    snapshot: &crate::memory::MemorySnapshot,
+    thresholds: &Thresholds,
+) -> Result<(), String> {
+    use crate::backend::estimate;
+    let b = &config.backend;
+    let Some(path) = estimate::model_path(&b.model) else {
+        tracing::info!(model = %b.model, "no local files to estimate the model's size from before loading");
+        return Ok(());
+    };
+    let Some(estimate) = estimate::estimate(&path)? else {
+        return Ok(());
+    };
+    let fits = estimate::check_fits(
+        &b.model,
+        &estimate,
+        b.max_concurrent as u64,
+        b.kv_context_tokens,
+        snapshot.available_bytes,
+        thresholds.warning,
+    );
+    tracing::info!(
+        weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
+        with_kv_gb = estimate.total(b.max_concurrent as u64, b.kv_context_tokens) as f64 / crate::memory::GIB,
+        available_gb = snapshot.available_gb(),
+        "model size estimated from its headers"
+    );
+    match fits {
+        Ok(()) => Ok(()),
+        Err(message) if b.force_load => {
+            tracing::warn!("{message} — loading anyway: backend.force_load is set");
+            Ok(())
+        }
+        Err(message) => Err(message),
+    }
 }
 
 /// Listens for SIGINT and SIGTERM from the moment it is called (not from the first poll), so

@@ -63,14 +63,19 @@ class GGUFError(ValueError):
     """The file cannot be served; the message says what it holds and what is supported."""
 
 
-def is_gguf(path: str) -> bool:
-    return str(path).lower().endswith(".gguf")
+def is_gguf(path) -> bool:
+    """Whether the file starts with GGUF's magic (Ollama's blobs have no extension)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def find_gguf(path: str) -> str | None:
-    """``path`` itself when it is a .gguf file, the one .gguf file in a folder, or None."""
+    """``path`` itself when it is a GGUF file, the one .gguf file in a folder, or None."""
     p = Path(path).expanduser()
-    if p.is_file() and is_gguf(p.name):
+    if p.is_file() and is_gguf(p):
         return str(p)
     if p.is_dir() and not (p / "config.json").exists():
         files = sorted(p.glob("*.gguf"))
@@ -174,7 +179,9 @@ def _quantised_bits(weights: dict) -> dict:
     }
 
 
-def _tokenizer(meta, path):
+def write_tokenizer(meta, path, out) -> list[int]:
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json`` for the file's vocabulary into
+    ``out``; returns its end-of-turn token ids."""
     model = _scalar(meta, "tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(
@@ -207,7 +214,6 @@ def _tokenizer(meta, path):
     bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     name = lambda key: tokens[int(_scalar(meta, key))] if _scalar(meta, key) is not None else None  # noqa: E731
-    eos_ids = [int(_scalar(meta, k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if _scalar(meta, k) is not None]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": name("tokenizer.ggml.bos_token_id"),
@@ -217,7 +223,35 @@ def _tokenizer(meta, path):
         "chat_template": _scalar(meta, "tokenizer.chat_template"),
         "clean_up_tokenization_spaces": False,
     }
+    bpe.save(str(Path(out) / "tokenizer.json"))
+    (Path(out) / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return [int(_scalar(meta, k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if _scalar(meta, k) is not None]
+
+
+def _tokenizer(meta, path):
     with tempfile.TemporaryDirectory(prefix="pensieve-gguf-") as d:
-        bpe.save(str(Path(d) / "tokenizer.json"))
-        (Path(d) / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        eos_ids = write_tokenizer(meta, path, d)
         return load_tokenizer(Path(d), eos_token_ids=eos_ids)
+
+
+def to_mlx_folder(path: str, out: str) -> None:
+    """Writes the GGUF file at ``path`` as an MLX model folder (``config.json``, quantised
+    safetensors, tokenizer files) that mlx-lm's own ``load`` reads: the same weights, for
+    comparing with servers that cannot read GGUF."""
+    weights, meta = mx.load(path, return_metadata=True)
+    arch = _scalar(meta, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture `{arch}` is not supported for GGUF files")
+    model_type, permuted = ARCHITECTURES[arch]
+    config = _config(meta, arch, model_type, weights, permuted)
+    weights = _rename(weights)
+    bits = _quantised_bits(weights)
+    if bits:
+        common = max(set(bits.values()), key=list(bits.values()).count)
+        config["quantization"] = {"group_size": 32, "bits": common}
+        config["quantization"].update({m: {"group_size": 32, "bits": b} for m, b in bits.items() if b != common})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    eos_ids = write_tokenizer(meta, path, out)
+    config["eos_token_id"] = eos_ids
+    (Path(out) / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(Path(out) / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -124,3 +124,10 @@ def test_unsupported_architectures_and_vocabularies_are_named(tmp_path):
         (two / name).write_bytes(b"")
     with pytest.raises(gguf.GGUFError, match="several .gguf files"):
         gguf.find_gguf(str(two))
+    # Found by its magic, not its name: Ollama keeps GGUF files as extensionless blobs.
+    blob = tmp_path / "sha256-0123abcd"
+    with open(SMOLLM2, "rb") as f:
+        blob.write_bytes(f.read(64))
+    assert gguf.find_gguf(str(blob)) == str(blob)
+    assert gguf.find_gguf(str(tmp_path / "other.gguf")) == str(tmp_path / "other.gguf")
+    assert gguf.find_gguf(str(two / "a.gguf")) is None  # empty: not a GGUF file

@@ -3,6 +3,7 @@
 //! [`Backend`] is what the API calls; [`MlxBackend`] is the implementation that runs mlx-lm
 //! through PyO3 on a dedicated thread. No Python object escapes [`mlx`].
 
+pub mod estimate;
 mod mlx;
 mod stop;
 

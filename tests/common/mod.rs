@@ -1,6 +1,8 @@
 //! Starts the real `pensieve` binary on the real demo model, on a free port.
 #![allow(dead_code)]
 
+pub mod cgroup;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,11 @@ impl Server {
         // Port 0: the server binds a free port and logs it, so parallel tests never collide.
         cmd.args(["serve", "--port", "0"]);
         Self::spawn(cmd, env)
+    }
+
+    /// Starts `cmd` (a `pensieve serve` command line of the test's own) and waits until it serves.
+    pub fn start_command(cmd: Command) -> Server {
+        Self::spawn(cmd, &[])
     }
 
     /// Starts the server inside the memory cgroup whose `cgroup.procs` file is `procs`, from its
