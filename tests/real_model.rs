@@ -77,6 +77,28 @@ async fn smollm2_from_its_gguf_file_answers_facts_and_ends_its_turn() {
     let fresh = m["usage"]["input_tokens"].as_u64().unwrap();
     assert!(read > 30 && fresh < 20, "{}", m["usage"]);
 
+    // A prefill is continued: the reply is what comes after it, and count_tokens agrees.
+    let prefill = json!({"model": "smollm2", "max_tokens": 16, "temperature": 0, "messages": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"}]});
+    let m = answer(&s, &prefill).await;
+    let text = m["content"][0]["text"].as_str().unwrap();
+    assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
+    let counted: Value = reqwest::Client::new()
+        .post(s.url("/v1/messages/count_tokens"))
+        .json(&prefill)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let u = &m["usage"];
+    assert_eq!(
+        counted["input_tokens"].as_u64().unwrap(),
+        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap()
+    );
+
     // Idle, nothing is left in MLX's cache.
     assert_eq!(s.idle_backend().await["cache_bytes"], 0);
     assert!(!s.log().contains("panicked"));

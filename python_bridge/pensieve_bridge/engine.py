@@ -95,11 +95,15 @@ class Engine:
         return self.render_chat(json.loads(chat_json))
 
     def render_chat(self, chat: dict) -> list[int]:
+        """The prompt's tokens. With ``continue_final`` the last (assistant) message is left
+        open, so that the reply continues it (a prefill); otherwise a new assistant turn opens."""
         kwargs = {}
         if chat.get("tools"):
             kwargs["tools"] = chat["tools"]
+        if chat.get("continue_final"):
+            kwargs["continue_final_message"] = True
         tokens = self.tokenizer.apply_chat_template(
-            chat["messages"], add_generation_prompt=True, **kwargs
+            chat["messages"], add_generation_prompt=not chat.get("continue_final"), **kwargs
         )
         if isinstance(tokens, dict):  # some tokenizers return a BatchEncoding
             tokens = tokens["input_ids"]

@@ -99,3 +99,14 @@ def test_a_production_model_id_never_gets_the_test_batcher(engine):
     out = run(engine, chat, max_tokens=6, temperature=0)
     assert len(out) == 6 and out[-1][1] == Finish.LENGTH
     del b
+
+
+def test_a_final_assistant_message_is_continued_not_closed(engine):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    cont = engine.render(json.dumps({"messages": messages, "continue_final": True}))
+    closed = engine.render(json.dumps({"messages": messages}))
+    text = engine.tokenizer.decode(cont)
+    assert text.endswith("<|im_start|>assistant\nHello, I am"), text
+    # Without it, the turn is closed and a new one opens: what the API must not do.
+    assert engine.tokenizer.decode(closed).endswith("Hello, I am<|im_end|>\n<|im_start|>assistant\n")
+    assert closed[: len(cont)] == cont

@@ -80,6 +80,19 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
             }
         }
     }
+    // A final assistant message is a prefill: the reply continues it, as Anthropic's does.
+    let continue_final = match messages.last() {
+        Some(m) if m.role == "assistant" && m.tool_calls.is_empty() => {
+            if m.content != m.content.trim_end() {
+                let at = req.messages.len() - 1;
+                return Err(ApiError::invalid(format!(
+                    "messages[{at}]: the final assistant message (a prefill) cannot end with whitespace"
+                )));
+            }
+            !m.content.is_empty()
+        }
+        _ => false,
+    };
     let choice = tool_choice(req)?;
     if let Some(instruction) = choice.instruction() {
         if !system.is_empty() {
@@ -107,7 +120,11 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
             .collect()
     });
     Ok(GenerateRequest {
-        chat: Chat { messages, tools },
+        chat: Chat {
+            messages,
+            tools,
+            continue_final,
+        },
         sampling: Sampling {
             max_tokens: req.max_tokens,
             temperature: req.temperature.unwrap_or(1.0),

@@ -36,6 +36,10 @@ pub struct Chat {
     /// Tool definitions (`{"type": "function", "function": {...}}`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<serde_json::Value>>,
+    /// The last message is the assistant's, and the reply continues it (a prefill) instead of
+    /// starting a new turn.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub continue_final: bool,
 }
 
 /// Sampling settings.

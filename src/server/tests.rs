@@ -289,6 +289,29 @@ async fn a_panicking_handler_is_a_500_api_error_and_is_counted() {
     );
 }
 
+#[tokio::test]
+async fn a_final_assistant_message_is_a_prefill_and_may_not_end_in_whitespace() {
+    let app = app(&Config::default(), Tier::Safe, false);
+    let mut body = hello();
+    body["messages"] = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]);
+    assert_eq!(send(&app, post("/v1/messages", body.clone())).await.status, 200);
+    assert!(app.backend.asked.lock().unwrap()[0].chat.continue_final);
+    body["messages"][1]["content"] = json!("Well, ");
+    let a = send(&app, post("/v1/messages", body)).await;
+    assert_eq!(a.status, 400);
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("messages[1]: the final assistant message"),
+        "{}",
+        a.body
+    );
+    // A conversation that ends with the user's turn opens a new assistant turn.
+    send(&app, post("/v1/messages", hello())).await;
+    assert!(!app.backend.asked.lock().unwrap()[1].chat.continue_final);
+}
+
 // === [layers]: each switch removes its layer ===
 
 fn with_layers(f: impl FnOnce(&mut crate::config::LayersConfig)) -> Config {

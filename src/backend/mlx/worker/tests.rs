@@ -184,6 +184,7 @@ fn request(content: &str, max_tokens: u32) -> GenerateRequest {
                 tool_call_id: None,
             }],
             tools: None,
+            continue_final: false,
         },
         sampling: Sampling {
             max_tokens,
