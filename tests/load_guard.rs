@@ -2,6 +2,7 @@
 //! headers alone. Tested with a GGUF file whose tensor infos claim 64 GB (a sparse file: no
 //! disk), run inside a 512 MiB memory cgroup so that a failure of the check could not hurt
 //! the machine; and with the real SmolLM2 file against thresholds set above the machine.
+//! Likewise a request whose KV cache would not fit is refused before its prompt is processed.
 
 mod common;
 
@@ -156,4 +157,48 @@ async fn a_real_model_is_refused_against_thresholds_above_the_machine_and_loads_
     let s = Server::start_command(cmd);
     assert!(s.log().contains("loading anyway"), "{}", s.log());
     assert_eq!(s.health().await["backend"]["ready"], true);
+}
+
+#[tokio::test]
+async fn a_request_whose_kv_cache_would_not_fit_is_refused_before_prefill_with_what_it_needs() {
+    let probe = Server::start();
+    let h = probe.health().await;
+    let available = h["memory"]["available_gb"].as_f64().unwrap();
+    let per_token = h["backend"]["kv_bytes_per_token"].as_u64().unwrap();
+    assert!(per_token > 0, "{h}");
+    drop(probe);
+    // Admitted at the door (Warning), with a critical line 2 GB below what is available now.
+    let (warning, critical, emergency) = (
+        format!("{}", available + 100.0),
+        format!("{:.2}", available - 2.0),
+        format!("{:.2}", available - 2.5),
+    );
+    let s = Server::start_with(&[
+        ("PENSIEVE_MEMORY__WARNING_GB", &warning),
+        ("PENSIEVE_MEMORY__CRITICAL_GB", &critical),
+        ("PENSIEVE_MEMORY__EMERGENCY_GB", &emergency),
+    ]);
+    // 4 GB of KV cache: it would cross the critical line, and with these thresholds it would
+    // even on an empty machine (total - 4 GB is below them): a 400 that says so. (Memory that
+    // may free up later gets a 503 with retry-after: the worker's unit test.)
+    let big = hello(((4u64 << 30) / per_token) as u32);
+    let res = s.post(&big).await;
+    assert_eq!(res.status(), 400);
+    let v: serde_json::Value = res.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("needs about 4.00 GB of KV cache")
+            && msg.contains("memory.critical_gb")
+            && msg.contains("cannot fit on this machine"),
+        "{msg}"
+    );
+    // Refused before any of it ran: nothing is left running, the MLX cache is empty.
+    let b = s.idle_backend().await;
+    assert_eq!(
+        (b["active_generations"].as_u64(), b["cache_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{b}"
+    );
+    // A request that fits is served.
+    assert_eq!(s.post(&hello(8)).await.status(), 200);
 }

@@ -59,6 +59,7 @@ class Engine:
                 ctx = getattr(self.tokenizer, "model_max_length", None)
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
         self._float32_on_cpu(cpu_float32_budget)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model)
         self.clear_cache()
 
     def _float32_on_cpu(self, budget: int) -> None:
@@ -144,3 +145,17 @@ def float32_bytes(model) -> int:
         else:
             total += sum(v.size * 4 for _, v in tree_flatten(m.parameters()))
     return total
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token of one sequence takes (keys and values, every layer), in the
+    dtype the model computes in; 0 when the model's shape does not say."""
+    args = getattr(model, "args", None)
+    layers = getattr(args, "num_hidden_layers", None)
+    heads = getattr(args, "num_attention_heads", None)
+    if not layers or not heads:
+        return 0
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    dtype = next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
+    return 2 * layers * kv_heads * head_dim * dtype.size

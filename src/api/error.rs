@@ -186,6 +186,12 @@ impl From<BackendError> for ApiError {
                 ApiError::new(ErrorKind::Overloaded, "the model is not loaded yet; retry shortly").retry_after(2)
             }
             BackendError::Memory(refusal) => refusal.into(),
+            BackendError::TooLarge {
+                message,
+                fits_later: true,
+                retry_after_secs,
+            } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
+            BackendError::TooLarge { message, .. } => ApiError::invalid(message),
             BackendError::Aborted {
                 message,
                 retry_after_secs,

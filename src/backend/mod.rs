@@ -133,6 +133,17 @@ pub enum BackendError {
     /// Refused when it was about to start: memory fell while it waited.
     #[error("{0}")]
     Memory(crate::memory::Refusal),
+    /// Refused before its prompt was processed: its KV cache would take memory to the critical
+    /// threshold (`fits_later`: it would fit once memory is free; otherwise never here).
+    #[error("{message}")]
+    TooLarge {
+        /// Says how much it needs, what is available and what to change.
+        message: String,
+        /// Whether retrying later can help.
+        fits_later: bool,
+        /// For `retry-after`.
+        retry_after_secs: u32,
+    },
     /// Aborted while running: memory reached Emergency.
     #[error("{message}")]
     Aborted {
@@ -173,6 +184,9 @@ pub struct BackendStatus {
     pub prompt_cache_bytes: u64,
     /// Prompts in the prompt cache.
     pub prompt_cache_entries: u64,
+    /// KV cache bytes one token of one sequence takes: what admission multiplies a request's
+    /// prompt and `max_tokens` by.
+    pub kv_bytes_per_token: u64,
 }
 
 /// A running generation: its events, in order. Dropping it cancels the generation.

@@ -59,6 +59,7 @@ pub(crate) struct Shared {
     cache_bytes: AtomicU64,
     peak_bytes: AtomicU64,
     context_length: AtomicU32,
+    kv_bytes_per_token: AtomicU64,
     max_concurrent: AtomicU32,
     prompt_cache_bytes: AtomicU64,
     prompt_cache_entries: AtomicU64,
@@ -132,6 +133,9 @@ impl MlxBackend {
                         Err(_) => return,
                     };
                     shared.context_length.store(batcher.context_length(), Ordering::Relaxed);
+                    shared
+                        .kv_bytes_per_token
+                        .store(batcher.kv_bytes_per_token(), Ordering::Relaxed);
                     shared.ready.store(true, Ordering::SeqCst);
                     let _ = ready_tx.send(Ok(()));
                     let run = catch_unwind(AssertUnwindSafe(|| worker::run(batcher, queue, &shared, &gate)));
@@ -222,6 +226,7 @@ impl Backend for MlxBackend {
             peak_bytes: s.peak_bytes.load(Ordering::Relaxed),
             prompt_cache_bytes: s.prompt_cache_bytes.load(Ordering::Relaxed),
             prompt_cache_entries: s.prompt_cache_entries.load(Ordering::Relaxed),
+            kv_bytes_per_token: s.kv_bytes_per_token.load(Ordering::Relaxed),
         }
     }
 

@@ -75,6 +75,8 @@ pub(crate) struct Memory {
 pub(crate) trait Batcher {
     /// The model's context in tokens (0: unknown).
     fn context_length(&self) -> u32;
+    /// KV cache bytes one token of one sequence takes (0: unknown).
+    fn kv_bytes_per_token(&self) -> u64;
     /// Renders a request and puts it in the batch (or says it is too long). `Err`: the chat
     /// template refused it.
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String>;

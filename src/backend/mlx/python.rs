@@ -27,6 +27,7 @@ pub(crate) struct PyBatcher {
     engine: Py<PyAny>,
     batcher: Py<PyAny>,
     context_length: u32,
+    kv_bytes_per_token: u64,
 }
 
 /// The virtual environment: as configured (relative to the working directory), else the one
@@ -91,6 +92,7 @@ impl PyBatcher {
                 let info: String = engine.call_method0("describe")?.extract()?;
                 tracing::info!(%info, "model loaded");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
+                let kv_bytes_per_token: u64 = engine.getattr("kv_bytes_per_token")?.extract().unwrap_or(0);
                 let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
                     &engine,
                     settings.max_concurrent,
@@ -100,6 +102,7 @@ impl PyBatcher {
                     engine: engine.unbind(),
                     batcher: batcher.unbind(),
                     context_length,
+                    kv_bytes_per_token,
                 }))
             };
             setup().map_err(|e| python_error(py, &e)).and_then(|r| r).map_err(|e| {
@@ -125,6 +128,10 @@ impl PyBatcher {
 impl Batcher for PyBatcher {
     fn context_length(&self) -> u32 {
         self.context_length
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        self.kv_bytes_per_token
     }
 
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String> {

@@ -219,6 +219,13 @@ impl<B: Batcher> Worker<'_, B> {
                 return fail(BackendError::Generation("internal error in the backend".into()));
             }
         };
+        // Before its prompt is processed: the KV cache it may grow to must fit.
+        if let Err(e) = self.room_for(input_tokens, job.request.sampling.max_tokens) {
+            if let Err(e) = self.batcher.cancel(&[uid], false) {
+                tracing::error!(error = %e, "cancelling a refused generation failed");
+            }
+            return fail(e);
+        }
         tracing::debug!(uid, input_tokens, cached_tokens, "generation started");
         let mut outbox = Outbox::new(job.events);
         let _ = outbox.push(Event::Started {
@@ -237,6 +244,39 @@ impl<B: Batcher> Worker<'_, B> {
         );
         self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
         self.refresh();
+    }
+
+    /// Whether a generation of `input_tokens` and up to `max_tokens` more has room for its KV
+    /// cache: memory after it must stay above the critical threshold.
+    fn room_for(&self, input_tokens: u32, max_tokens: u32) -> Result<(), BackendError> {
+        let per_token = self.shared.kv_bytes_per_token.load(Ordering::Relaxed);
+        let snapshot = self.gate.snapshot().load();
+        if per_token == 0 || snapshot.available_bytes == 0 {
+            return Ok(());
+        }
+        let need = (input_tokens as u64 + max_tokens as u64).saturating_mul(per_token);
+        let critical = self.gate.thresholds().critical;
+        if snapshot.available_bytes.saturating_sub(need) > critical {
+            return Ok(());
+        }
+        let fits_later = snapshot.total_bytes.saturating_sub(need) > critical;
+        let gb = |b: u64| b as f64 / crate::memory::GIB;
+        let message =
+            format!(
+            "this request needs about {:.2} GB of KV cache ({input_tokens} prompt tokens + max_tokens {max_tokens}, \
+             {per_token} bytes a token) and {:.2} GB is available, with memory.critical_gb at {:.2} GB: lower \
+             max_tokens{}",
+            gb(need),
+            snapshot.available_gb(),
+            gb(critical),
+            if fits_later { " or retry when memory is free" } else { " (it cannot fit on this machine)" },
+        );
+        tracing::warn!(need_gb = gb(need), "{message}");
+        Err(BackendError::TooLarge {
+            message,
+            fits_later,
+            retry_after_secs: self.gate.retry_after_secs(),
+        })
     }
 
     /// Memory, slow clients, then one decoding step of the batch.

@@ -34,11 +34,17 @@ struct Fake {
     state: Arc<Mutex<State>>,
     gens: BTreeMap<u64, (u32, u32)>,
     next: u64,
+    /// 0: unknown, so the KV check is off.
+    kv_bytes_per_token: u64,
 }
 
 impl Batcher for Fake {
     fn context_length(&self) -> u32 {
         1000
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        self.kv_bytes_per_token
     }
 
     fn add(&mut self, request: &GenerateRequest, _context: u32) -> Result<Added, String> {
@@ -138,6 +144,10 @@ struct Harness {
 }
 
 fn harness(max_concurrent: usize) -> Harness {
+    harness_with(max_concurrent, 0)
+}
+
+fn harness_with(max_concurrent: usize, kv_bytes_per_token: u64) -> Harness {
     let state = Arc::new(Mutex::new(State::default()));
     let snapshot = SnapshotHandle::new(memory(Tier::Safe, 8.0));
     let thresholds = Thresholds {
@@ -156,6 +166,7 @@ fn harness(max_concurrent: usize) -> Harness {
         state: state.clone(),
         gens: BTreeMap::new(),
         next: 0,
+        kv_bytes_per_token,
     };
     let backend = MlxBackend::spawn(&config, Gate::new(snapshot.clone(), thresholds, 3), move || Ok(fake)).unwrap();
     Harness {
@@ -169,6 +180,7 @@ fn memory(tier: Tier, gb: f64) -> MemorySnapshot {
     MemorySnapshot {
         tier,
         available_bytes: (gb * GIB) as u64,
+        total_bytes: 16 << 30,
         source: Source::Custom,
         ..MemorySnapshot::unknown()
     }
@@ -457,4 +469,32 @@ fn the_queue_is_bounded_and_says_how_many_wait() {
         BackendError::QueueFull { queued: 4 }
     );
     drop(waiting);
+}
+
+#[test]
+fn a_request_whose_kv_cache_would_not_fit_is_refused_before_its_prompt_is_processed() {
+    // 1 MiB a token, 8 GB available, critical at 1 GB: 7168 tokens fit.
+    let h = harness_with(4, 1 << 20);
+    let e = events(h.generate("a", 8000));
+    let refused = |e: &[Event]| match e {
+        [Event::Failed(BackendError::TooLarge {
+            message, fits_later, ..
+        })] => Some((message.clone(), *fits_later)),
+        _ => None,
+    };
+    let (message, later) = refused(&e).unwrap_or_else(|| panic!("{e:?}"));
+    assert!(later, "{message}");
+    assert!(
+        message.contains("about 7.82 GB of KV cache (5 prompt tokens + max_tokens 8000")
+            && message.contains("8.00 GB is available"),
+        "{message}"
+    );
+    // Taken out of the batch before any step ran it.
+    assert!(h.log().contains(&"cancel [0] keep=false".to_string()), "{:?}", h.log());
+    assert_eq!(h.steps(), 0);
+    // More than the whole machine: it can never fit, a 400.
+    let (message, later) = refused(&events(h.generate("b", 20_000))).unwrap();
+    assert!(!later && message.contains("cannot fit on this machine"), "{message}");
+    // What fits runs.
+    assert!(matches!(events(h.generate("c", 100)).pop(), Some(Event::Done { .. })));
 }
