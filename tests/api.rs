@@ -198,7 +198,7 @@ async fn an_image_gets_a_400_that_says_the_model_has_no_vision() {
 async fn tool_history_and_thinking_blocks_are_accepted_as_input() {
     let s = Server::start();
     let body = json!({"model": "demo", "max_tokens": 4, "temperature": 0,
-    "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "thinking": {"type": "adaptive"},
     "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
     "tool_choice": {"type": "auto"},
     "messages": [
@@ -206,7 +206,8 @@ async fn tool_history_and_thinking_blocks_are_accepted_as_input() {
         {"role": "assistant", "content": [
             {"type": "thinking", "thinking": "use the tool", "signature": "abc"},
             {"type": "redacted_thinking", "data": "xyz"},
-            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Bergen"}}]},
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain", "is_error": false},
             {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "boom"}], "is_error": true}]}

@@ -8,6 +8,7 @@ mod health;
 pub mod sse;
 pub mod translate;
 pub mod types;
+mod validate;
 
 use std::sync::Arc;
 
@@ -135,7 +136,8 @@ pub async fn count_tokens(
         let mut value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
         if let Some(obj) = value.as_object_mut() {
-            obj.entry("max_tokens").or_insert(1.into());
+            // Not needed to count: the largest, so that no check that compares with it refuses.
+            obj.entry("max_tokens").or_insert(u32::MAX.into());
         }
         let req = translate::parse(&serde_json::to_vec(&value).expect("json"))?;
         let chat = translate::to_backend(&req, false)?.chat;

@@ -24,17 +24,56 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            ApiError::invalid(format!("request body is not valid JSON: {inner}"))
-        } else if path == "." {
-            ApiError::invalid(format!("{inner}"))
-        } else {
-            ApiError::invalid(format!("{path}: {inner}"))
+            return ApiError::invalid(format!("request body is not valid JSON: {inner}"));
         }
+        let (field, problem) = plain(&inner.to_string());
+        let path = match (path.as_str(), field) {
+            (".", Some(field)) => field,
+            (".", None) => return ApiError::invalid(problem),
+            (path, Some(field)) => format!("{path}.{field}"),
+            (path, None) => path.to_owned(),
+        };
+        ApiError::invalid(format!("{path}: {problem}"))
     })
+}
+
+/// serde's words in ours: what is wrong and what is allowed, without its type names or the
+/// line and column. A missing field names the field, which serde puts in the message.
+fn plain(serde: &str) -> (Option<String>, String) {
+    let msg = match serde.rfind(" at line ") {
+        Some(at) if serde[at..].contains(" column ") => &serde[..at],
+        _ => serde,
+    };
+    if let Some(field) = msg.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+        return (Some(field.to_owned()), "field required".to_owned());
+    }
+    let kind = |expected: &str| -> String {
+        match expected {
+            "u32" | "u64" | "usize" => "a whole number from 0 to 4294967295".into(),
+            "f32" | "f64" => "a number".into(),
+            "a sequence" => "a list".into(),
+            "a map" => "an object".into(),
+            other if other.starts_with("struct ") || other.starts_with("internally tagged enum") => "an object".into(),
+            other => other.to_owned(),
+        }
+    };
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((got, expected)) = msg.strip_prefix(prefix).and_then(|m| m.split_once(", expected ")) {
+            let got = got.replace('`', "");
+            return (None, format!("must be {}, got {got}", kind(expected)));
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        if let Some((got, allowed)) = rest.split_once("`, expected ") {
+            return (None, format!("unknown value `{got}`; expected {allowed}"));
+        }
+    }
+    (None, msg.to_owned())
 }
 
 /// Checks values and builds the backend request.
 pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest, ApiError> {
+    super::validate::request(req)?;
     if req.max_tokens == 0 {
         return Err(ApiError::invalid("max_tokens: must be at least 1"));
     }
@@ -377,6 +416,34 @@ mod tests {
     }
 
     #[test]
+    fn serde_errors_are_said_in_plain_words_with_the_field_path() {
+        let msg = |body: &str| parse(body.as_bytes()).unwrap_err().message;
+        assert_eq!(
+            msg(r#"{"model":"m","max_tokens":-1,"messages":[]}"#),
+            "max_tokens: must be a whole number from 0 to 4294967295, got integer -1"
+        );
+        assert_eq!(
+            msg(r#"{"model":"m","max_tokens":"ten","messages":[]}"#),
+            "max_tokens: must be a whole number from 0 to 4294967295, got string \"ten\""
+        );
+        assert_eq!(msg(r#"{"model":"m","messages":[]}"#), "max_tokens: field required");
+        assert_eq!(
+            msg(r#"{"model":"m","max_tokens":1,"messages":[{"content":"x"}]}"#),
+            "messages[0].role: field required"
+        );
+        assert_eq!(
+            msg(r#"{"model":"m","max_tokens":1,"temperature":"hot","messages":[]}"#),
+            "temperature: must be a number, got string \"hot\""
+        );
+        let m = msg(r#"{"model":"m","max_tokens":1,"messages":[{"role":"robot","content":"x"}]}"#);
+        assert!(
+            m.starts_with("messages[0].role: unknown value `robot`; expected"),
+            "{m}"
+        );
+        assert!(!m.contains("line 1"), "{m}");
+    }
+
+    #[test]
     fn bad_json_says_so() {
         assert!(parse(b"{not json").unwrap_err().message.contains("not valid JSON"));
         assert!(parse(b"").unwrap_err().message.contains("empty"));
@@ -428,7 +495,7 @@ mod tests {
                 {"role": "system", "content": [{"type": "text", "text": "env", "cache_control": {"type": "ephemeral"}}], "output_config": {"effort": "medium"}},
             ],
             "tools": [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}}],
-            "metadata": {"user_id": "u"}, "thinking": {"type": "enabled", "budget_tokens": 100},
+            "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive", "display": "omitted"},
             "context_management": {"edits": []}, "output_config": {"effort": "high"},
         }))
         .unwrap();
