@@ -215,11 +215,14 @@ async fn a_python_exception_is_a_500_that_says_what_failed_and_the_next_request_
     body["stream"] = json!(true);
     let res = s.post(&body).await;
     assert_eq!(res.status(), 200);
+    let id = res.headers()["request-id"].to_str().unwrap().to_owned();
     let events = parse_sse(&res.text().await.unwrap());
     let last = events.last().unwrap();
     assert_eq!(last.event, "error");
     assert_eq!(last.data["type"], "error");
     assert_eq!(last.data["error"]["type"], "api_error");
+    // Like a JSON error, the SSE error event names the request.
+    assert_eq!(last.data["request_id"], id.as_str());
     assert_eq!(s.health().await["backend"]["cache_bytes"], 0);
     assert_eq!(s.post(&hello(3)).await.status(), 200);
 }

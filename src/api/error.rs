@@ -154,9 +154,9 @@ impl ApiError {
         Bytes::from(serde_json::to_vec(&v).expect("error body serialises"))
     }
 
-    /// The `data:` of an SSE `error` event (the same body, without a request id).
-    pub fn sse_data(&self) -> String {
-        String::from_utf8(self.body(None).to_vec()).expect("json is utf-8")
+    /// The `data:` of an SSE `error` event: the same body, with the request id.
+    pub fn sse_data(&self, request_id: Option<&str>) -> String {
+        String::from_utf8(self.body(request_id).to_vec()).expect("json is utf-8")
     }
 
     /// The whole HTTP response, for any body type that can hold bytes.

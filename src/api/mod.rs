@@ -68,7 +68,8 @@ pub async fn messages(
 ) -> Response {
     let span = tracing::Span::current();
     let parsed = parsed.map(|Extension(ParsedMessages(req))| req);
-    match handle_messages(&app, parsed, limit.map(|l| l.0), body, &span).await {
+    let id = request_id(&headers).map(str::to_owned);
+    match handle_messages(&app, parsed, limit.map(|l| l.0), body, &span, id).await {
         Ok(res) => res,
         Err(e) => e.to_response(request_id(&headers)),
     }
@@ -80,6 +81,7 @@ async fn handle_messages(
     limit: Option<MaxBody>,
     body: Body,
     span: &tracing::Span,
+    request_id: Option<String>,
 ) -> Result<Response, ApiError> {
     let timing = sse::Timing::start(app.metrics.clone());
     let req = match parsed {
@@ -117,7 +119,14 @@ async fn handle_messages(
     };
     let model = app.backend.model().to_owned();
     if req.stream {
-        Ok(sse::response(generation, model, prompt, span.clone(), timing))
+        Ok(sse::response(
+            generation,
+            model,
+            prompt,
+            span.clone(),
+            timing,
+            request_id,
+        ))
     } else {
         Ok(Json(sse::collect(generation, model, prompt, span, timing).await?).into_response())
     }

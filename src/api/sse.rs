@@ -140,7 +140,14 @@ impl Blocks {
 }
 
 /// The SSE response for a generation whose `Started` event has been received.
-pub fn response(mut generation: Generation, model: String, prompt: Usage, span: Span, mut timing: Timing) -> Response {
+pub fn response(
+    mut generation: Generation,
+    model: String,
+    prompt: Usage,
+    span: Span,
+    mut timing: Timing,
+    request_id: Option<String>,
+) -> Response {
     let stream = async_stream::stream! {
         let mut start = Message::new(&model);
         start.usage = prompt;
@@ -179,12 +186,12 @@ pub fn response(mut generation: Generation, model: String, prompt: Usage, span: 
                 Some(Event::Failed(e)) => {
                     let err = ApiError::from(e);
                     tracing::warn!(parent: &span, error = %err, "generation failed mid-stream");
-                    yield Ok(SseEvent::default().event("error").data(err.sse_data()));
+                    yield Ok(SseEvent::default().event("error").data(err.sse_data(request_id.as_deref())));
                     break;
                 }
                 None => {
                     let err = ApiError::new(ErrorKind::Api, "the backend ended the generation without a result");
-                    yield Ok(SseEvent::default().event("error").data(err.sse_data()));
+                    yield Ok(SseEvent::default().event("error").data(err.sse_data(request_id.as_deref())));
                     break;
                 }
                 Some(ev) => {
