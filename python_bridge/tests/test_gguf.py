@@ -91,6 +91,18 @@ def test_the_chat_template_and_end_of_turn_come_from_the_file(smollm2):
     assert smollm2.context_length == 8192
 
 
+def greedy(engine, question, max_tokens=48):
+    b = open_batcher(engine, 4, 0)
+    chat = json.dumps({"messages": [{"role": "user", "content": question}]})
+    add(b, chat, json.dumps({"max_tokens": max_tokens, "temperature": 0}))
+    text, finish = "", None
+    while running(b):
+        for _, pieces, f in b.step():
+            text += "".join(p for _, p in pieces)
+            finish = f if f is not None else finish
+    return text, finish
+
+
 def test_smollm2_answers_a_fact_greedily_and_ends_its_turn(smollm2):
     b = open_batcher(smollm2, 4, 0)
     chat = json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]})
@@ -111,6 +123,10 @@ def test_on_a_cpu_the_weights_run_as_float32_within_the_budget(smollm2):
     import mlx.nn as nn
 
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in kept.model.named_modules())
+    # The facts hold either way: quantised as in the file, and as float32.
+    for engine in (kept, smollm2):
+        text, finish = greedy(engine, "What is the capital of France?")
+        assert "Paris" in text and finish == 0, (engine.notes, text)
 
 
 def test_unsupported_architectures_and_vocabularies_are_named(tmp_path):
