@@ -17,8 +17,9 @@ mod worker;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -39,6 +40,26 @@ pub struct MlxBackend {
     shared: Arc<Shared>,
     model: String,
     max_queue: usize,
+    /// Closed when the backend thread has ended (a Mutex only to make the backend `Sync`).
+    ended: std::sync::Mutex<Receiver<()>>,
+}
+
+/// How long dropping the backend waits for its thread to stop (one decoding step, normally).
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Dropping the backend (the server is shutting down) stops the thread: running generations
+/// fail, the MLX cache is cleared, and the drop returns once the thread has ended, so that the
+/// process never exits while MLX is still computing on another thread.
+impl Drop for MlxBackend {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Closes the queue, which wakes an idle loop.
+        drop(std::mem::replace(&mut self.jobs, sync_channel(1).0));
+        let ended = self.ended.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !matches!(ended.recv_timeout(STOP_WAIT), Err(RecvTimeoutError::Disconnected)) {
+            tracing::warn!("the backend thread did not stop in time");
+        }
+    }
 }
 
 impl std::fmt::Debug for MlxBackend {
@@ -53,6 +74,8 @@ impl std::fmt::Debug for MlxBackend {
 #[derive(Default)]
 pub(crate) struct Shared {
     ready: AtomicBool,
+    /// Set when the backend is dropped: the loop fails what runs and ends.
+    stopping: AtomicBool,
     active: AtomicU32,
     queued: AtomicUsize,
     active_bytes: AtomicU64,
@@ -118,12 +141,15 @@ impl MlxBackend {
             .max_concurrent
             .store(config.max_concurrent as u32, Ordering::Relaxed);
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
+        let (ended_tx, ended) = sync_channel::<()>(0);
         let model = config.model.clone();
         std::thread::Builder::new()
             .name("pensieve-mlx".into())
             .spawn({
                 let shared = shared.clone();
                 move || {
+                    // Dropped when this thread ends, however it ends: the backend's drop waits on it.
+                    let _ended = ended_tx;
                     let batcher = match catch_unwind(AssertUnwindSafe(load)) {
                         Ok(Ok(batcher)) => batcher,
                         Ok(Err(message)) => {
@@ -153,6 +179,7 @@ impl MlxBackend {
                 shared,
                 model,
                 max_queue: config.max_queue.max(1),
+                ended: std::sync::Mutex::new(ended),
             }),
             Ok(Err(message)) => Err(message),
             Err(_) => Err(format!("the backend thread died while loading model `{model}`")),

@@ -100,6 +100,11 @@ pub(crate) fn run<B: Batcher>(batcher: B, queue: Receiver<Work>, shared: &Shared
     };
     w.refresh();
     loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            // Shutting down: what runs fails now (the drop guard clears the cache).
+            tracing::info!(generations = w.running.len(), "the backend is stopping");
+            break;
+        }
         if w.running.is_empty() && w.waiting.is_empty() {
             // Nothing to decode: wait for work, waking now and then while something needs
             // watching (held events, a prompt cache that memory pressure must release).
