@@ -47,6 +47,7 @@ class ResponseSplitter:
         self._tool_end = getattr(tokenizer, "tool_call_end", None) or ""
         self.made_tool_call = False
         self._last_kind = None
+        self._held = ""
 
     def feed(self, text: str, finish=None) -> list[tuple[Piece, str]]:
         self._state, segments = TextStateMachine.split(self._state, text)
@@ -71,7 +72,30 @@ class ResponseSplitter:
             self._prev = state
         if finish is not None and self._prev == "tool" and self._tool_text:
             out.extend(self._close_tool())
-        return _merge(out)
+        return _merge(self._hold_trailing_space(out, finish is not None))
+
+    def _hold_trailing_space(self, pieces, finished):
+        """Text's trailing whitespace waits for what comes next: more text gets it, a tool call
+        drops it (a text block before a call does not end in a newline), the end releases it."""
+        out = []
+        for kind, payload in pieces:
+            if kind == TEXT:
+                payload = self._held + payload
+                body = payload.rstrip()
+                self._held = payload[len(body):]
+                if body:
+                    out.append((TEXT, body))
+                continue
+            if kind == TOOL:
+                self._held = ""
+            elif self._held:
+                out.append((TEXT, self._held))
+                self._held = ""
+            out.append((kind, payload))
+        if finished and self._held:
+            out.append((TEXT, self._held))
+            self._held = ""
+        return out
 
     def _close_tool(self) -> list[tuple[Piece, str]]:
         raw, self._tool_text = self._tool_text, ""

@@ -103,3 +103,27 @@ def test_a_scripted_reply_replays_through_the_real_tokenizer():
     assert "".join(p for k, p in pieces if k == Piece.THINKING) == "hmm"
     assert "".join(p for k, p in pieces if k == Piece.TEXT) == "Calling."
     eng.clear_cache()
+
+
+def test_a_text_block_before_a_tool_call_keeps_no_trailing_newline_even_when_streamed(engine):
+    from pensieve_bridge.response import ResponseSplitter
+
+    tok = engine.tokenizer
+    reply = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    ids = tok.encode(reply, add_special_tokens=False)
+    detok = tok.detokenizer
+    detok.reset()
+    splitter = ResponseSplitter(tok, WEATHER)
+    pieces = []
+    for i, t in enumerate(ids):  # one token at a time, as a stream
+        detok.add_token(t)
+        last = i == len(ids) - 1
+        if last:
+            detok.finalize()
+        pieces += splitter.feed(detok.last_segment, 0 if last else None)
+    assert "".join(p for k, p in pieces if k == Piece.TEXT) == "Let me check."
+    assert pieces[-1][0] == Piece.TOOL
+    # Whitespace between words, and at the very end without a call, is kept.
+    splitter = ResponseSplitter(tok, WEATHER)
+    out = splitter.feed("Hello ") + splitter.feed("world.\n") + splitter.feed("", 0)
+    assert "".join(p for _, p in out) == "Hello world.\n"
