@@ -1,0 +1,188 @@
+use super::*;
+
+fn chat(body: serde_json::Value) -> Result<GenerateRequest, ApiError> {
+    to_backend(&parse(body.to_string().as_bytes())?, false)
+}
+
+#[test]
+fn missing_max_tokens_names_the_field() {
+    let e = parse(br#"{"model":"m","messages":[]}"#).unwrap_err();
+    assert!(e.message.contains("max_tokens"), "{}", e.message);
+}
+
+#[test]
+fn wrong_type_names_the_path() {
+    let e = parse(br#"{"model":"m","max_tokens":"x","messages":[]}"#).unwrap_err();
+    assert!(e.message.starts_with("max_tokens:"), "{}", e.message);
+    let e = parse(br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"video"}]}]}"#)
+        .unwrap_err();
+    assert!(
+        e.message.contains("messages[0].content[0]") && e.message.contains("video"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn serde_errors_are_said_in_plain_words_with_the_field_path() {
+    let msg = |body: &str| parse(body.as_bytes()).unwrap_err().message;
+    assert_eq!(
+        msg(r#"{"model":"m","max_tokens":-1,"messages":[]}"#),
+        "max_tokens: must be a whole number from 0 to 4294967295, got integer -1"
+    );
+    assert_eq!(
+        msg(r#"{"model":"m","max_tokens":"ten","messages":[]}"#),
+        "max_tokens: must be a whole number from 0 to 4294967295, got string \"ten\""
+    );
+    assert_eq!(msg(r#"{"model":"m","messages":[]}"#), "max_tokens: field required");
+    assert_eq!(
+        msg(r#"{"model":"m","max_tokens":1,"messages":[{"content":"x"}]}"#),
+        "messages[0].role: field required"
+    );
+    assert_eq!(
+        msg(r#"{"model":"m","max_tokens":1,"temperature":"hot","messages":[]}"#),
+        "temperature: must be a number, got string \"hot\""
+    );
+    let m = msg(r#"{"model":"m","max_tokens":1,"messages":[{"role":"robot","content":"x"}]}"#);
+    assert!(
+        m.starts_with("messages[0].role: unknown value `robot`; expected"),
+        "{m}"
+    );
+    assert!(!m.contains("line 1"), "{m}");
+}
+
+#[test]
+fn bad_json_says_so() {
+    assert!(parse(b"{not json").unwrap_err().message.contains("not valid JSON"));
+    assert!(parse(b"").unwrap_err().message.contains("empty"));
+}
+
+#[test]
+fn billing_header_values_never_reach_the_prompt() {
+    let with = |first: &str, middle: &str, tools: serde_json::Value| {
+        chat(json!({
+            "model": "m", "max_tokens": 10,
+            "system": [
+                {"type": "text", "text": first},
+                {"type": "text", "text": format!("You are a coding agent.\n{middle}\nBe brief."),
+                 "cache_control": {"type": "ephemeral"}},
+            ],
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": tools,
+        }))
+        .unwrap()
+        .chat
+    };
+    let tool = |name: &str| json!({"name": name, "input_schema": {"type": "object"}});
+    let a = with(
+        "x-anthropic-billing-header: cc_version=2.1.328.593; cc_entrypoint=sdk-cli; cch=1a2b3;",
+        "x-anthropic-billing-header: cch=00001;",
+        json!([tool("Read"), tool("Bash")]),
+    );
+    let b = with(
+        "x-anthropic-billing-header: cc_version=2.1.328.9f1; cc_entrypoint=sdk-cli; cch=ffff0;",
+        "  x-anthropic-billing-header: cch=99999;",
+        json!([tool("Bash"), tool("Read")]),
+    );
+    assert_eq!(
+        a, b,
+        "the volatile values and the tool order must not change the prompt"
+    );
+    assert_eq!(a.messages[0].content, "You are a coding agent.\nBe brief.");
+    let names: Vec<_> = a.tools.unwrap().iter().map(|t| t["function"]["name"].clone()).collect();
+    assert_eq!(names, [json!("Bash"), json!("Read")]);
+}
+
+#[test]
+fn claude_code_shapes_are_accepted() {
+    let r = chat(json!({
+        "model": "claude-opus", "max_tokens": 10, "stream": true,
+        "system": [{"type": "text", "text": "billing"}, {"type": "text", "text": "You are", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "reminder"}, {"type": "text", "text": "say hi"}]},
+            {"role": "system", "content": [{"type": "text", "text": "env", "cache_control": {"type": "ephemeral"}}], "output_config": {"effort": "medium"}},
+        ],
+        "tools": [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}}],
+        "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": []}, "output_config": {"effort": "high"},
+    }))
+    .unwrap();
+    let m = &r.chat.messages;
+    assert_eq!(m[0], msg("system", "billing\nYou are".into()));
+    assert_eq!(m[1], msg("user", "reminder\nsay hi\n\nenv".into()));
+    assert_eq!(m.len(), 2);
+    assert_eq!(r.chat.tools.as_ref().unwrap()[0]["function"]["name"], "Bash");
+}
+
+#[test]
+fn tool_history_becomes_tool_calls_and_tool_messages() {
+    let r = chat(json!({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "checking"},
+            {"type": "tool_use", "id": "tu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "tu_1", "content": [{"type": "text", "text": "rain"}]},
+            {"type": "text", "text": "and now?"}]},
+    ]}))
+    .unwrap();
+    let m = &r.chat.messages;
+    assert_eq!(m[1].tool_calls[0]["function"]["arguments"]["city"], "Oslo");
+    assert_eq!(
+        (m[2].role, m[2].content.as_str(), m[2].tool_call_id.as_deref()),
+        ("tool", "rain", Some("tu_1"))
+    );
+    assert_eq!((m[3].role, m[3].content.as_str()), ("user", "and now?"));
+}
+
+#[test]
+fn tool_choice_is_honoured_as_far_as_a_local_model_allows() {
+    let base = |choice: serde_json::Value| {
+        chat(json!({"model": "m", "max_tokens": 5, "tool_choice": choice,
+            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "x"}]}))
+    };
+    let none = base(json!({"type": "none"})).unwrap();
+    assert!(none.chat.tools.is_none());
+    let tool = base(json!({"type": "tool", "name": "Bash"})).unwrap();
+    assert!(tool.chat.messages[0].content.contains("calling the tool `Bash`"));
+    assert!(tool.chat.tools.is_some());
+    let any = base(json!({"type": "any"})).unwrap();
+    assert!(any.chat.messages[0]
+        .content
+        .contains("calling one of the provided tools"));
+    assert_eq!(base(json!({"type": "auto"})).unwrap().chat.messages.len(), 1);
+    assert!(base(json!({"type": "tool", "name": "Nope"}))
+        .unwrap_err()
+        .message
+        .contains("Nope"));
+    assert!(base(json!({"type": "maybe"}))
+        .unwrap_err()
+        .message
+        .starts_with("tool_choice.type"));
+}
+
+#[test]
+fn images_are_refused_by_a_model_without_vision() {
+    let e = chat(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}),
+    )
+    .unwrap_err();
+    assert!(
+        e.message.contains("images") && e.message.contains("messages[0].content[0]"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn values_out_of_range_name_the_field() {
+    let base = |k: &str, v: serde_json::Value| {
+        let mut b = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+        b[k] = v;
+        chat(b).unwrap_err().message
+    };
+    assert!(base("temperature", json!(3.0)).starts_with("temperature"));
+    assert!(base("top_p", json!(0.0)).starts_with("top_p"));
+    assert!(base("max_tokens", json!(0)).starts_with("max_tokens"));
+    assert!(base("messages", json!([])).starts_with("messages"));
+}
