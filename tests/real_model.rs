@@ -30,6 +30,25 @@ async fn answer(s: &Server, body: &Value) -> Value {
     res.json().await.unwrap()
 }
 
+/// `count_tokens` of `body` is the prompt `reply` used: processed plus read from the cache.
+async fn assert_counted_as_used(s: &Server, body: &Value, reply: &Value) {
+    let counted: Value = reqwest::Client::new()
+        .post(s.url("/v1/messages/count_tokens"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let usage = &reply["usage"];
+    assert_eq!(
+        counted["input_tokens"].as_u64().unwrap(),
+        usage["input_tokens"].as_u64().unwrap() + usage["cache_read_input_tokens"].as_u64().unwrap(),
+        "{counted} vs {usage}"
+    );
+}
+
 #[tokio::test]
 async fn smollm2_from_its_gguf_file_answers_facts_and_ends_its_turn() {
     let s = server();
@@ -50,21 +69,7 @@ async fn smollm2_from_its_gguf_file_answers_facts_and_ends_its_turn() {
     let plain = answer(&s, &body).await;
     let events = parse_sse(&s.post_stream(&body).await.text().await.unwrap());
     assert_eq!(text_of_stream(&events), plain["content"][0]["text"].as_str().unwrap());
-    let counted: Value = reqwest::Client::new()
-        .post(s.url("/v1/messages/count_tokens"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let usage = &plain["usage"];
-    assert_eq!(
-        counted["input_tokens"].as_u64().unwrap(),
-        usage["input_tokens"].as_u64().unwrap() + usage["cache_read_input_tokens"].as_u64().unwrap(),
-        "{counted} vs {usage}"
-    );
+    assert_counted_as_used(&s, &body, &plain).await;
 
     // The second turn of the conversation reads the first from the prompt cache.
     let first = answer(&s, &ask("Name a primary colour.", 16)).await;
@@ -84,20 +89,7 @@ async fn smollm2_from_its_gguf_file_answers_facts_and_ends_its_turn() {
     let m = answer(&s, &prefill).await;
     let text = m["content"][0]["text"].as_str().unwrap();
     assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
-    let counted: Value = reqwest::Client::new()
-        .post(s.url("/v1/messages/count_tokens"))
-        .json(&prefill)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let u = &m["usage"];
-    assert_eq!(
-        counted["input_tokens"].as_u64().unwrap(),
-        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap()
-    );
+    assert_counted_as_used(&s, &prefill, &m).await;
 
     // Idle, nothing is left in MLX's cache.
     assert_eq!(s.idle_backend().await["cache_bytes"], 0);

@@ -93,8 +93,8 @@ def _scalar(meta, key, default=None):
     return v
 
 
-def load(path: str):
-    """``(model, tokenizer, context_length)`` for the GGUF file at ``path``."""
+def _read(path: str):
+    """``(metadata, mlx-lm config, weights under mlx-lm's names, {module: bits})`` of the file."""
     weights, meta = mx.load(path, return_metadata=True)
     arch = _scalar(meta, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -105,7 +105,12 @@ def load(path: str):
     model_type, permuted = ARCHITECTURES[arch]
     config = _config(meta, arch, model_type, weights, permuted)
     weights = _rename(weights)
-    bits = _quantised_bits(weights)
+    return meta, config, weights, _quantised_bits(weights)
+
+
+def load(path: str):
+    """``(model, tokenizer, context_length)`` for the GGUF file at ``path``."""
+    meta, config, weights, bits = _read(path)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     if bits:
@@ -238,14 +243,7 @@ def to_mlx_folder(path: str, out: str) -> None:
     """Writes the GGUF file at ``path`` as an MLX model folder (``config.json``, quantised
     safetensors, tokenizer files) that mlx-lm's own ``load`` reads: the same weights, for
     comparing with servers that cannot read GGUF."""
-    weights, meta = mx.load(path, return_metadata=True)
-    arch = _scalar(meta, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGUFError(f"{path}: architecture `{arch}` is not supported for GGUF files")
-    model_type, permuted = ARCHITECTURES[arch]
-    config = _config(meta, arch, model_type, weights, permuted)
-    weights = _rename(weights)
-    bits = _quantised_bits(weights)
+    meta, config, weights, bits = _read(path)
     if bits:
         common = max(set(bits.values()), key=list(bits.values()).count)
         config["quantization"] = {"group_size": 32, "bits": common}
