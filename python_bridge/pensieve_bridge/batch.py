@@ -31,6 +31,7 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache
 from .protocol import Added, Finish, Piece
@@ -61,6 +62,8 @@ class Running:
 
     splitter: ResponseSplitter
     detokenizer: object
+    #: Prompt and generated tokens so far: the size of its KV cache, in tokens.
+    tokens: int = 0
 
 
 @dataclass
@@ -74,10 +77,13 @@ class Batcher:
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
     _caching: bool = field(init=False, default=True)
+    #: MLX's memory limit in bytes (0: none); see :meth:`set_memory_limit`.
+    _limit: int = field(init=False, default=0)
 
     def __post_init__(self):
         self._eos = set(self.engine.tokenizer.eos_token_ids)
         self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes) if self.prompt_cache_bytes > 0 else None
+        self._grammars = Grammars(self.engine.tokenizer)
         self._new_generator()
 
     def _new_generator(self):
@@ -88,13 +94,15 @@ class Batcher:
             prefill_step_size=PREFILL_STEP,
         )
 
-    def add(self, chat_json: str, params_json: str, context_length: int) -> tuple[Added, int, int, int]:
+    def add(self, chat_json: str, params_json: str, context_length: int) -> tuple[Added, int, int, int, str]:
         """Renders a request and queues it in the batch.
 
-        ``params`` holds ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``stop`` (a
-        list of strings). Returns ``(added, uid, input_tokens, cached_tokens)``; with
+        ``params`` holds ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop`` (a
+        list of strings) and ``constraint`` (see :mod:`~pensieve_bridge.constrain`; null for
+        none). Returns ``(added, uid, input_tokens, cached_tokens, message)``; with
         :attr:`Added.TOO_LONG` nothing is queued (the prompt is longer than ``context_length``;
-        0: no limit).
+        0: no limit), nor with :attr:`Added.REFUSED` (the constraint cannot be used: ``message``
+        says why).
         """
         engine = self.engine
         chat = json.loads(chat_json)
@@ -102,12 +110,21 @@ class Batcher:
         tokens = engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
-            return Added.TOO_LONG, 0, n, 0
+            return Added.TOO_LONG, 0, n, 0, ""
+        processors = None
+        if params.get("constraint"):
+            try:
+                processors = [self._grammars.compile(params["constraint"], chat.get("tools"))]
+            except ConstraintError as e:
+                return Added.REFUSED, 0, n, 0, str(e)
         running = Running(
             splitter=ResponseSplitter(engine.tokenizer, chat.get("tools"), initial_state(engine.tokenizer, tokens)),
             detokenizer=engine.tokenizer.detokenizer,
         )
         running, max_tokens = self._prepare(running, tokens, int(params["max_tokens"]))
+        running.tokens = n
+        if processors is not None:
+            running.splitter = ConstrainedOutput(call=params["constraint"]["type"] == "tool")
         cache, rest = None, tokens
         if self._cache is not None:
             cache, rest = self._cache.fetch(tokens)
@@ -134,12 +151,13 @@ class Batcher:
             caches=[cache],
             all_tokens=[tokens[:cached]],
             samplers=[sampler],
+            logits_processors=[processors],
             stop_sequences=[make_stop_sequences(engine.tokenizer, params.get("stop") or [])],
         )
         del cache
         self._running[uid] = running
         self._fit_cache()
-        return Added.STARTED, uid, n, cached
+        return Added.STARTED, uid, n, cached, ""
 
     def _prepare(self, running: Running, tokens: list[int], max_tokens: int) -> tuple[Running, int]:
         """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""
@@ -157,13 +175,50 @@ class Batcher:
         """
         out: list = []
         if self._running and self._model_step_needed():
+            if self._limit:
+                self.engine.reset_peak()
             _, responses = self._gen.next()
             for r in responses:
                 running = self._running.get(r.uid)
                 if running is not None:
+                    running.tokens += 1
                     self._respond(out, r, running)
+            if self._limit:
+                self._enforce_limit(out)
         self._release_if_idle()
         return out
+
+    def set_memory_limit(self, limit: int) -> None:
+        """Sets MLX's memory limit (and, on Metal, its wired limit) to ``limit`` bytes, and
+        watches it: a step whose peak goes over it stops the largest running generation
+        (:attr:`Finish.MEMORY`). MLX treats its limit as a guideline (it waits for pending work
+        to free memory, and releases its cache, before it allocates more; it does not refuse an
+        allocation), so the step's peak is the line pensieve holds."""
+        self._limit = int(limit)
+        if self._limit:
+            mx.set_memory_limit(self._limit)
+            if mx.metal.is_available():
+                most = int(mx.metal.device_info().get("max_recommended_working_set_size", self._limit))
+                mx.set_wired_limit(min(self._limit, most))
+
+    def _enforce_limit(self, out: list) -> None:
+        """After a step: when MLX's peak went over the limit, the largest running generation
+        ends with :attr:`Finish.MEMORY` and its memory is released."""
+        peak = mx.get_peak_memory()
+        if peak <= self._limit or not self._running:
+            return
+        uid, running = max(self._running.items(), key=lambda item: item[1].tokens)
+        gib = 1024**3
+        message = (
+            f"MLX went over its memory limit: {peak / gib:.2f} GB at the peak of a step, over the limit of "
+            f"{self._limit / gib:.2f} GB (backend.mlx_memory_limit_mb, or the memory left above "
+            f"memory.emergency_gb); this generation, the largest running ({running.tokens} tokens), was stopped "
+            "to bring memory back: retry when memory is free, or send a shorter prompt"
+        )
+        out[:] = [o for o in out if o[0] != uid]
+        out.append((uid, [(Piece.ERROR, message)], Finish.MEMORY))
+        self.cancel([uid])
+        mx.clear_cache()
 
     def _model_step_needed(self) -> bool:
         return True

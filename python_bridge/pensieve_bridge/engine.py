@@ -47,6 +47,7 @@ class Engine:
         self.model_id = model
         self.path = resolve_model(model)
         self.notes = []
+        self.peak_before_reset = 0
         gguf_file = gguf.find_gguf(self.path)
         if gguf_file:
             self.model, self.tokenizer, ctx = gguf.load(gguf_file)
@@ -127,10 +128,15 @@ class Engine:
         mx.clear_cache()
         return mx.get_cache_memory()
 
-    @staticmethod
-    def memory() -> tuple[int, int, int]:
-        """``(active, cache, peak)`` bytes as MLX counts them."""
-        return mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
+    def memory(self) -> tuple[int, int, int]:
+        """``(active, cache, peak)`` bytes as MLX counts them; the peak since start-up, although
+        the batcher resets MLX's own peak counter at every step it watches a memory limit."""
+        return mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, mx.get_peak_memory())
+
+    def reset_peak(self) -> None:
+        """Restarts MLX's peak counter, keeping the peak so far for :meth:`memory`."""
+        self.peak_before_reset = max(self.peak_before_reset, mx.get_peak_memory())
+        mx.reset_peak_memory()
 
 
 def float32_bytes(model) -> int:

@@ -34,6 +34,9 @@ class Finish(IntEnum):
     TOOL_USE = 2
     #: The generation failed (see its :attr:`Piece.ERROR` piece).
     ERROR = 3
+    #: MLX went over its memory limit and this generation, the largest, was stopped (its
+    #: :attr:`Piece.ERROR` piece says how much); the server answers 503, retry later.
+    MEMORY = 4
 
 
 class Added(IntEnum):
@@ -43,6 +46,8 @@ class Added(IntEnum):
     STARTED = 0
     #: Not queued: the prompt is longer than the model's context.
     TOO_LONG = 1
+    #: Not queued: its constraint (a schema, a forced tool) cannot be used; the message says why.
+    REFUSED = 2
 
 
 def codes() -> dict[str, int]:

@@ -27,7 +27,7 @@ def running(batcher):
 
 def add(batcher, chat_json, params_json, context_length=0):
     """``(uid, input_tokens, cached_tokens)`` of a request that starts (asserts it does)."""
-    added, uid, n, cached = batcher.add(chat_json, params_json, context_length)
+    added, uid, n, cached, _ = batcher.add(chat_json, params_json, context_length)
     assert added == 0, "the prompt was refused as too long"
     return uid, n, cached
 

@@ -101,3 +101,31 @@ def test_a_stop_sequence_stops_the_sequence_inside_the_batch_and_is_part_of_the_
     out, finishes = run(b)
     assert finishes[uid] == Finish.STOP
     assert out[uid].endswith(stop) and text[uid].startswith(out[uid]), (out[uid], text[uid])
+
+
+def test_a_step_over_the_memory_limit_stops_the_largest_generation_and_no_other(engine):
+    import mlx.core as mx
+
+    b = Batcher(engine, 4, 0)
+    idle = mx.get_active_memory()
+    # A short prompt peaks at well under 1 MB over the weights; a 2,000-token prefill at about
+    # 80 MB (attention scores and logits of a whole chunk).
+    b.set_memory_limit(idle + (16 << 20))
+    short, _, _ = add(b, chat("hi"), json.dumps({"max_tokens": 40, "temperature": 0}))
+    b.step()
+    long_prompt = json.dumps({"messages": [{"role": "user", "content": "hello world " * 500}]})
+    long, n, _ = add(b, long_prompt, json.dumps({"max_tokens": 8, "temperature": 0}))
+    assert n > 1900
+    out, finishes = run(b)
+    assert finishes[long] == Finish.MEMORY
+    assert "MLX went over its memory limit" in out[long], out[long]
+    assert f"the largest running ({n} tokens)" in out[long], out[long]
+    assert finishes[short] == Finish.LENGTH
+    # The peak since start-up still shows the step that crossed the line.
+    assert engine.memory()[2] > idle + (16 << 20)
+    assert engine.clear_cache() == 0
+    # Under the limit, the same batcher serves again.
+    again, _, _ = add(b, chat("hi"), GREEDY)
+    _, finishes = run(b)
+    assert finishes[again] == Finish.LENGTH
+    b.set_memory_limit(0)

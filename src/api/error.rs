@@ -75,6 +75,8 @@ pub struct ApiError {
     pub custom: Option<(StatusCode, String)>,
     /// Who refused the request, when it was an admission decision (for metrics and logs).
     pub refused_by: Option<RefusedBy>,
+    /// `error.details`: what a client's code acts on (`{"error_code": "thread_not_found"}`).
+    pub details: Option<Box<serde_json::Value>>,
 }
 
 /// The admission decision behind a refusal.
@@ -95,6 +97,7 @@ impl ApiError {
             retry_after_secs: None,
             custom: None,
             refused_by: None,
+            details: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl ApiError {
             retry_after_secs,
             custom: Some((status, error_type)),
             refused_by: Some(RefusedBy::Policy(policy)),
+            details: None,
         }
     }
 
@@ -134,6 +138,12 @@ impl ApiError {
         self.custom
             .as_ref()
             .map_or_else(|| self.kind.as_str(), |(_, t)| t.as_str())
+    }
+
+    /// Adds `error.details`.
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(Box::new(details));
+        self
     }
 
     /// Adds `retry-after`.
@@ -148,6 +158,9 @@ impl ApiError {
             "type": "error",
             "error": {"type": self.type_str(), "message": self.message},
         });
+        if let Some(details) = &self.details {
+            v["error"]["details"] = (**details).clone();
+        }
         if let Some(id) = request_id {
             v["request_id"] = id.into();
         }

@@ -38,6 +38,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
             "accepting_requests": snap.tier.admits(),
             "source": snap.source.as_str(),
             "pressure_some_avg10": snap.pressure_some_avg10,
+            "kernel_pressure": snap.kernel_pressure.map(|k| k.as_str()),
             "thresholds_gb": {
                 "warning": round2(thresholds.warning as f64 / crate::memory::GIB),
                 "critical": round2(thresholds.critical as f64 / crate::memory::GIB),

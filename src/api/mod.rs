@@ -6,6 +6,7 @@
 pub mod error;
 mod health;
 pub mod sse;
+pub mod threads;
 pub mod translate;
 pub mod types;
 mod validate;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub policies: Option<Arc<crate::policy::PolicyEngine>>,
     /// What `/metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Conversations kept for message threads.
+    pub threads: Arc<threads::Threads>,
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.
@@ -89,6 +92,12 @@ async fn handle_messages(
         Some(req) => req,
         None => Arc::new(translate::parse(&read_body(body, limit).await?)?),
     };
+    // A thread's kept conversation goes in front of the new messages, before any check.
+    let thread = threads::param(&req)?;
+    let req = match &thread {
+        Some(threads::ThreadParam::Continue(previous)) => Arc::new(app.threads.history(previous)?.continued(&req)),
+        _ => req,
+    };
     let backend_req = translate::to_backend(&req, false)?;
     let mut generation = app.backend.generate(backend_req)?;
     // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
@@ -118,6 +127,12 @@ async fn handle_messages(
         ..types::Usage::default()
     };
     let model = app.backend.model().to_owned();
+    // With a thread, the answered conversation is kept under the reply's id.
+    let keep: Option<sse::OnReply> = thread.map(|_| {
+        let threads = app.threads.clone();
+        let req = req.clone();
+        Box::new(move |reply: &types::Message| threads.keep(&reply.id, &req, &reply.content)) as sse::OnReply
+    });
     if req.stream {
         Ok(sse::response(
             generation,
@@ -126,9 +141,14 @@ async fn handle_messages(
             span.clone(),
             timing,
             request_id,
+            keep,
         ))
     } else {
-        Ok(Json(sse::collect(generation, model, prompt, span, timing).await?).into_response())
+        let reply = sse::collect(generation, model, prompt, span, timing).await?;
+        if let Some(keep) = keep {
+            keep(&reply);
+        }
+        Ok(Json(reply).into_response())
     }
 }
 

@@ -139,7 +139,35 @@ impl Blocks {
     }
 }
 
-/// The SSE response for a generation whose `Started` event has been received.
+/// Called with the whole reply once a generation has ended well (message threads keep it).
+pub type OnReply = Box<dyn FnOnce(&Message) + Send>;
+
+/// Adds a generated piece to a message's blocks: text and thinking join the block before them
+/// when it is of their kind.
+fn append(content: &mut Vec<OutputBlock>, ev: &Event) {
+    match ev {
+        Event::Text(t) => match content.last_mut() {
+            Some(OutputBlock::Text { text }) => text.push_str(t),
+            _ => content.push(OutputBlock::Text { text: t.clone() }),
+        },
+        Event::Thinking(t) => match content.last_mut() {
+            Some(OutputBlock::Thinking { thinking, .. }) => thinking.push_str(t),
+            _ => content.push(OutputBlock::Thinking {
+                thinking: t.clone(),
+                signature: THINKING_SIGNATURE.into(),
+            }),
+        },
+        Event::ToolUse { id, name, input } => content.push(OutputBlock::ToolUse {
+            id: id.clone(),
+            name: name.clone(),
+            input: input.clone(),
+        }),
+        Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
+    }
+}
+
+/// The SSE response for a generation whose `Started` event has been received. `on_reply` gets
+/// the whole reply after `message_stop`.
 pub fn response(
     mut generation: Generation,
     model: String,
@@ -147,6 +175,7 @@ pub fn response(
     span: Span,
     mut timing: Timing,
     request_id: Option<String>,
+    mut on_reply: Option<OnReply>,
 ) -> Response {
     let stream = async_stream::stream! {
         let mut start = Message::new(&model);
@@ -181,6 +210,11 @@ pub fn response(
                     yield event("message_delta", json!({"type": "message_delta",
                         "delta": {"stop_reason": reason, "stop_sequence": stop_sequence}, "usage": usage}));
                     yield event("message_stop", json!({"type": "message_stop"}));
+                    if let Some(on_reply) = on_reply.take() {
+                        start.stop_reason = Some(reason);
+                        start.usage = usage;
+                        on_reply(&start);
+                    }
                     break;
                 }
                 Some(Event::Failed(e)) => {
@@ -196,6 +230,9 @@ pub fn response(
                 }
                 Some(ev) => {
                     timing.piece();
+                    if on_reply.is_some() {
+                        append(&mut start.content, &ev);
+                    }
                     for e in blocks.on(ev) {
                         yield e;
                     }
@@ -221,18 +258,7 @@ pub async fn collect(
         }
         match ev {
             Event::Started { .. } => {}
-            Event::Text(t) => match m.content.last_mut() {
-                Some(OutputBlock::Text { text }) => text.push_str(&t),
-                _ => m.content.push(OutputBlock::Text { text: t }),
-            },
-            Event::Thinking(t) => match m.content.last_mut() {
-                Some(OutputBlock::Thinking { thinking, .. }) => thinking.push_str(&t),
-                _ => m.content.push(OutputBlock::Thinking {
-                    thinking: t,
-                    signature: THINKING_SIGNATURE.into(),
-                }),
-            },
-            Event::ToolUse { id, name, input } => m.content.push(OutputBlock::ToolUse { id, name, input }),
+            Event::Text(_) | Event::Thinking(_) | Event::ToolUse { .. } => append(&mut m.content, &ev),
             Event::Done {
                 reason,
                 stop_sequence,

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::types::{Block, Content, MessagesRequest, Role};
-use crate::backend::{Chat, ChatMessage, GenerateRequest, Sampling};
+use crate::backend::{Chat, ChatMessage, Constraint, GenerateRequest, Sampling};
 
 /// Parses a request body; the error names the field (`messages[0].content[1].type: …`).
 pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
@@ -133,6 +133,17 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
         _ => false,
     };
     let choice = tool_choice(req)?;
+    let constraint = constraint(req, &choice)?;
+    if constraint.is_some() && continue_final {
+        return Err(ApiError::invalid(format!(
+            "messages[{}]: a final assistant message (a prefill) cannot be combined with {}",
+            req.messages.len() - 1,
+            match constraint {
+                Some(Constraint::Tool { .. }) => "a tool_choice that forces a tool call",
+                _ => "output_config.format",
+            }
+        )));
+    }
     if let Some(instruction) = choice.instruction() {
         if !system.is_empty() {
             system.push_str("\n\n");
@@ -171,12 +182,62 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
             top_k: req.top_k.filter(|k| *k > 0),
         },
         stop_sequences: req.stop_sequences.clone(),
+        constraint,
     })
 }
 
-/// `tool_choice`, as far as a local model can be held to it: `none` hides the tools from the
-/// template; `any` and `tool` are instructions in the system prompt (a model may still ignore
-/// them: nothing constrains its sampling).
+/// What constrained decoding must hold the answer to: a forced tool call (`tool_choice` `any`
+/// or `tool`), or JSON that validates against `output_config.format.schema`.
+fn constraint(req: &MessagesRequest, choice: &ToolChoice) -> Result<Option<Constraint>, ApiError> {
+    let format = match (&req.output_config, &req.output_format) {
+        (Some(config), _) => config
+            .get("format")
+            .filter(|f| !f.is_null())
+            .map(|f| (f, "output_config.format")),
+        (None, Some(format)) => Some((format, "output_format")),
+        (None, None) => None,
+    };
+    let schema = match format {
+        None => None,
+        Some((format, at)) => {
+            let kind = format.get("type").and_then(|t| t.as_str());
+            if kind != Some("json_schema") {
+                return Err(ApiError::invalid(format!(
+                    "{at}.type: expected `json_schema`, got {}",
+                    format.get("type").map_or("nothing".to_string(), |t| t.to_string())
+                )));
+            }
+            match format.get("schema") {
+                Some(schema @ serde_json::Value::Object(_)) => Some(schema.clone()),
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "{at}.schema: required, a JSON schema object"
+                    )))
+                }
+            }
+        }
+    };
+    Ok(match (choice, schema) {
+        (ToolChoice::Any | ToolChoice::Tool(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "output_config.format: cannot be combined with a tool_choice that forces a tool call",
+            ))
+        }
+        (ToolChoice::Any, None) => {
+            let mut names: Vec<String> = req.tools.iter().map(|t| t.name.clone()).collect();
+            names.sort();
+            Some(Constraint::Tool { names })
+        }
+        (ToolChoice::Tool(name), None) => Some(Constraint::Tool {
+            names: vec![name.clone()],
+        }),
+        (_, Some(schema)) => Some(Constraint::JsonSchema { schema }),
+        (_, None) => None,
+    })
+}
+
+/// `tool_choice`: `none` hides the tools from the template; `any` and `tool` are instructions in
+/// the system prompt, and constrained decoding holds the answer to them (see [`constraint`]).
 #[derive(Debug, PartialEq, Eq)]
 enum ToolChoice {
     Auto,

@@ -49,6 +49,17 @@ pub struct MessagesRequest {
     /// Accepted (`enabled` with `budget_tokens`, or `disabled`).
     #[serde(default)]
     pub thinking: Option<Value>,
+    /// Structured outputs: `{"format": {"type": "json_schema", "schema": {...}}}`, enforced by
+    /// constrained decoding.
+    #[serde(default)]
+    pub output_config: Option<Value>,
+    /// The structured-outputs beta's name for `output_config.format`.
+    #[serde(default)]
+    pub output_format: Option<Value>,
+    /// Message threads: `{"type": "create"}` or `{"type": "continue", "previous_message_id":
+    /// …}` (see `api::threads`).
+    #[serde(default)]
+    pub thread: Option<Value>,
 }
 
 /// One tool definition. Server tools (with a `type` and no schema) parse too.

@@ -116,6 +116,17 @@ fn thinking(req: &MessagesRequest) -> Result<(), ApiError> {
             "temperature: may only be 1 when thinking is enabled, got {temp}"
         )));
     }
+    let forced = req
+        .tool_choice
+        .as_ref()
+        .and_then(|c| c.get("type"))
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t == "any" || t == "tool");
+    if forced {
+        return Err(ApiError::invalid(
+            "tool_choice: thinking may not be enabled when tool_choice forces tool use",
+        ));
+    }
     Ok(())
 }
 
@@ -197,6 +208,14 @@ mod tests {
         b["temperature"] = json!(0.5);
         assert!(check(b.clone()).unwrap_err().starts_with("temperature: may only be 1"));
         b["temperature"] = json!(1.0);
+        assert_eq!(check(b.clone()), Ok(()));
+        b["tools"] = json!([{"name": "read_file"}]);
+        b["tool_choice"] = json!({"type": "any"});
+        assert_eq!(
+            check(b.clone()).unwrap_err(),
+            "tool_choice: thinking may not be enabled when tool_choice forces tool use"
+        );
+        b["tool_choice"] = json!({"type": "auto"});
         assert_eq!(check(b.clone()), Ok(()));
         // Claude Code's adaptive thinking is not budgeted.
         b["thinking"] = json!({"type": "adaptive", "display": "omitted"});

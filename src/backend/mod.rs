@@ -66,6 +66,26 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
     /// Generation ends when one of these appears; it is not part of the text.
     pub stop_sequences: Vec<String>,
+    /// What the output must be, enforced token by token (constrained decoding).
+    pub constraint: Option<Constraint>,
+}
+
+/// A constraint on a generation's output, enforced at every token by the backend's grammar
+/// engine: what the model cannot get wrong.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Constraint {
+    /// The answer is JSON that validates against `schema` (`output_config.format`).
+    JsonSchema {
+        /// A JSON schema.
+        schema: serde_json::Value,
+    },
+    /// The answer is one call to one of these tools, its input valid against the tool's
+    /// `input_schema` (`tool_choice` `any` or `tool`).
+    Tool {
+        /// The tools it may call.
+        names: Vec<String>,
+    },
 }
 
 /// Why a generation ended.
@@ -187,6 +207,9 @@ pub struct BackendStatus {
     /// KV cache bytes one token of one sequence takes: what admission multiplies a request's
     /// prompt and `max_tokens` by.
     pub kv_bytes_per_token: u64,
+    /// The memory limit MLX has now (0: not set yet): `backend.mlx_memory_limit_mb`, or what
+    /// MLX holds plus what memory has above `memory.emergency_gb`, whichever is less.
+    pub mlx_memory_limit_bytes: u64,
 }
 
 /// A running generation: its events, in order. Dropping it cancels the generation.

@@ -13,6 +13,7 @@
 //! ```
 
 mod gate;
+pub mod macos;
 mod probe;
 mod sampler;
 mod tier;
@@ -35,6 +36,8 @@ pub enum Source {
     System,
     /// The memory cgroup the server runs in (limit − usage).
     Cgroup,
+    /// macOS's VM statistics and the kernel's pressure level (see [`macos`]).
+    Macos,
     /// A probe made by a test or an embedding application.
     Custom,
 }
@@ -45,6 +48,7 @@ impl Source {
         match self {
             Source::System => "system",
             Source::Cgroup => "cgroup",
+            Source::Macos => "macos",
             Source::Custom => "custom",
         }
     }
@@ -63,6 +67,8 @@ pub struct MemorySnapshot {
     pub source: Source,
     /// PSI memory "some" avg10, in percent, where the kernel has it.
     pub pressure_some_avg10: Option<f32>,
+    /// The kernel's own pressure level, where it has one (macOS).
+    pub kernel_pressure: Option<macos::KernelPressure>,
     /// Bytes the backend holds in live arrays, where known.
     pub backend_active_bytes: Option<u64>,
     /// Bytes the backend holds in its allocator cache, where known.
@@ -80,6 +86,7 @@ impl MemorySnapshot {
             total_bytes: 0,
             source: Source::System,
             pressure_some_avg10: None,
+            kernel_pressure: None,
             backend_active_bytes: None,
             backend_cache_bytes: None,
             seq: 0,

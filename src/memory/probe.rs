@@ -16,6 +16,9 @@ pub struct ProbeReading {
     pub source: Source,
     /// PSI memory "some" avg10 in percent, where known.
     pub pressure_some_avg10: Option<f32>,
+    /// The kernel's own pressure level, where it has one (macOS); its warning and critical
+    /// levels raise the tier.
+    pub kernel_pressure: Option<super::macos::KernelPressure>,
 }
 
 /// Something that can tell how much memory is left. Only the sampler calls it.
@@ -30,12 +33,15 @@ impl<F: FnMut() -> ProbeReading + Send + 'static> MemoryProbe for F {
     }
 }
 
-/// The machine's memory through sysinfo, narrowed to the memory cgroup when it has a limit,
-/// with PSI from `/proc/pressure/memory`.
+/// The machine's memory: on Linux through sysinfo, narrowed to the memory cgroup when it has a
+/// limit, with PSI from `/proc/pressure/memory`; on macOS from the VM statistics and the
+/// kernel's pressure level ([`macos`](super::macos)).
 pub struct SystemProbe {
     system: sysinfo::System,
     cgroup: Option<cgroup::Cgroup>,
     psi: Option<PathBuf>,
+    #[cfg(target_os = "macos")]
+    host: super::macos::sys::Host,
 }
 
 impl std::fmt::Debug for SystemProbe {
@@ -59,7 +65,13 @@ impl SystemProbe {
             .ok()
             .and_then(|t| psi_some_avg10(&t))
             .map(|_| psi.to_owned());
-        Ok(Self { system, cgroup, psi })
+        Ok(Self {
+            system,
+            cgroup,
+            psi,
+            #[cfg(target_os = "macos")]
+            host: super::macos::sys::Host::new(),
+        })
     }
 
     /// The cgroup found at start-up, if any (with or without a limit).
@@ -72,6 +84,10 @@ impl MemoryProbe for SystemProbe {
     fn read(&mut self) -> ProbeReading {
         self.system.refresh_memory();
         let sys_total = self.system.total_memory();
+        #[cfg(target_os = "macos")]
+        if let Some(reading) = self.host.read(sys_total) {
+            return reading;
+        }
         let sys_available = self.system.available_memory();
         let pressure_some_avg10 = self
             .psi
@@ -85,12 +101,14 @@ impl MemoryProbe for SystemProbe {
                 total_bytes: cg.limit,
                 source: Source::Cgroup,
                 pressure_some_avg10,
+                kernel_pressure: None,
             },
             _ => ProbeReading {
                 available_bytes: sys_available,
                 total_bytes: sys_total,
                 source: Source::System,
                 pressure_some_avg10,
+                kernel_pressure: None,
             },
         }
     }

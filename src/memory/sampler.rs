@@ -95,10 +95,15 @@ impl Sampler {
             total_bytes: r.total_bytes,
             source: r.source,
             pressure_some_avg10: r.pressure_some_avg10,
+            kernel_pressure: r.kernel_pressure,
             backend_active_bytes: active,
             backend_cache_bytes: cache,
             seq: previous.seq + 1,
         };
+        // The kernel's own level (macOS) raises the tier, whatever the GB thresholds say.
+        if let Some(level) = r.kernel_pressure {
+            snapshot.tier = snapshot.tier.max(level.tier());
+        }
         // The most severe of the host's tier and the policies' proposals wins.
         if let Some(proposed) = hooks.proposer.as_ref().and_then(|p| p.propose(&snapshot)) {
             snapshot.tier = snapshot.tier.max(proposed);
@@ -132,6 +137,38 @@ mod tests {
     const GB: u64 = 1 << 30;
 
     #[test]
+    fn the_kernels_pressure_level_raises_the_tier_and_lets_it_fall_again() {
+        use crate::memory::macos::KernelPressure;
+        let thresholds = Thresholds {
+            warning: 2 * GB,
+            critical: GB,
+            emergency: GB / 2,
+            hysteresis: 0.1,
+        };
+        let mut previous = MemorySnapshot::unknown();
+        let mut tiers = Vec::new();
+        for level in [
+            KernelPressure::Normal,
+            KernelPressure::Warning,
+            KernelPressure::Critical,
+            KernelPressure::Normal,
+        ] {
+            // 8 GB available: the thresholds alone say Safe.
+            let mut probe = move || ProbeReading {
+                available_bytes: 8 * GB,
+                total_bytes: 16 * GB,
+                source: Source::Macos,
+                pressure_some_avg10: None,
+                kernel_pressure: Some(level),
+            };
+            previous = Sampler::sample(&mut probe, &thresholds, &previous, &Hooks::default());
+            assert_eq!(previous.kernel_pressure, Some(level));
+            tiers.push(previous.tier);
+        }
+        assert_eq!(tiers, [Tier::Safe, Tier::Warning, Tier::Critical, Tier::Safe]);
+    }
+
+    #[test]
     fn sampler_publishes_tiers_with_hysteresis_from_a_probe() {
         // A scripted probe: the one fault we cannot cause on demand is the machine running short.
         let avail = Arc::new(AtomicU64::new(8 * GB));
@@ -141,6 +178,7 @@ mod tests {
             total_bytes: 16 * GB,
             source: Source::Custom,
             pressure_some_avg10: None,
+            kernel_pressure: None,
         };
         let handle = SnapshotHandle::new(MemorySnapshot::unknown());
         let thresholds = Thresholds {

@@ -139,3 +139,43 @@ def test_errors_are_the_sdks_typed_exceptions(client, keyed_server, server):
             for _ in s:
                 pass
     assert "injected fault" in str(e.value)
+
+
+def test_messages_parse_gives_a_validated_object_whatever_the_model_says(client):
+    # The demo model's text is random: the constraint alone makes the answer parse.
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        verdict: Literal["yes", "no", "unsure"]
+        sure: bool
+
+    for i in range(4):
+        m = client.messages.parse(model="x", max_tokens=40, output_format=Verdict,
+                                  messages=[{"role": "user", "content": f"Is {i} prime?"}])
+        assert m.stop_reason == "end_turn"
+        assert isinstance(m.parsed_output, Verdict)
+
+
+def test_tool_runner_with_a_forced_tool_calls_the_function_with_valid_input(client):
+    from anthropic import beta_tool
+
+    calls = []
+    schema = {"type": "object", "additionalProperties": False, "required": ["zone"],
+              "properties": {"zone": {"enum": ["UTC", "CET", "JST"]}}}
+
+    @beta_tool(input_schema=schema)
+    def get_time(zone: str) -> str:
+        """The time in a zone."""
+        calls.append(zone)
+        return f"12:00 {zone}"
+
+    runner = client.beta.messages.tool_runner(
+        model="x", max_tokens=40, tools=[get_time], max_iterations=3,
+        tool_choice={"type": "tool", "name": "get_time"},
+        messages=[{"role": "user", "content": "What time is it?"}])
+    messages = list(runner)
+    assert len(messages) == 3
+    assert all(m.stop_reason == "tool_use" for m in messages)
+    assert len(calls) >= 2 and set(calls) <= {"UTC", "CET", "JST"}

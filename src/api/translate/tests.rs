@@ -150,6 +150,20 @@ fn tool_choice_is_honoured_as_far_as_a_local_model_allows() {
         .content
         .contains("calling one of the provided tools"));
     assert_eq!(base(json!({"type": "auto"})).unwrap().chat.messages.len(), 1);
+    // Forced calls are constrained, not only asked for.
+    assert_eq!(
+        tool.constraint,
+        Some(Constraint::Tool {
+            names: vec!["Bash".into()]
+        })
+    );
+    assert_eq!(
+        any.constraint,
+        Some(Constraint::Tool {
+            names: vec!["Bash".into()]
+        })
+    );
+    assert_eq!(base(json!({"type": "auto"})).unwrap().constraint, None);
     assert!(base(json!({"type": "tool", "name": "Nope"}))
         .unwrap_err()
         .message
@@ -185,4 +199,51 @@ fn values_out_of_range_name_the_field() {
     assert!(base("top_p", json!(0.0)).starts_with("top_p"));
     assert!(base("max_tokens", json!(0)).starts_with("max_tokens"));
     assert!(base("messages", json!([])).starts_with("messages"));
+}
+
+#[test]
+fn output_config_format_becomes_a_json_schema_constraint_and_conflicts_are_400s() {
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}});
+    let base = |extra: serde_json::Value| {
+        let mut body = json!({"model": "m", "max_tokens": 5,
+            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "x"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        chat(body)
+    };
+    let format = json!({"type": "json_schema", "schema": schema});
+    let r = base(json!({"output_config": {"format": format}})).unwrap();
+    assert_eq!(r.constraint, Some(Constraint::JsonSchema { schema: schema.clone() }));
+    // The structured-outputs beta's spelling.
+    let r = base(json!({"output_format": format})).unwrap();
+    assert!(matches!(r.constraint, Some(Constraint::JsonSchema { .. })));
+    // output_config without a format (effort only) constrains nothing.
+    assert_eq!(
+        base(json!({"output_config": {"effort": "high"}})).unwrap().constraint,
+        None
+    );
+    let err = |extra| base(extra).unwrap_err().message;
+    assert_eq!(
+        err(json!({"output_config": {"format": {"type": "text"}}})),
+        "output_config.format.type: expected `json_schema`, got \"text\""
+    );
+    assert_eq!(
+        err(json!({"output_config": {"format": {"type": "json_schema"}}})),
+        "output_config.format.schema: required, a JSON schema object"
+    );
+    assert!(
+        err(json!({"output_config": {"format": format}, "tool_choice": {"type": "any"}}))
+            .starts_with("output_config.format: cannot be combined")
+    );
+    let prefill = json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "{"}]);
+    assert_eq!(
+        err(json!({"output_config": {"format": format}, "messages": prefill})),
+        "messages[1]: a final assistant message (a prefill) cannot be combined with output_config.format"
+    );
+    assert!(
+        err(json!({"tool_choice": {"type": "tool", "name": "Bash"}, "messages": prefill}))
+            .ends_with("a tool_choice that forces a tool call")
+    );
 }

@@ -83,6 +83,10 @@ pub(crate) struct Shared {
     peak_bytes: AtomicU64,
     context_length: AtomicU32,
     kv_bytes_per_token: AtomicU64,
+    /// `backend.mlx_memory_limit_mb` in bytes (0: from the thresholds only).
+    mlx_limit_configured: AtomicU64,
+    /// The memory limit MLX has now.
+    mlx_limit: AtomicU64,
     max_concurrent: AtomicU32,
     prompt_cache_bytes: AtomicU64,
     prompt_cache_entries: AtomicU64,
@@ -140,6 +144,9 @@ impl MlxBackend {
         shared
             .max_concurrent
             .store(config.max_concurrent as u32, Ordering::Relaxed);
+        shared
+            .mlx_limit_configured
+            .store(config.mlx_memory_limit_mb.saturating_mul(1 << 20), Ordering::Relaxed);
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
         let (ended_tx, ended) = sync_channel::<()>(0);
         let model = config.model.clone();
@@ -254,6 +261,7 @@ impl Backend for MlxBackend {
             prompt_cache_bytes: s.prompt_cache_bytes.load(Ordering::Relaxed),
             prompt_cache_entries: s.prompt_cache_entries.load(Ordering::Relaxed),
             kv_bytes_per_token: s.kv_bytes_per_token.load(Ordering::Relaxed),
+            mlx_memory_limit_bytes: s.mlx_limit.load(Ordering::Relaxed),
         }
     }
 

@@ -28,10 +28,12 @@ pub(crate) enum Finish {
     ToolUse,
     /// Failed (its `Piece::Error` says why).
     Error,
+    /// Stopped because MLX went over its memory limit (its `Piece::Error` says how much).
+    Memory,
 }
 
 /// What [`Batcher::add`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Added {
     /// In the batch as `uid`.
     Started {
@@ -46,6 +48,11 @@ pub(crate) enum Added {
     TooLong {
         /// Prompt tokens.
         input_tokens: u32,
+    },
+    /// Not started: its constraint (a schema, a forced tool) cannot be used.
+    Refused {
+        /// Why, naming the field.
+        message: String,
     },
 }
 
@@ -95,10 +102,13 @@ pub(crate) trait Batcher {
     fn clear_cache(&mut self, thorough: bool) -> Result<u64, String>;
     /// The memory counters.
     fn memory(&mut self) -> Result<Memory, String>;
+    /// Sets MLX's memory limit, which the batcher watches at every step: a step that goes over
+    /// it ends the largest generation with [`Finish::Memory`].
+    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String>;
 }
 
 /// Every code, as Python's `protocol.codes()` names them.
-pub(crate) const CODES: [(&str, u8); 10] = [
+pub(crate) const CODES: [(&str, u8); 12] = [
     ("Piece.TEXT", 0),
     ("Piece.THINKING", 1),
     ("Piece.TOOL", 2),
@@ -107,8 +117,10 @@ pub(crate) const CODES: [(&str, u8); 10] = [
     ("Finish.LENGTH", 1),
     ("Finish.TOOL_USE", 2),
     ("Finish.ERROR", 3),
+    ("Finish.MEMORY", 4),
     ("Added.STARTED", 0),
     ("Added.TOO_LONG", 1),
+    ("Added.REFUSED", 2),
 ];
 
 impl Piece {
@@ -132,14 +144,17 @@ impl Finish {
             1 => Finish::Length,
             2 => Finish::ToolUse,
             3 => Finish::Error,
+            4 => Finish::Memory,
             other => return Err(format!("the bridge sent an unknown finish code {other}")),
         })
     }
 }
 
 impl Added {
-    /// From Python's `(code, uid, input_tokens, cached_tokens)`.
-    pub fn decode((code, uid, input_tokens, cached_tokens): (u8, u64, u32, u32)) -> Result<Added, String> {
+    /// From Python's `(code, uid, input_tokens, cached_tokens, message)`.
+    pub fn decode(
+        (code, uid, input_tokens, cached_tokens, message): (u8, u64, u32, u32, String),
+    ) -> Result<Added, String> {
         Ok(match code {
             0 => Added::Started {
                 uid,
@@ -147,6 +162,7 @@ impl Added {
                 cached_tokens,
             },
             1 => Added::TooLong { input_tokens },
+            2 => Added::Refused { message },
             other => return Err(format!("the bridge sent an unknown add code {other}")),
         })
     }
@@ -173,11 +189,20 @@ mod tests {
     fn codes_decode_to_their_variants_and_unknown_ones_are_errors() {
         assert_eq!(Piece::decode(2, "{}".into()), Ok(Piece::Tool("{}".into())));
         assert_eq!(Finish::decode(1), Ok(Finish::Length));
-        assert_eq!(Added::decode((1, 0, 99, 0)), Ok(Added::TooLong { input_tokens: 99 }));
+        assert_eq!(
+            Added::decode((1, 0, 99, 0, String::new())),
+            Ok(Added::TooLong { input_tokens: 99 })
+        );
+        assert_eq!(
+            Added::decode((2, 0, 9, 0, "tools: no".into())),
+            Ok(Added::Refused {
+                message: "tools: no".into()
+            })
+        );
         assert!(Piece::decode(9, String::new())
             .unwrap_err()
             .contains("unknown piece code 9"));
-        assert!(Finish::decode(7).is_err() && Added::decode((5, 0, 0, 0)).is_err());
+        assert!(Finish::decode(7).is_err() && Added::decode((5, 0, 0, 0, String::new())).is_err());
         let python = CODES.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         assert!(check_codes(&python).is_ok());
         let mut other = python.clone();

@@ -138,9 +138,10 @@ impl Batcher for PyBatcher {
         let chat = serde_json::to_string(&request.chat).expect("chat serialises");
         let mut params = serde_json::to_value(&request.sampling).expect("sampling serialises");
         params["stop"] = serde_json::json!(request.stop_sequences);
+        params["constraint"] = serde_json::json!(request.constraint);
         let added = self.call(|_, _, b| {
             b.call_method1("add", (chat, params.to_string(), context_length))?
-                .extract::<(u8, u64, u32, u32)>()
+                .extract::<(u8, u64, u32, u32, String)>()
         })?;
         Added::decode(added)
     }
@@ -197,6 +198,10 @@ impl Batcher for PyBatcher {
                 prompt_cache_entries,
             })
         })
+    }
+
+    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String> {
+        self.call(|_, _, b| b.call_method1("set_memory_limit", (bytes,)).map(drop))
     }
 }
 

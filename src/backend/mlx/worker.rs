@@ -56,6 +56,22 @@ struct Running {
     stops: StopMatcher,
     output_tokens: u32,
     outbox: Outbox,
+    /// Prompt tokens, and the most it may generate (`max_tokens`, at most to the context):
+    /// what its KV cache may grow to, reserved at admission.
+    input_tokens: u32,
+    max_tokens: u32,
+}
+
+impl Running {
+    /// Tokens of KV cache it may still add: its whole reservation until its first token (the
+    /// memory sample may not show its prompt yet), then what it may still generate.
+    fn outstanding_tokens(&self) -> u64 {
+        if self.output_tokens == 0 {
+            self.input_tokens as u64 + self.max_tokens as u64
+        } else {
+            self.max_tokens.saturating_sub(self.output_tokens) as u64
+        }
+    }
 }
 
 /// How one generation's step went.
@@ -83,6 +99,8 @@ struct Worker<'a, B: Batcher> {
     steps: u32,
     /// Whether the prompt cache keeps finished generations (memory is Safe).
     caching: bool,
+    /// The memory limit MLX was last given (0: none yet).
+    mlx_limit: u64,
 }
 
 /// Runs the loop until the queue closes. See the [module docs](self).
@@ -97,6 +115,7 @@ pub(crate) fn run<B: Batcher>(batcher: B, queue: Receiver<Work>, shared: &Shared
         draining: Vec::new(),
         steps: 0,
         caching: true,
+        mlx_limit: 0,
     };
     w.refresh();
     loop {
@@ -211,6 +230,7 @@ impl<B: Batcher> Worker<'_, B> {
                 input_tokens,
                 cached_tokens,
             })) => (uid, input_tokens, cached_tokens),
+            Ok(Ok(Added::Refused { message })) => return fail(BackendError::InvalidRequest(message)),
             Ok(Ok(Added::TooLong { input_tokens })) => {
                 let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
                 return fail(BackendError::InvalidRequest(msg));
@@ -225,7 +245,15 @@ impl<B: Batcher> Worker<'_, B> {
             }
         };
         // Before its prompt is processed: the KV cache it may grow to must fit.
-        if let Err(e) = self.room_for(input_tokens, job.request.sampling.max_tokens) {
+        let max_tokens = match context {
+            0 => job.request.sampling.max_tokens,
+            context => job
+                .request
+                .sampling
+                .max_tokens
+                .min(context.saturating_sub(input_tokens)),
+        };
+        if let Err(e) = self.room_for(input_tokens, job.request.sampling.max_tokens, max_tokens) {
             if let Err(e) = self.batcher.cancel(&[uid], false) {
                 tracing::error!(error = %e, "cancelling a refused generation failed");
             }
@@ -245,48 +273,18 @@ impl<B: Batcher> Worker<'_, B> {
                 stops: StopMatcher::new(&job.request.stop_sequences),
                 output_tokens: 0,
                 outbox,
+                input_tokens,
+                max_tokens,
             },
         );
         self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
         self.refresh();
     }
 
-    /// Whether a generation of `input_tokens` and up to `max_tokens` more has room for its KV
-    /// cache: memory after it must stay above the critical threshold.
-    fn room_for(&self, input_tokens: u32, max_tokens: u32) -> Result<(), BackendError> {
-        let per_token = self.shared.kv_bytes_per_token.load(Ordering::Relaxed);
-        let snapshot = self.gate.snapshot().load();
-        if per_token == 0 || snapshot.available_bytes == 0 {
-            return Ok(());
-        }
-        let need = (input_tokens as u64 + max_tokens as u64).saturating_mul(per_token);
-        let critical = self.gate.thresholds().critical;
-        if snapshot.available_bytes.saturating_sub(need) > critical {
-            return Ok(());
-        }
-        let fits_later = snapshot.total_bytes.saturating_sub(need) > critical;
-        let gb = |b: u64| b as f64 / crate::memory::GIB;
-        let message =
-            format!(
-            "this request needs about {:.2} GB of KV cache ({input_tokens} prompt tokens + max_tokens {max_tokens}, \
-             {per_token} bytes a token) and {:.2} GB is available, with memory.critical_gb at {:.2} GB: lower \
-             max_tokens{}",
-            gb(need),
-            snapshot.available_gb(),
-            gb(critical),
-            if fits_later { " or retry when memory is free" } else { " (it cannot fit on this machine)" },
-        );
-        tracing::warn!(need_gb = gb(need), "{message}");
-        Err(BackendError::TooLarge {
-            message,
-            fits_later,
-            retry_after_secs: self.gate.retry_after_secs(),
-        })
-    }
-
     /// Memory, slow clients, then one decoding step of the batch.
     fn turn(&mut self) {
         let snapshot = self.gate.snapshot().load();
+        self.update_mlx_limit(&snapshot);
         let safe = snapshot.tier == Tier::Safe;
         if safe != self.caching {
             // Out of Safe, the prompt cache is the first thing given back, and stays empty.
@@ -341,6 +339,7 @@ impl<B: Batcher> Worker<'_, B> {
             }
         };
         let before = self.running.len();
+        let retry_after_secs = self.gate.retry_after_secs();
         let mut ended = Vec::new();
         let mut cancel = Vec::new();
         let mut failed = false;
@@ -349,7 +348,7 @@ impl<B: Batcher> Worker<'_, B> {
                 continue;
             };
             let _enter = r.span.clone().entered();
-            match dispatch(r, s.pieces, s.finish) {
+            match dispatch(r, s.pieces, s.finish, retry_after_secs) {
                 Step::Going => continue,
                 Step::Ended {
                     last,
@@ -447,7 +446,7 @@ impl<B: Batcher> Worker<'_, B> {
 }
 
 /// Turns one generation's pieces of one step into events for its client.
-fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>) -> Step {
+fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>, retry_after_secs: u32) -> Step {
     r.output_tokens += 1;
     for piece in pieces {
         let event = match piece {
@@ -471,6 +470,17 @@ fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>) -> Step
             }
             Piece::Thinking(text) => Event::Thinking(text),
             Piece::Tool(call) => tool_use(&call),
+            Piece::Error(message) if finish == Some(Finish::Memory) => {
+                tracing::warn!(output_tokens = r.output_tokens, "{message}");
+                let error = BackendError::Aborted {
+                    message,
+                    retry_after_secs,
+                };
+                return Step::Ended {
+                    last: Event::Failed(error),
+                    cancel: false,
+                };
+            }
             Piece::Error(message) => {
                 tracing::error!(error = %message, output_tokens = r.output_tokens, "generation raised");
                 return Step::Ended {
@@ -491,7 +501,7 @@ fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>) -> Step
     let reason = match finish {
         Finish::Length => StopReason::MaxTokens,
         Finish::ToolUse => StopReason::ToolUse,
-        Finish::Stop | Finish::Error => StopReason::EndTurn,
+        Finish::Stop | Finish::Error | Finish::Memory => StopReason::EndTurn,
     };
     Step::Ended {
         last: Event::Done {
@@ -520,5 +530,6 @@ fn client_gone(output_tokens: u32) {
     tracing::info!(output_tokens, "client went away; generation stopped");
 }
 
+mod memory;
 #[cfg(test)]
 mod tests;

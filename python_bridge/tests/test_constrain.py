@@ -1,0 +1,126 @@
+"""Constrained decoding on the demo model, whose weights are random: whatever it would say, the
+constraint alone must make every forced call and every structured output valid."""
+
+import json
+
+import jsonschema
+import mlx.core as mx
+
+from conftest import add, reference_generate, running
+from pensieve_bridge.batch import Batcher
+from pensieve_bridge.protocol import Added, Finish, Piece
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["C", "F"]},
+    },
+    "required": ["city", "days", "unit"],
+    "additionalProperties": False,
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"zone": {"enum": ["UTC", "CET", "JST"]}, "seconds": {"type": "boolean"}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Time", "parameters": CLOCK}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
+ANSWER = {
+    "type": "object",
+    "properties": {
+        "verdict": {"enum": ["yes", "no", "unsure"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["verdict", "confidence", "tags"],
+    "additionalProperties": False,
+}
+
+
+def chat(question, tools=None):
+    c = {"messages": [{"role": "user", "content": question}]}
+    if tools:
+        c["tools"] = tools
+    return json.dumps(c)
+
+
+def params(constraint, max_tokens=200, temperature=1.0):
+    return json.dumps({"max_tokens": max_tokens, "temperature": temperature, "constraint": constraint})
+
+
+def run(batcher):
+    out, finishes = {}, {}
+    while running(batcher):
+        for uid, pieces, finish in batcher.step():
+            out.setdefault(uid, []).extend(pieces)
+            if finish is not None:
+                finishes[uid] = finish
+    return out, finishes
+
+
+def test_a_forced_call_is_always_a_valid_call_to_an_allowed_tool(engine):
+    b = Batcher(engine, 4, 0)
+    names = set()
+    for seed in range(24):
+        mx.random.seed(seed)
+        allowed = ["get_weather", "get_time"] if seed % 2 else ["get_weather"]
+        uid, _, _ = add(b, chat(f"question {seed}", TOOLS), params({"type": "tool", "names": allowed}))
+        out, finishes = run(b)
+        assert finishes[uid] == Finish.TOOL_USE, out[uid]
+        [(kind, payload)] = out[uid]
+        assert kind == Piece.TOOL
+        call = json.loads(payload)
+        assert call["name"] in allowed
+        jsonschema.validate(call["arguments"], SCHEMAS[call["name"]])
+        names.add(call["name"])
+    assert names == {"get_weather", "get_time"}, "sampling never chose the second tool"
+    assert engine.clear_cache() == 0
+
+
+def test_structured_output_always_validates_and_streams_as_text(engine):
+    b = Batcher(engine, 4, 0)
+    for seed in range(16):
+        mx.random.seed(seed)
+        uid, _, _ = add(b, chat(f"judge {seed}"), params({"type": "json_schema", "schema": ANSWER}))
+        out, finishes = run(b)
+        assert finishes[uid] == Finish.STOP
+        assert all(kind == Piece.TEXT for kind, _ in out[uid])
+        assert len(out[uid]) > 3, "the text came in one piece, not streamed"
+        jsonschema.validate(json.loads("".join(p for _, p in out[uid])), ANSWER)
+
+
+def test_a_constrained_request_leaves_the_others_in_its_batch_untouched(engine):
+    greedy = json.dumps({"max_tokens": 24, "temperature": 0})
+    alone = "".join(t for t, _ in reference_generate(engine, engine.render(chat("hello there")), greedy))
+    b = Batcher(engine, 4, 0)
+    free, _, _ = add(b, chat("hello there"), greedy)
+    forced, _, _ = add(b, chat("weather", TOOLS), params({"type": "tool", "names": ["get_time"]}))
+    out, finishes = run(b)
+    assert "".join(p for _, p in out[free]) == alone
+    assert finishes[free] == Finish.LENGTH and finishes[forced] == Finish.TOOL_USE
+
+
+def test_a_schema_the_engine_cannot_use_is_refused_naming_the_field(engine):
+    b = Batcher(engine, 4, 0)
+    bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}
+    added, _, _, _, message = b.add(chat("x"), params({"type": "json_schema", "schema": bad}), 0)
+    assert added == Added.REFUSED
+    assert message.startswith("output_config.format.schema: ") and "missing" in message
+    added, _, _, _, message = b.add(chat("x", TOOLS), params({"type": "tool", "names": ["nope"]}), 0)
+    assert added == Added.REFUSED and "nope" in message
+    assert running(b) == 0
+
+
+def test_a_call_cut_by_max_tokens_comes_back_as_text(engine):
+    b = Batcher(engine, 4, 0)
+    uid, _, _ = add(b, chat("weather", TOOLS), params({"type": "tool", "names": ["get_weather"]}, max_tokens=4))
+    out, finishes = run(b)
+    assert finishes[uid] == Finish.LENGTH
+    [(kind, text)] = out[uid]
+    assert kind == Piece.TEXT and text.startswith('{"name":') and len(text) < 30
