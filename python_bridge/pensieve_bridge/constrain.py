@@ -124,6 +124,9 @@ class Constraint:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         from llguidance.numpy import fill_next_token_bitmask
 
+        # The forward pass starts now, and the mask is computed while it runs: both wait only
+        # for the token sampled last step.
+        mx.async_eval(logits)
         if self._started:
             # The token sampled last step (the first call sees the prompt's last token).
             token = int(tokens[-1].item())
