@@ -49,10 +49,16 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
             "/v1/messages/count_tokens",
             post(api::count_tokens).fallback(api::method_not_allowed),
         )
+        .route(
+            "/v1/chat/completions",
+            post(api::openai::chat::completions).fallback(api::method_not_allowed),
+        )
         .route("/v1/models", get(api::list_models).fallback(api::method_not_allowed))
         .route("/v1/models/{id}", get(api::get_model).fallback(api::method_not_allowed))
         .route("/v1/{*rest}", any(api::not_found))
-        .layer(stack);
+        .layer(stack)
+        // Outside the stack: every error on OpenAI's routes in OpenAI's shape, a layer's too.
+        .layer(axum::middleware::from_fn(api::openai::error_shape));
     let plain = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
         .layer(LoggingLayer)

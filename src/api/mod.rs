@@ -5,6 +5,7 @@
 
 pub mod error;
 mod health;
+pub mod openai;
 pub mod sse;
 pub mod threads;
 pub mod translate;
@@ -99,27 +100,7 @@ async fn handle_messages(
         _ => req,
     };
     let backend_req = translate::to_backend(&req, false)?;
-    let mut generation = app.backend.generate(backend_req)?;
-    // Wait until the prompt is tokenised, so that a refusal before the start (prompt too long,
-    // memory fell while queued) is a proper HTTP error rather than an event in a 200 stream.
-    let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
-        .await
-        // Dropping `generation` here tells the backend to skip this request when it gets to it.
-        .map_err(|_| queue_timeout(app.queue_timeout))?;
-    let (input_tokens, cached_tokens) = match first {
-        Some(Event::Started {
-            input_tokens,
-            cached_tokens,
-        }) => (input_tokens, cached_tokens),
-        Some(Event::Failed(e)) => return Err(e.into()),
-        Some(other) => {
-            tracing::error!(?other, "backend sent an event before Started");
-            return Err(ApiError::new(ErrorKind::Api, "the backend answered out of order"));
-        }
-        None => return Err(ApiError::new(ErrorKind::Api, "the backend dropped the request")),
-    };
-    span.record("input_tokens", input_tokens);
-    app.metrics.prompt(input_tokens, cached_tokens);
+    let (generation, input_tokens, cached_tokens) = start(app, backend_req, span).await?;
     // Anthropic's accounting: `input_tokens` are the ones processed, cache reads are apart.
     let prompt = types::Usage {
         input_tokens: input_tokens - cached_tokens,
@@ -150,6 +131,37 @@ async fn handle_messages(
         }
         Ok(Json(reply).into_response())
     }
+}
+
+/// Hands `request` to the backend and waits until its prompt is tokenised, so that a refusal
+/// before the start (prompt too long, memory fell while queued) is a proper HTTP error rather
+/// than an event in a 200 stream. Returns the generation, its prompt tokens and how many of
+/// them came from the prompt cache.
+pub(crate) async fn start(
+    app: &AppState,
+    request: crate::backend::GenerateRequest,
+    span: &tracing::Span,
+) -> Result<(crate::backend::Generation, u32, u32), ApiError> {
+    let mut generation = app.backend.generate(request)?;
+    let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
+        .await
+        // Dropping `generation` here tells the backend to skip this request when it gets to it.
+        .map_err(|_| queue_timeout(app.queue_timeout))?;
+    let (input_tokens, cached_tokens) = match first {
+        Some(Event::Started {
+            input_tokens,
+            cached_tokens,
+        }) => (input_tokens, cached_tokens),
+        Some(Event::Failed(e)) => return Err(e.into()),
+        Some(other) => {
+            tracing::error!(?other, "backend sent an event before Started");
+            return Err(ApiError::new(ErrorKind::Api, "the backend answered out of order"));
+        }
+        None => return Err(ApiError::new(ErrorKind::Api, "the backend dropped the request")),
+    };
+    span.record("input_tokens", input_tokens);
+    app.metrics.prompt(input_tokens, cached_tokens);
+    Ok((generation, input_tokens, cached_tokens))
 }
 
 /// `POST /v1/messages/count_tokens`: exact, through the same template and tokenizer as
@@ -183,23 +195,30 @@ pub async fn count_tokens(
 
 fn model_object(app: &AppState) -> serde_json::Value {
     let id = app.backend.model();
+    // Anthropic's fields and OpenAI's together: both SDKs read the same object.
     serde_json::json!({
         "type": "model",
+        "object": "model",
         "id": id,
         "display_name": format!("{id} (local, served by pensieve)"),
         "created_at": MODEL_CREATED_AT,
+        "created": MODEL_CREATED,
+        "owned_by": "pensieve",
         "context_length": app.backend.context_length(),
     })
 }
 
 /// Local models have no release date; the model object carries this fixed one.
 const MODEL_CREATED_AT: &str = "2026-01-01T00:00:00Z";
+/// The same date as Unix seconds, OpenAI's `created`.
+const MODEL_CREATED: u64 = 1_767_225_600;
 
 /// `GET /v1/models`: the loaded model, in Anthropic's list shape.
 pub async fn list_models(State(app): State<AppState>) -> Response {
     let m = model_object(&app);
     let id = m["id"].clone();
-    Json(serde_json::json!({"data": [m], "has_more": false, "first_id": id, "last_id": id})).into_response()
+    Json(serde_json::json!({"object": "list", "data": [m], "has_more": false, "first_id": id, "last_id": id}))
+        .into_response()
 }
 
 /// `GET /v1/models/{id}`: any name is served by the loaded model, so any id answers with it.

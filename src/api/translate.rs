@@ -8,6 +8,12 @@ use crate::backend::{Chat, ChatMessage, Constraint, GenerateRequest, Sampling};
 
 /// Parses a request body; the error names the field (`messages[0].content[1].type: …`).
 pub fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
+    from_json(body)
+}
+
+/// Deserialises a request body (a JSON object) into `T`; a wrong field is a 400 that names its
+/// path, in plain words.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid("request body is empty: expected a JSON object"));
     }

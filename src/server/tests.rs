@@ -398,3 +398,44 @@ impl std::io::Write for Writer {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn openai_routes_answer_in_openais_shape_refusals_by_layers_included() {
+    let chat = || {
+        post(
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    // Through the stack to the backend: a chat.completion.
+    let app = app(&Config::default(), Tier::Safe, false);
+    let a = send(&app, chat()).await;
+    assert_eq!(a.status, 200);
+    let v = a.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello there");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+    // Memory admission (a layer) refuses in OpenAI's shape, with retry-after and memory headers.
+    let app = self::app(&Config::default(), Tier::Critical, false);
+    let a = send(&app, chat()).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.headers["retry-after"], "5");
+    assert_eq!(a.headers["x-memory-status"], "Critical");
+    let e = &a.json()["error"];
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("server_error"), Some("overloaded")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("Critical"), "{e}");
+    // So does a policy.
+    let app = self::app(&Config::default(), Tier::Safe, true);
+    let a = send(&app, chat()).await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.json()["error"]["message"], "not today");
+    assert!(a.json()["error"].get("code").is_some());
+    // The Messages API keeps Anthropic's.
+    assert_eq!(send(&app, post("/v1/messages", hello())).await.json()["type"], "error");
+    let m = metrics(&app).await;
+    assert!(m.contains(r#"route="/v1/chat/completions""#), "{m}");
+}

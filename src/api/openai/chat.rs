@@ -1,0 +1,502 @@
+//! `POST /v1/chat/completions`: OpenAI's Chat Completions, streamed and not.
+//!
+//! The request becomes the same [`GenerateRequest`] as a Messages request (same chat template,
+//! tool parser, constrained decoding, prompt cache and batch); the answer is rendered as a
+//! `chat.completion` or a stream of `chat.completion.chunk`s ending in `data: [DONE]`. What
+//! pensieve does not honour (`n > 1`, `logprobs`, audio, images, penalties, `seed`) is a 400
+//! that names the field, never silently ignored.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::super::error::{ApiError, ErrorKind};
+use super::super::{start, AppState};
+use crate::backend::{Chat, ChatMessage, Constraint, Event, GenerateRequest, Generation, Sampling, StopReason};
+use crate::layers::{read_body, request_id, MaxBody};
+
+/// The request. Unknown fields are collected in `rest` and refused by name, unless they are
+/// known to be harmless.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// Any name: the loaded model answers.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMsg>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<Value>,
+    /// Stream chunks.
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// One message.
+#[derive(Debug, Deserialize)]
+pub struct ChatMsg {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Vec<Value>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+/// Fields accepted and without effect on a local model.
+const IGNORED: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "parallel_tool_calls",
+    "service_tier",
+    "reasoning_effort",
+];
+
+/// Parses the body, naming the field that is wrong (as the Messages API does).
+pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    super::super::translate::from_json(body)
+}
+
+/// The normalised request; `context` is the model's (the default `max_tokens`).
+pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, ApiError> {
+    refuse_unsupported(req)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages: must contain at least one message"));
+    }
+    let mut system = String::new();
+    let mut messages: Vec<ChatMessage> = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let text = text_of(m.content.as_ref(), &at)?;
+        match m.role.as_str() {
+            "system" | "developer" if messages.is_empty() => {
+                if !system.is_empty() {
+                    system.push('\n');
+                }
+                system.push_str(&text);
+            }
+            "system" | "developer" | "user" => messages.push(message("user", text, Vec::new(), None)),
+            "assistant" => {
+                let calls = m
+                    .tool_calls
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| assistant_call(c, &format!("{at}.tool_calls[{j}]")))
+                    .collect::<Result<_, _>>()?;
+                messages.push(message("assistant", text, calls, None));
+            }
+            "tool" => {
+                let id = m
+                    .tool_call_id
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid(format!("{at}.tool_call_id: required in a tool message")))?;
+                messages.push(message("tool", text, Vec::new(), Some(id)));
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "{at}.role: expected one of `system`, `developer`, `user`, `assistant`, `tool`, got `{other}`"
+                )))
+            }
+        }
+    }
+    if !system.is_empty() {
+        messages.insert(0, message("system", system, Vec::new(), None));
+    }
+    let names = tool_names(&req.tools)?;
+    let (hide_tools, forced) = tool_choice(req, &names)?;
+    let format = response_format(req)?;
+    let constraint = match (forced, format) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "response_format: cannot be combined with a tool_choice that forces a tool call",
+            ))
+        }
+        (Some(names), None) => Some(Constraint::Tool { names }),
+        (None, Some(schema)) => Some(Constraint::JsonSchema { schema }),
+        (None, None) => None,
+    };
+    let tools = (!req.tools.is_empty() && !hide_tools).then(|| req.tools.clone());
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(if context > 0 { context } else { 4096 });
+    if max_tokens == 0 {
+        return Err(ApiError::invalid("max_completion_tokens: must be at least 1"));
+    }
+    Ok(GenerateRequest {
+        chat: Chat {
+            messages,
+            tools,
+            continue_final: false,
+        },
+        sampling: Sampling {
+            max_tokens,
+            temperature: req.temperature.unwrap_or(1.0),
+            top_p: req.top_p.filter(|p| *p < 1.0),
+            top_k: None,
+        },
+        stop_sequences: stops(req.stop.as_ref())?,
+        constraint,
+    })
+}
+
+fn message(role: &'static str, content: String, tool_calls: Vec<Value>, tool_call_id: Option<String>) -> ChatMessage {
+    ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+    }
+}
+
+/// What is not honoured, by name.
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
+    let refuse = |field: &str, why: &str| Err(ApiError::invalid(format!("{field}: {why}")));
+    for (key, value) in &req.rest {
+        if value.is_null() || IGNORED.contains(&key.as_str()) {
+            continue;
+        }
+        match key.as_str() {
+            "n" if value.as_u64() == Some(1) => {}
+            "n" => return refuse("n", "only 1 choice is generated"),
+            "logprobs" if value == &Value::Bool(false) => {}
+            "logprobs" | "top_logprobs" => return refuse(key, "log probabilities are not supported"),
+            "frequency_penalty" | "presence_penalty" if value.as_f64() == Some(0.0) => {}
+            "frequency_penalty" | "presence_penalty" | "logit_bias" => {
+                return refuse(key, "not supported by this server")
+            }
+            "seed" => {
+                return refuse(
+                    "seed",
+                    "not supported: sampling runs in a batch shared with other requests",
+                )
+            }
+            "modalities" | "audio" | "prediction" | "web_search_options" => {
+                return refuse(key, "not supported by this server")
+            }
+            "functions" | "function_call" => {
+                return refuse(key, "deprecated by OpenAI; send `tools` and `tool_choice`")
+            }
+            other => return refuse(other, "unknown field"),
+        }
+    }
+    Ok(())
+}
+
+/// A string, or text parts.
+fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default()),
+                    Some(other) => {
+                        return Err(ApiError::invalid(format!(
+                            "{at}.content[{j}].type: `{other}` is not supported: the model reads text only"
+                        )))
+                    }
+                    None => return Err(ApiError::invalid(format!("{at}.content[{j}].type: required"))),
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(ApiError::invalid(format!(
+            "{at}.content: expected a string or an array of content parts"
+        ))),
+    }
+}
+
+/// An assistant's earlier call, with its arguments as the object chat templates expect.
+fn assistant_call(call: &Value, at: &str) -> Result<Value, ApiError> {
+    let f = call
+        .get("function")
+        .ok_or_else(|| ApiError::invalid(format!("{at}.function: required")))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(format!("{at}.function.name: required")))?;
+    let arguments = match f.get("arguments") {
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        Some(other) => other.clone(),
+        None => json!({}),
+    };
+    Ok(
+        json!({"id": call.get("id").cloned().unwrap_or(Value::Null), "type": "function",
+              "function": {"name": name, "arguments": arguments}}),
+    )
+}
+
+/// The function tools' names (each tool must be a function with a name).
+fn tool_names(tools: &[Value]) -> Result<Vec<String>, ApiError> {
+    let mut names = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::invalid(format!(
+                "tools[{i}].type: only `function` tools are supported"
+            )));
+        }
+        let name = t
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(format!("tools[{i}].function.name: required")))?;
+        names.push(name.to_owned());
+    }
+    Ok(names)
+}
+
+/// `(hide the tools, the tools a call is forced to)`.
+fn tool_choice(req: &ChatRequest, names: &[String]) -> Result<(bool, Option<Vec<String>>), ApiError> {
+    let choice = match &req.tool_choice {
+        None | Some(Value::Null) => return Ok((false, None)),
+        Some(c) => c,
+    };
+    let forced = match choice.as_str() {
+        Some("auto") => return Ok((false, None)),
+        Some("none") => return Ok((true, None)),
+        Some("required") => names.to_vec(),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "tool_choice: expected `auto`, `none`, `required` or a function, got `{other}`"
+            )))
+        }
+        None => {
+            let name = choice
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid("tool_choice.function.name: required"))?;
+            if !names.iter().any(|n| n == name) {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice.function.name: no tool named `{name}` in tools"
+                )));
+            }
+            vec![name.to_owned()]
+        }
+    };
+    if forced.is_empty() {
+        return Err(ApiError::invalid("tool_choice: requires tools"));
+    }
+    Ok((false, Some(forced)))
+}
+
+/// `response_format`: `text`, `json_object` (any object) or `json_schema`.
+fn response_format(req: &ChatRequest) -> Result<Option<Value>, ApiError> {
+    let Some(format) = req.response_format.as_ref().filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "object"}))),
+        Some("json_schema") => match format.pointer("/json_schema/schema") {
+            Some(schema @ Value::Object(_)) => Ok(Some(schema.clone())),
+            _ => Err(ApiError::invalid(
+                "response_format.json_schema.schema: required, a JSON schema object",
+            )),
+        },
+        _ => Err(ApiError::invalid(
+            "response_format.type: expected `text`, `json_object` or `json_schema`",
+        )),
+    }
+}
+
+/// `stop`: a string or up to 4 strings.
+fn stops(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let stops: Vec<String> = match stop {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::invalid("stop: expected a string or an array of strings"))?,
+        Some(_) => return Err(ApiError::invalid("stop: expected a string or an array of strings")),
+    };
+    if stops.len() > 4 || stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop: at most 4 sequences, none empty"));
+    }
+    Ok(stops)
+}
+
+/// `POST /v1/chat/completions`
+pub async fn completions(
+    State(app): State<AppState>,
+    limit: Option<Extension<MaxBody>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let span = tracing::Span::current();
+    let result = async {
+        let req = parse(&read_body(body, limit.map(|l| l.0)).await?)?;
+        let backend_req = to_backend(&req, app.backend.context_length())?;
+        let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+        let reply = Reply {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            model: app.backend.model().to_owned(),
+            prompt_tokens: input_tokens,
+            cached_tokens,
+        };
+        if req.stream {
+            let usage = req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            Ok(stream(generation, reply, usage, span.clone()))
+        } else {
+            collect(generation, reply, &span).await
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))
+}
+
+/// What every chunk and the completion carry.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+}
+
+impl Reply {
+    fn usage(&self, completion_tokens: u32) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": self.prompt_tokens + completion_tokens,
+               "prompt_tokens_details": {"cached_tokens": self.cached_tokens}})
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    }
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::EndTurn | StopReason::StopSequence => "stop",
+        StopReason::MaxTokens => "length",
+        StopReason::ToolUse => "tool_calls",
+    }
+}
+
+fn tool_call(id: &str, name: &str, input: &Value) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}})
+}
+
+/// The whole completion.
+async fn collect(mut generation: Generation, reply: Reply, span: &tracing::Span) -> Result<Response, ApiError> {
+    let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), Vec::new());
+    while let Some(ev) = generation.events.recv().await {
+        match ev {
+            Event::Started { .. } => {}
+            Event::Text(t) => content.push_str(&t),
+            Event::Thinking(t) => reasoning.push_str(&t),
+            Event::ToolUse { id, name, input } => calls.push(tool_call(&id, &name, &input)),
+            Event::Done {
+                reason, output_tokens, ..
+            } => {
+                span.record("output_tokens", output_tokens);
+                let mut message = json!({"role": "assistant",
+                    "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { content.into() }});
+                if !reasoning.is_empty() {
+                    message["reasoning_content"] = reasoning.into();
+                }
+                if !calls.is_empty() {
+                    message["tool_calls"] = calls.into();
+                }
+                let body = json!({"id": reply.id, "object": "chat.completion", "created": reply.created,
+                    "model": reply.model, "choices": [{"index": 0, "message": message,
+                    "finish_reason": finish_reason(reason), "logprobs": null}],
+                    "usage": reply.usage(output_tokens)});
+                return Ok(Json(body).into_response());
+            }
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        ErrorKind::Api,
+        "the backend ended the generation without a result",
+    ))
+}
+
+/// The stream of chunks, `data:` only, ending in `data: [DONE]`.
+fn stream(mut generation: Generation, reply: Reply, include_usage: bool, span: tracing::Span) -> Response {
+    let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+    let stream = async_stream::stream! {
+        yield data(reply.chunk(json!({"role": "assistant", "content": ""}), None));
+        let mut calls = 0;
+        loop {
+            match generation.events.recv().await {
+                Some(Event::Started { .. }) => {}
+                Some(Event::Text(t)) => yield data(reply.chunk(json!({"content": t}), None)),
+                Some(Event::Thinking(t)) => yield data(reply.chunk(json!({"reasoning_content": t}), None)),
+                Some(Event::ToolUse { id, name, input }) => {
+                    let mut call = tool_call(&id, &name, &input);
+                    call["index"] = calls.into();
+                    calls += 1;
+                    yield data(reply.chunk(json!({"tool_calls": [call]}), None));
+                }
+                Some(Event::Done { reason, output_tokens, .. }) => {
+                    span.record("output_tokens", output_tokens);
+                    yield data(reply.chunk(json!({}), Some(finish_reason(reason))));
+                    if include_usage {
+                        yield data(json!({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                            "model": reply.model, "choices": [], "usage": reply.usage(output_tokens)}));
+                    }
+                    break;
+                }
+                Some(Event::Failed(e)) => {
+                    let e = ApiError::from(e);
+                    tracing::warn!(parent: &span, error = %e, "generation failed mid-stream");
+                    let body: Value = serde_json::from_slice(&super::error_body(&e, None)).expect("json");
+                    yield data(body);
+                    break;
+                }
+                None => {
+                    let e = ApiError::new(ErrorKind::Api, "the backend ended the generation without a result");
+                    yield data(serde_json::from_slice(&super::error_body(&e, None)).expect("json"));
+                    break;
+                }
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    };
+    // A comment line every 5 s of quiet (a long prefill), as the Messages stream pings.
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)))
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests;
