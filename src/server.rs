@@ -36,6 +36,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
         policies: policies.clone(),
         metrics: metrics.clone(),
         threads: Arc::default(),
+        responses: Arc::default(),
     };
     let mut stack = Stack::new(config, gate)
         .metrics(metrics.clone())
@@ -52,6 +53,10 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
         .route(
             "/v1/chat/completions",
             post(api::openai::chat::completions).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/v1/responses",
+            post(api::openai::responses::create).fallback(api::method_not_allowed),
         )
         .route("/v1/models", get(api::list_models).fallback(api::method_not_allowed))
         .route("/v1/models/{id}", get(api::get_model).fallback(api::method_not_allowed))

@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Conversations kept for message threads.
     pub threads: Arc<threads::Threads>,
+    /// Responses kept for `previous_response_id`.
+    pub responses: Arc<openai::responses::Kept>,
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.

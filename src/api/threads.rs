@@ -53,10 +53,74 @@ pub fn param(req: &MessagesRequest) -> Result<Option<ThreadParam>, ApiError> {
     }
 }
 
-/// The kept conversations. Cheap to share; one lock, held only to look up or insert.
+/// The kept conversations.
 #[derive(Debug, Default)]
 pub struct Threads {
-    inner: Mutex<Store>,
+    store: Bounded<Kept>,
+}
+
+/// A map of the last entries kept, bounded by count and by (approximate) bytes, oldest first
+/// out. One lock, held only to look up or insert. Message threads and the Responses API's
+/// `previous_response_id` keep their conversations in one each.
+#[derive(Debug)]
+pub struct Bounded<T> {
+    inner: Mutex<Store<T>>,
+}
+
+impl<T> Default for Bounded<T> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Store {
+                by_id: HashMap::new(),
+                order: VecDeque::new(),
+                bytes: 0,
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Store<T> {
+    by_id: HashMap<String, (Arc<T>, usize)>,
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl<T> Bounded<T> {
+    /// The entry under `id`.
+    pub fn get(&self, id: &str) -> Option<Arc<T>> {
+        let store = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        store.by_id.get(id).map(|(v, _)| v.clone())
+    }
+
+    /// Keeps `value` (about `bytes` large) under `id`, evicting the oldest to make room; a
+    /// value larger than the whole budget is not kept.
+    pub fn insert(&self, id: &str, value: T, bytes: usize) {
+        if bytes > MAX_BYTES {
+            tracing::warn!(bytes, "a conversation is larger than the store; not kept");
+            return;
+        }
+        let mut store = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while store.order.len() >= MAX_THREADS || store.bytes + bytes > MAX_BYTES {
+            let Some(oldest) = store.order.pop_front() else { break };
+            if let Some((_, b)) = store.by_id.remove(&oldest) {
+                store.bytes -= b;
+            }
+        }
+        store.bytes += bytes;
+        store.order.push_back(id.to_owned());
+        store.by_id.insert(id.to_owned(), (Arc::new(value), bytes));
+    }
+
+    /// Entries kept now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One kept conversation.
@@ -86,32 +150,20 @@ impl Kept {
     }
 }
 
-#[derive(Debug, Default)]
-struct Store {
-    by_id: HashMap<String, (Arc<Kept>, usize)>,
-    order: VecDeque<String>,
-    bytes: usize,
-}
-
 impl Threads {
     /// The conversation kept under `previous_message_id`, or the 404 the SDKs recover from.
     pub fn history(&self, previous_message_id: &str) -> Result<Arc<Kept>, ApiError> {
-        let store = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        store
-            .by_id
-            .get(previous_message_id)
-            .map(|(messages, _)| messages.clone())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "thread.previous_message_id: no conversation is kept under `{previous_message_id}` \
+        self.store.get(previous_message_id).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "thread.previous_message_id: no conversation is kept under `{previous_message_id}` \
                          (unknown, or evicted: pensieve keeps the last {MAX_THREADS} in memory); send the \
                          whole history with thread.type \"create\""
-                    ),
-                )
-                .details(serde_json::json!({"error_code": "thread_not_found"}))
-            })
+                ),
+            )
+            .details(serde_json::json!({"error_code": "thread_not_found"}))
+        })
     }
 
     /// Keeps the conversation of `req` (whole, after [`Kept::continued`]) and the reply
@@ -125,30 +177,17 @@ impl Threads {
                 .iter()
                 .map(|t| 64 + t.input_schema.as_ref().map_or(0, |s| s.to_string().len()))
                 .sum::<usize>();
-        if bytes > MAX_BYTES {
-            tracing::warn!(bytes, "a thread's conversation is larger than the store; not kept");
-            return;
-        }
-        let mut store = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        while store.order.len() >= MAX_THREADS || store.bytes + bytes > MAX_BYTES {
-            let Some(oldest) = store.order.pop_front() else { break };
-            if let Some((_, b)) = store.by_id.remove(&oldest) {
-                store.bytes -= b;
-            }
-        }
-        store.bytes += bytes;
-        store.order.push_back(message_id.to_owned());
         let kept = Kept {
             messages,
             system: req.system.clone(),
             tools: req.tools.clone(),
         };
-        store.by_id.insert(message_id.to_owned(), (Arc::new(kept), bytes));
+        self.store.insert(message_id, kept, bytes);
     }
 
     /// Conversations kept now.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+        self.store.len()
     }
 
     /// Whether none is kept.

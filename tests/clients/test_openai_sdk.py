@@ -95,3 +95,36 @@ def test_models_in_a_shape_both_sdks_read(client):
     [m] = list(client.models.list())
     assert m.id == "scripted:demo" and m.object == "model" and m.owned_by == "pensieve"
     assert client.models.retrieve("anything").id == "scripted:demo"
+
+
+def test_responses_plain_streamed_and_continued(client):
+    r = client.responses.create(model="x", input="Hello there", max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text and r.usage.output_tokens == 8
+    # previous_response_id: the kept conversation (the first prompt and its answer) goes first.
+    again = client.responses.create(model="x", input="and again", previous_response_id=r.id, max_output_tokens=4)
+    assert again.usage.input_tokens > r.usage.input_tokens + 8
+    with client.responses.stream(model="x", input="[[script]]Hello from pensieve.[[/script]]", max_output_tokens=40) as s:
+        kinds = []
+        text = ""
+        for e in s:
+            kinds.append(e.type)
+            if e.type == "response.output_text.delta":
+                text += e.delta
+        final = s.get_final_response()
+    assert text == "Hello from pensieve." == final.output_text and final.status == "completed"
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model="x", input="x", previous_response_id="resp_gone")
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_responses_function_calls_round_trip(client):
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}]
+    r = client.responses.create(model="x", input="weather?", tools=tools, tool_choice="required", max_output_tokens=40)
+    [call] = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Oslo", "Rome")
+    out = client.responses.create(model="x", previous_response_id=r.id, tools=tools, max_output_tokens=4,
+                                  input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert out.usage.input_tokens > r.usage.input_tokens

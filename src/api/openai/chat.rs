@@ -129,18 +129,8 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
         messages.insert(0, message("system", system, Vec::new(), None));
     }
     let names = tool_names(&req.tools)?;
-    let (hide_tools, forced) = tool_choice(req, &names)?;
-    let format = response_format(req)?;
-    let constraint = match (forced, format) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "response_format: cannot be combined with a tool_choice that forces a tool call",
-            ))
-        }
-        (Some(names), None) => Some(Constraint::Tool { names }),
-        (None, Some(schema)) => Some(Constraint::JsonSchema { schema }),
-        (None, None) => None,
-    };
+    let (hide_tools, forced) = tool_choice(req.tool_choice.as_ref(), &names)?;
+    let constraint = constraint(forced, response_format(req)?, "response_format")?;
     let tools = (!req.tools.is_empty() && !hide_tools).then(|| req.tools.clone());
     let max_tokens = req
         .max_completion_tokens
@@ -166,7 +156,31 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
     })
 }
 
-fn message(role: &'static str, content: String, tool_calls: Vec<Value>, tool_call_id: Option<String>) -> ChatMessage {
+/// What constrained decoding holds the answer to: a forced call, or JSON of a schema (the
+/// setting `format_at`); not both.
+pub(super) fn constraint(
+    forced: Option<Vec<String>>,
+    format: Option<Value>,
+    format_at: &str,
+) -> Result<Option<Constraint>, ApiError> {
+    Ok(match (forced, format) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(format!(
+                "{format_at}: cannot be combined with a tool_choice that forces a tool call"
+            )))
+        }
+        (Some(names), None) => Some(Constraint::Tool { names }),
+        (None, Some(schema)) => Some(Constraint::JsonSchema { schema }),
+        (None, None) => None,
+    })
+}
+
+pub(super) fn message(
+    role: &'static str,
+    content: String,
+    tool_calls: Vec<Value>,
+    tool_call_id: Option<String>,
+) -> ChatMessage {
     ChatMessage {
         role,
         content,
@@ -209,8 +223,8 @@ fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A string, or text parts.
-fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
+/// A string, or text parts (`text`, and the Responses API's `input_text` / `output_text`).
+pub(super) fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
     match content {
         None | Some(Value::Null) => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -218,7 +232,9 @@ fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
             let mut text = String::new();
             for (j, part) in parts.iter().enumerate() {
                 match part.get("type").and_then(Value::as_str) {
-                    Some("text") => text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default()),
+                    Some("text" | "input_text" | "output_text") => {
+                        text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default())
+                    }
                     Some(other) => {
                         return Err(ApiError::invalid(format!(
                             "{at}.content[{j}].type: `{other}` is not supported: the model reads text only"
@@ -273,9 +289,11 @@ fn tool_names(tools: &[Value]) -> Result<Vec<String>, ApiError> {
     Ok(names)
 }
 
-/// `(hide the tools, the tools a call is forced to)`.
-fn tool_choice(req: &ChatRequest, names: &[String]) -> Result<(bool, Option<Vec<String>>), ApiError> {
-    let choice = match &req.tool_choice {
+/// `(hide the tools, the tools a call is forced to)` from `tool_choice`: `auto`, `none`,
+/// `required`, or a function (`{"type": "function", "function": {"name"}}`, or the Responses
+/// API's flat `{"type": "function", "name"}`).
+pub(super) fn tool_choice(choice: Option<&Value>, names: &[String]) -> Result<(bool, Option<Vec<String>>), ApiError> {
+    let choice = match choice {
         None | Some(Value::Null) => return Ok((false, None)),
         Some(c) => c,
     };
@@ -291,6 +309,7 @@ fn tool_choice(req: &ChatRequest, names: &[String]) -> Result<(bool, Option<Vec<
         None => {
             let name = choice
                 .pointer("/function/name")
+                .or_else(|| choice.get("name"))
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::invalid("tool_choice.function.name: required"))?;
             if !names.iter().any(|n| n == name) {
@@ -309,21 +328,28 @@ fn tool_choice(req: &ChatRequest, names: &[String]) -> Result<(bool, Option<Vec<
 
 /// `response_format`: `text`, `json_object` (any object) or `json_schema`.
 fn response_format(req: &ChatRequest) -> Result<Option<Value>, ApiError> {
-    let Some(format) = req.response_format.as_ref().filter(|f| !f.is_null()) else {
+    output_format(req.response_format.as_ref(), "response_format", "/json_schema/schema")
+}
+
+/// A JSON-output setting (`response_format`, or the Responses API's `text.format`, whose schema
+/// sits at `schema_at`): the schema to hold the output to, if any.
+pub(super) fn output_format(format: Option<&Value>, at: &str, schema_at: &str) -> Result<Option<Value>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else {
         return Ok(None);
     };
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(json!({"type": "object"}))),
-        Some("json_schema") => match format.pointer("/json_schema/schema") {
+        Some("json_schema") => match format.pointer(schema_at) {
             Some(schema @ Value::Object(_)) => Ok(Some(schema.clone())),
-            _ => Err(ApiError::invalid(
-                "response_format.json_schema.schema: required, a JSON schema object",
-            )),
+            _ => Err(ApiError::invalid(format!(
+                "{at}{}: required, a JSON schema object",
+                schema_at.replace('/', ".")
+            ))),
         },
-        _ => Err(ApiError::invalid(
-            "response_format.type: expected `text`, `json_object` or `json_schema`",
-        )),
+        _ => Err(ApiError::invalid(format!(
+            "{at}.type: expected `text`, `json_object` or `json_schema`"
+        ))),
     }
 }
 
@@ -402,7 +428,7 @@ impl Reply {
     }
 }
 
-fn finish_reason(reason: StopReason) -> &'static str {
+pub(super) fn finish_reason(reason: StopReason) -> &'static str {
     match reason {
         StopReason::EndTurn | StopReason::StopSequence => "stop",
         StopReason::MaxTokens => "length",

@@ -1,4 +1,5 @@
-//! OpenAI's front door: `POST /v1/chat/completions` ([`chat`]), over the same backend, layers
+//! OpenAI's front door: `POST /v1/chat/completions` ([`chat`]) and `POST /v1/responses`
+//! ([`responses`]), over the same backend, layers
 //! and normalised request as the Messages API; only parsing and rendering differ.
 //!
 //! Errors are built as everywhere else ([`ApiError`]); on OpenAI's routes, [`error_shape`] (a
@@ -7,6 +8,7 @@
 //! (memory admission, API keys, body limit, a policy). Status and `retry-after` stay.
 
 pub mod chat;
+pub mod responses;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -20,7 +22,7 @@ use crate::layers::request_id;
 
 /// Whether `path` is one of OpenAI's routes.
 pub fn is_openai(path: &str) -> bool {
-    path == "/v1/chat/completions"
+    path == "/v1/chat/completions" || path == "/v1/responses"
 }
 
 /// The body of `e` in OpenAI's shape. `param` is the field the message starts with, when it

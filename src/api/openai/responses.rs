@@ -1,0 +1,517 @@
+//! `POST /v1/responses`: OpenAI's Responses API, streamed and not, as Codex CLI and the OpenAI
+//! SDK's `responses.create` use it.
+//!
+//! `instructions` and `input` (a string, or items: messages, `function_call`,
+//! `function_call_output`; `reasoning` items are skipped) become the normalised chat; function
+//! tools (also inside a `namespace`) go to the template; tools with no local meaning
+//! (`web_search`, `file_search`, …) are left out, since Codex always sends them. A response is
+//! kept in memory (bounded, with message threads' store) unless `store` is false, so that
+//! `previous_response_id` continues it; an id not kept is a 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::super::error::{ApiError, ErrorKind};
+use super::super::threads::Bounded;
+use super::super::{start, AppState};
+use super::chat::{constraint, message, output_format, text_of, tool_choice};
+use crate::backend::{Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason};
+use crate::layers::{read_body, request_id, MaxBody};
+
+/// The request.
+#[derive(Debug, Deserialize)]
+pub struct ResponsesRequest {
+    #[serde(default)]
+    model: Option<String>,
+    input: Value,
+    #[serde(default)]
+    instructions: Option<String>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    store: Option<bool>,
+    #[serde(default)]
+    previous_response_id: Option<String>,
+    #[serde(default)]
+    text: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// Fields accepted and without effect here.
+const IGNORED: &[&str] = &[
+    "reasoning",
+    "include",
+    "prompt_cache_key",
+    "client_metadata",
+    "parallel_tool_calls",
+    "metadata",
+    "user",
+    "service_tier",
+    "truncation",
+    "safety_identifier",
+    "prompt_cache_retention",
+];
+
+/// Responses kept for `previous_response_id`: the conversation, the reply last.
+pub type Kept = Bounded<Vec<ChatMessage>>;
+
+/// The normalised request, and the conversation to keep (without the system prompt: OpenAI
+/// does not carry `instructions` over to a continuation).
+pub fn to_backend(
+    req: &ResponsesRequest,
+    context: u32,
+    kept: &Kept,
+) -> Result<(GenerateRequest, Vec<ChatMessage>), ApiError> {
+    for (key, value) in &req.rest {
+        match key.as_str() {
+            _ if value.is_null() || IGNORED.contains(&key.as_str()) => {}
+            "background" if value == &Value::Bool(false) => {}
+            "n" | "background" | "top_logprobs" | "conversation" | "prompt" => {
+                return Err(ApiError::invalid(format!("{key}: not supported by this server")))
+            }
+            other => return Err(ApiError::invalid(format!("{other}: unknown field"))),
+        }
+    }
+    let mut history: Vec<ChatMessage> = match &req.previous_response_id {
+        Some(id) => kept
+            .get(id)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "previous_response_id: no response `{id}` is kept (unknown, stored with `store: false`, \
+                         or evicted); send the whole input"
+                    ),
+                )
+            })?
+            .as_ref()
+            .clone(),
+        None => Vec::new(),
+    };
+    let mut system = req.instructions.clone().unwrap_or_default();
+    items(&req.input, &mut system, &mut history)?;
+    let mut messages = history.clone();
+    if !system.is_empty() {
+        messages.insert(0, message("system", system, Vec::new(), None));
+    }
+    let tools = function_tools(&req.tools)?;
+    let names: Vec<String> = tools
+        .iter()
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    let (hide_tools, forced) = tool_choice(req.tool_choice.as_ref(), &names)?;
+    let format = output_format(
+        req.text.as_ref().and_then(|t| t.get("format")),
+        "text.format",
+        "/schema",
+    )?;
+    let constraint = constraint(forced, format, "text.format")?;
+    let request = GenerateRequest {
+        chat: Chat {
+            messages,
+            tools: (!tools.is_empty() && !hide_tools).then_some(tools),
+            continue_final: false,
+        },
+        sampling: Sampling {
+            max_tokens: req
+                .max_output_tokens
+                .unwrap_or(if context > 0 { context } else { 4096 })
+                .max(1),
+            temperature: req.temperature.unwrap_or(1.0),
+            top_p: req.top_p.filter(|p| *p < 1.0),
+            top_k: None,
+        },
+        stop_sequences: Vec::new(),
+        constraint,
+    };
+    Ok((request, history))
+}
+
+/// `input` into messages (after `history`); leading system/developer text joins `system`.
+fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Result<(), ApiError> {
+    let items = match input {
+        Value::String(s) => {
+            out.push(message("user", s.clone(), Vec::new(), None));
+            return Ok(());
+        }
+        Value::Array(items) => items,
+        _ => return Err(ApiError::invalid("input: expected a string or an array of items")),
+    };
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+        match kind {
+            "message" => {
+                let text = text_of(item.get("content"), &at)?;
+                match item.get("role").and_then(Value::as_str) {
+                    Some("system" | "developer") if out.is_empty() => {
+                        if !system.is_empty() {
+                            system.push_str("\n\n");
+                        }
+                        system.push_str(&text);
+                    }
+                    Some("system" | "developer" | "user") => out.push(message("user", text, Vec::new(), None)),
+                    Some("assistant") => out.push(message("assistant", text, Vec::new(), None)),
+                    other => {
+                        return Err(ApiError::invalid(format!(
+                            "{at}.role: expected `system`, `developer`, `user` or `assistant`, got {other:?}"
+                        )))
+                    }
+                }
+            }
+            "function_call" => {
+                let field = |name: &str| {
+                    item.get(name)
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| ApiError::invalid(format!("{at}.{name}: required")))
+                };
+                let (id, name, args) = (field("call_id")?, field("name")?, field("arguments")?);
+                let arguments = serde_json::from_str(args).unwrap_or_else(|_| Value::String(args.to_owned()));
+                let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
+                // Calls join the assistant turn they follow, as chat templates expect.
+                match out.last_mut() {
+                    Some(last) if last.role == "assistant" => last.tool_calls.push(call),
+                    _ => out.push(message("assistant", String::new(), vec![call], None)),
+                }
+            }
+            "function_call_output" => {
+                let id = item
+                    .get("call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::invalid(format!("{at}.call_id: required")))?;
+                let output = match item.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    other => text_of(other, &format!("{at}.output"))?,
+                };
+                out.push(message("tool", output, Vec::new(), Some(id.to_owned())));
+            }
+            // Earlier reasoning (encrypted by OpenAI, or ours): nothing the model reads again.
+            "reasoning" => {}
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "{at}.type: `{other}` is not supported (messages, function_call, function_call_output)"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Function tools as the chat template takes them; a namespace's functions too. Tools with no
+/// local meaning (hosted search, computer use, …) are left out.
+fn function_tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => out.push(function(t, &format!("tools[{i}]"))?),
+            Some("namespace") => {
+                for (j, inner) in t
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    if inner.get("type").and_then(Value::as_str) == Some("function") {
+                        out.push(function(inner, &format!("tools[{i}].tools[{j}]"))?);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn function(t: &Value, at: &str) -> Result<Value, ApiError> {
+    let name = t
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(format!("{at}.name: required")))?;
+    Ok(json!({"type": "function", "function": {"name": name,
+        "description": t.get("description").cloned().unwrap_or_else(|| "".into()),
+        "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))}}))
+}
+
+/// `POST /v1/responses`
+pub async fn create(
+    State(app): State<AppState>,
+    limit: Option<Extension<MaxBody>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let span = tracing::Span::current();
+    let result = async {
+        let req: ResponsesRequest = super::super::translate::from_json(&read_body(body, limit.map(|l| l.0)).await?)?;
+        let (backend_req, history) = to_backend(&req, app.backend.context_length(), &app.responses)?;
+        let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+        let reply = Reply {
+            id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            model: app.backend.model().to_owned(),
+            input_tokens,
+            cached_tokens,
+            previous: req.previous_response_id.clone(),
+            keep: (req.store != Some(false)).then(|| (app.responses.clone(), history)),
+        };
+        let _ = &req.model;
+        if req.stream {
+            Ok(stream(generation, reply, span.clone()))
+        } else {
+            let mut out = Output::default();
+            let done = run(generation, &mut out, &span).await?;
+            Ok(Json(reply.finish(&out, done)).into_response())
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))
+}
+
+/// What the response is made of, as it comes.
+#[derive(Default)]
+struct Output {
+    text: String,
+    reasoning: String,
+    calls: Vec<(String, String, String)>,
+}
+
+impl Output {
+    /// The output items: reasoning, the message, the calls.
+    /// The output items, in the order the stream opens them: the message, the calls, then the
+    /// reasoning (sent whole at the end).
+    fn items(&self, msg_id: &str) -> Vec<Value> {
+        let mut items = vec![message_item(msg_id, &self.text, "completed")];
+        for (call_id, name, args) in &self.calls {
+            items.push(call_item(call_id, name, args, "completed"));
+        }
+        if !self.reasoning.is_empty() {
+            items.push(
+                json!({"type": "reasoning", "id": format!("rs_{}", suffix(msg_id)), "summary": [],
+                "content": [{"type": "reasoning_text", "text": self.reasoning}]}),
+            );
+        }
+        items
+    }
+
+    /// Adds one event's content.
+    fn push(&mut self, ev: &Event) {
+        match ev {
+            Event::Text(t) => self.text.push_str(t),
+            Event::Thinking(t) => self.reasoning.push_str(t),
+            Event::ToolUse { id, name, input } => {
+                self.calls
+                    .push((format!("call_{}", suffix(id)), name.clone(), input.to_string()))
+            }
+            Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
+        }
+    }
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    let content: Vec<Value> = if status == "in_progress" {
+        Vec::new()
+    } else {
+        vec![json!({"type": "output_text", "text": text, "annotations": []})]
+    };
+    json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
+}
+
+fn call_item(call_id: &str, name: &str, args: &str, status: &str) -> Value {
+    json!({"type": "function_call", "id": format!("fc_{}", suffix(call_id)), "call_id": call_id, "name": name,
+           "arguments": args, "status": status})
+}
+
+/// An id without its `xx_` prefix: the items of one response share it.
+fn suffix(id: &str) -> &str {
+    id.split_once('_').map_or(id, |(_, rest)| rest)
+}
+
+/// How the generation ended: output tokens and why.
+struct Done {
+    output_tokens: u32,
+    reason: StopReason,
+}
+
+/// The whole generation into `out`.
+async fn run(mut generation: Generation, out: &mut Output, span: &tracing::Span) -> Result<Done, ApiError> {
+    while let Some(ev) = generation.events.recv().await {
+        match ev {
+            Event::Done {
+                reason, output_tokens, ..
+            } => {
+                span.record("output_tokens", output_tokens);
+                return Ok(Done { output_tokens, reason });
+            }
+            Event::Failed(e) => return Err(e.into()),
+            ev => out.push(&ev),
+        }
+    }
+    Err(ApiError::new(
+        ErrorKind::Api,
+        "the backend ended the generation without a result",
+    ))
+}
+
+/// What every event and the response carry.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    input_tokens: u32,
+    cached_tokens: u32,
+    previous: Option<String>,
+    keep: Option<(Arc<Kept>, Vec<ChatMessage>)>,
+}
+
+impl Reply {
+    fn msg_id(&self) -> String {
+        format!("msg_{}", suffix(&self.id))
+    }
+
+    /// The response object; `done` when it has ended.
+    fn object(&self, output: Vec<Value>, done: Option<&Done>) -> Value {
+        let (status, incomplete) = match done {
+            None => ("in_progress", Value::Null),
+            Some(Done {
+                reason: StopReason::MaxTokens,
+                ..
+            }) => ("incomplete", json!({"reason": "max_output_tokens"})),
+            Some(_) => ("completed", Value::Null),
+        };
+        let usage = done.map_or(Value::Null, |d| {
+            json!({"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                   "output_tokens": d.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                   "total_tokens": self.input_tokens + d.output_tokens})
+        });
+        json!({"id": self.id, "object": "response", "created_at": self.created, "status": status,
+               "model": self.model, "output": output, "usage": usage, "error": null,
+               "incomplete_details": incomplete, "previous_response_id": self.previous,
+               "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+               "text": {"format": {"type": "text"}}})
+    }
+
+    /// The finished response; kept for `previous_response_id` unless `store` was false.
+    fn finish(&self, out: &Output, done: Done) -> Value {
+        if let Some((kept, history)) = &self.keep {
+            let mut messages = history.clone();
+            let calls = out
+                .calls
+                .iter()
+                .map(|(id, name, args)| {
+                    let arguments: Value = serde_json::from_str(args).unwrap_or_default();
+                    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+            messages.push(message("assistant", out.text.clone(), calls, None));
+            let bytes = messages
+                .iter()
+                .map(|m| 64 + m.content.len() + m.tool_calls.iter().map(|c| c.to_string().len()).sum::<usize>())
+                .sum();
+            kept.insert(&self.id, messages, bytes);
+        }
+        self.object(out.items(&self.msg_id()), Some(&done))
+    }
+}
+
+/// The stream of events in OpenAI's order, each with its `sequence_number`.
+fn stream(generation: Generation, reply: Reply, span: tracing::Span) -> Response {
+    let stream = async_stream::stream! {
+        let mut seq = 0u64;
+        let mut event = move |name: &str, mut data: Value| {
+            data["type"] = name.into();
+            data["sequence_number"] = seq.into();
+            seq += 1;
+            Ok::<_, Infallible>(SseEvent::default().event(name).data(data.to_string()))
+        };
+        let msg_id = reply.msg_id();
+        yield event("response.created", json!({"response": reply.object(Vec::new(), None)}));
+        yield event("response.in_progress", json!({"response": reply.object(Vec::new(), None)}));
+        // The message item opens at once; calls and reasoning follow it as they come.
+        yield event("response.output_item.added", json!({"output_index": 0, "item": message_item(&msg_id, "", "in_progress")}));
+        yield event("response.content_part.added", json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []}}));
+        // The generation is read here, in the stream: a client that leaves drops it, and the
+        // backend stops it at its next token.
+        let mut generation = generation;
+        let mut out = Output::default();
+        let done = loop {
+            let Some(ev) = generation.events.recv().await else {
+                break Err(ApiError::new(ErrorKind::Api, "the backend ended the generation without a result"));
+            };
+            match ev {
+                Event::Done { reason, output_tokens, .. } => {
+                    span.record("output_tokens", output_tokens);
+                    break Ok(Done { output_tokens, reason });
+                }
+                Event::Failed(e) => break Err(ApiError::from(e)),
+                Event::Text(ref t) => {
+                    yield event("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0,
+                        "content_index": 0, "delta": t}));
+                    out.push(&ev);
+                }
+                Event::ToolUse { .. } => {
+                    out.push(&ev);
+                    let index = out.calls.len();
+                    let (call_id, name, args) = out.calls.last().cloned().expect("just pushed");
+                    let item_id = format!("fc_{}", suffix(&call_id));
+                    yield event("response.output_item.added", json!({"output_index": index,
+                        "item": call_item(&call_id, &name, "", "in_progress")}));
+                    yield event("response.function_call_arguments.delta", json!({"item_id": item_id,
+                        "output_index": index, "delta": args}));
+                    yield event("response.function_call_arguments.done", json!({"item_id": item_id,
+                        "output_index": index, "arguments": args}));
+                    yield event("response.output_item.done", json!({"output_index": index,
+                        "item": call_item(&call_id, &name, &args, "completed")}));
+                }
+                ev => out.push(&ev),
+            }
+        };
+        match done {
+            Ok(done) => {
+                yield event("response.output_text.done", json!({"item_id": msg_id, "output_index": 0,
+                    "content_index": 0, "text": out.text}));
+                yield event("response.content_part.done", json!({"item_id": msg_id, "output_index": 0,
+                    "content_index": 0, "part": {"type": "output_text", "text": out.text, "annotations": []}}));
+                yield event("response.output_item.done", json!({"output_index": 0,
+                    "item": message_item(&msg_id, &out.text, "completed")}));
+                let response = reply.finish(&out, done);
+                let name = if response["status"] == "incomplete" { "response.incomplete" } else { "response.completed" };
+                yield event(name, json!({"response": response}));
+            }
+            Err(e) => {
+                tracing::warn!(parent: &span, error = %e, "generation failed mid-stream");
+                let mut response = reply.object(Vec::new(), None);
+                response["status"] = "failed".into();
+                response["error"] = json!({"code": e.kind.as_str(), "message": e.message});
+                yield event("response.failed", json!({"response": response}));
+            }
+        }
+    };
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)))
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests;
