@@ -168,6 +168,35 @@ async fn the_shipped_policies_gate_tenants_cap_tokens_and_raise_tiers() {
     assert_eq!(res.status(), 400);
     let v: Value = res.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("at most 50"), "{v}");
+    // The same policies hold on OpenAI's routes, whose token fields are named differently,
+    // and refuse in OpenAI's error shape.
+    let chat = json!({"model": "m", "max_completion_tokens": 80, "messages": [{"role": "user", "content": "hi"}]});
+    let res = client
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let v: Value = res.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("at most 50"), "{v}");
+    assert!(v["error"].get("param").is_some() && v.get("type").is_none(), "{v}");
+    let responses = json!({"model": "m", "max_output_tokens": 80, "input": "hi"});
+    let res = client
+        .post(s.url("/v1/responses"))
+        .json(&responses)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let res = client
+        .post(s.url("/v1/responses"))
+        .header("x-tenant", "acme")
+        .json(&json!({"model": "m", "max_output_tokens": 3, "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
 
     // Thresholds as a policy: its classify raises the tier above the host's own.
     let dir = dir_with(&[("thresholds", "thresholds")]);

@@ -143,6 +143,14 @@ fn tools(req: &MessagesRequest) -> Result<(), ApiError> {
                 t.name
             )));
         }
+        // A client tool needs its schema (Anthropic's server tools have a `type` and none).
+        let custom = t.kind.as_deref().is_none_or(|k| k == "custom");
+        if custom && !t.input_schema.as_ref().is_some_and(|s| s.is_object()) {
+            return Err(ApiError::invalid(format!(
+                "tools[{i}].input_schema: required, a JSON schema object (tool `{}`)",
+                t.name
+            )));
+        }
         if let Some(j) = req.tools[..i].iter().position(|u| u.name == t.name) {
             return Err(ApiError::invalid(format!(
                 "tools[{i}].name: `{}` is also the name of tools[{j}]; tool names must be unique",
@@ -209,7 +217,7 @@ mod tests {
         assert!(check(b.clone()).unwrap_err().starts_with("temperature: may only be 1"));
         b["temperature"] = json!(1.0);
         assert_eq!(check(b.clone()), Ok(()));
-        b["tools"] = json!([{"name": "read_file"}]);
+        b["tools"] = json!([{"name": "read_file", "input_schema": {"type": "object"}}]);
         b["tool_choice"] = json!({"type": "any"});
         assert_eq!(
             check(b.clone()).unwrap_err(),
@@ -224,16 +232,25 @@ mod tests {
     }
 
     #[test]
-    fn tool_names_are_unique_and_well_formed() {
+    fn tool_names_are_unique_and_well_formed_and_client_tools_have_a_schema() {
+        let tool = |name: &str| json!({"name": name, "input_schema": {"type": "object"}});
         let mut b = base();
-        b["tools"] = json!([{"name": "read_file"}, {"name": "bad name"}]);
+        b["tools"] = json!([tool("read_file"), tool("bad name")]);
         assert!(check(b.clone())
             .unwrap_err()
             .starts_with("tools[1].name: must be 1 to 128"));
-        b["tools"] = json!([{"name": "read_file"}, {"name": "x"}, {"name": "read_file"}]);
-        assert!(check(b)
+        b["tools"] = json!([tool("read_file"), tool("x"), tool("read_file")]);
+        assert!(check(b.clone())
             .unwrap_err()
             .contains("tools[2].name: `read_file` is also the name of tools[0]"));
+        b["tools"] = json!([tool("read_file"), {"name": "x"}]);
+        assert_eq!(
+            check(b.clone()).unwrap_err(),
+            "tools[1].input_schema: required, a JSON schema object (tool `x`)"
+        );
+        // A server tool has a type and no schema.
+        b["tools"] = json!([tool("read_file"), {"type": "web_search_20250305", "name": "web_search"}]);
+        assert_eq!(check(b), Ok(()));
     }
 
     #[test]

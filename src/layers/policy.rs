@@ -143,14 +143,21 @@ where
             let parsed = is_messages(&parts)
                 .then(|| crate::api::translate::parse(&bytes).ok())
                 .flatten();
+            // The fields a policy reads, from any API's body (Messages, Chat Completions,
+            // Responses), without parsing the rest.
+            let fields = (parts.method == http::Method::POST)
+                .then(|| serde_json::from_slice::<Fields>(&bytes).ok())
+                .flatten();
             let record = crate::policy::Request {
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_owned(),
-                model: parsed.as_ref().map(|m| m.model.clone()),
-                max_tokens: parsed.as_ref().map(|m| m.max_tokens),
+                model: fields.as_ref().and_then(|f| f.model.clone()),
+                max_tokens: fields
+                    .as_ref()
+                    .and_then(|f| f.max_tokens.or(f.max_completion_tokens).or(f.max_output_tokens)),
                 // An estimate: the exact count needs the tokenizer, on the backend thread.
-                input_tokens: parsed.as_ref().map(|_| (bytes.len() / 4) as u32),
-                streaming: parsed.as_ref().is_some_and(|m| m.stream),
+                input_tokens: fields.as_ref().map(|_| (bytes.len() / 4) as u32),
+                streaming: fields.as_ref().is_some_and(|f| f.stream),
                 in_flight: layer.in_flight.as_ref().map_or(0, |count| count()),
                 headers: visible_headers(&parts.headers),
             };
@@ -184,6 +191,21 @@ where
             Ok(inner.call(req).await?.map(ResponseBody::inner))
         })
     }
+}
+
+/// What the policy record takes from a request body, whichever API it is for.
+#[derive(serde::Deserialize)]
+struct Fields {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
 }
 
 fn is_messages(parts: &http::request::Parts) -> bool {
