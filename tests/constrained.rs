@@ -157,3 +157,22 @@ async fn constraints_that_cannot_hold_are_400s_naming_the_field() {
     assert_eq!(s.idle_backend().await["active_generations"], 0);
     assert_eq!(s.post(&hello(4)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn strict_tools_under_auto_let_the_model_answer_freely() {
+    // The grammar itself is tested in the bridge (test_constrain.py), with scripted logits: the
+    // random demo model almost never opens a call. Here: the request goes through, streamed and
+    // not, and the answer is whatever the model says, text included.
+    let s = Server::start();
+    let mut tools = weather_tools();
+    tools[0]["strict"] = json!(true);
+    for stream in [false, true] {
+        let body = json!({"model": "demo", "max_tokens": 16, "stream": stream, "tools": tools,
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+        let res = s.post(&body).await;
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        assert!(!text.contains("\"error\""), "{text}");
+    }
+    assert_eq!(s.idle_backend().await["cache_bytes"], 0);
+}

@@ -23,6 +23,7 @@ tokenised another way) and names the sequence.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,6 +37,8 @@ from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache
 from .protocol import Added, Finish, Piece
 from .response import ResponseSplitter, initial_state
+
+log = logging.getLogger(__name__)
 
 #: How many prompts are prefilled together.
 PREFILL_BATCH = 8
@@ -112,19 +115,26 @@ class Batcher:
         if context_length and n > context_length:
             return Added.TOO_LONG, 0, n, 0, ""
         processors = None
-        if params.get("constraint"):
+        constraint = params.get("constraint") or {}
+        if constraint:
             try:
-                processors = [self._grammars.compile(params["constraint"], chat.get("tools"))]
+                processor = self._grammars.compile(constraint, chat.get("tools"))
             except ConstraintError as e:
                 return Added.REFUSED, 0, n, 0, str(e)
+            if processor is None:
+                log.warning("strict tools are not enforced: this model's tool calls are not JSON between special tokens")
+            else:
+                processors = [processor]
         running = Running(
             splitter=ResponseSplitter(engine.tokenizer, chat.get("tools"), initial_state(engine.tokenizer, tokens)),
             detokenizer=engine.tokenizer.detokenizer,
         )
         running, max_tokens = self._prepare(running, tokens, int(params["max_tokens"]))
         running.tokens = n
-        if processors is not None:
-            running.splitter = ConstrainedOutput(call=params["constraint"]["type"] == "tool")
+        if processors is not None and constraint["type"] in ("tool", "json_schema"):
+            # A strict-tools answer is free text with calls in the model's markers: the usual
+            # splitter reads it.
+            running.splitter = ConstrainedOutput(call=constraint["type"] == "tool")
         cache, rest = None, tokens
         if self._cache is not None:
             cache, rest = self._cache.fetch(tokens)

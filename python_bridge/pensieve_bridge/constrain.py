@@ -6,7 +6,13 @@ A request may carry a constraint (Rust sends it in the request's parameters):
   that validates against the schema;
 - ``{"type": "tool", "names": [...]}`` (``tool_choice`` ``any`` or ``tool``): the answer is one
   call ``{"name": ..., "arguments": {...}}`` to one of these tools, whose arguments validate
-  against that tool's ``input_schema``.
+  against that tool's ``input_schema``;
+- ``{"type": "strict_tools", "strict": [...]}`` (``tool_choice`` ``auto`` with tools marked
+  ``strict``): the model answers freely (text, thinking, calls), but each call, written in the
+  model's own markers, is to a listed tool with valid input for the strict ones. This needs a
+  model whose calls are JSON between markers that are single special tokens (mlx-lm's
+  ``json_tools`` format: Hermes, Qwen2.5/3, the demo model); on another model the tools are
+  not constrained (:meth:`Grammars.compile` returns ``None``, and the bridge says so in the log).
 
 The grammar engine is llguidance (the engine behind structured outputs in llama.cpp, vLLM and
 SGLang): it compiles a JSON schema to a grammar and, at each step, computes the set of tokens
@@ -55,12 +61,18 @@ class Grammars:
             self._llt = llguidance.hf.from_tokenizer(hf)
         return self._llt
 
-    def compile(self, constraint: dict, tools: Optional[list]) -> "Constraint":
+    def compile(self, constraint: dict, tools: Optional[list]) -> Optional["Constraint"]:
         """The logits processor for ``constraint``; :class:`ConstraintError` when it cannot be
-        used, with the field and llguidance's reason."""
+        used, with the field and llguidance's reason; ``None`` for strict tools on a model whose
+        tool-call format cannot be constrained."""
         from llguidance import LLMatcher
 
         kind = constraint.get("type")
+        if kind == "strict_tools":
+            grammar = self._strict_tools(set(constraint.get("strict") or []), tools or [])
+            if grammar is None:
+                return None
+            return self._matcher(grammar, "tools")
         if kind == "json_schema":
             where = "output_config.format.schema"
             schema = constraint.get("schema")
@@ -77,6 +89,11 @@ class Grammars:
             grammar = LLMatcher.grammar_from_json_schema(schema)
         except Exception as e:  # llguidance raises ValueError/RuntimeError with its reason
             raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {e}") from None
+        return self._matcher(grammar, where)
+
+    def _matcher(self, grammar: str, where: str) -> "Constraint":
+        from llguidance import LLMatcher
+
         llt = self._lltokenizer()
         error = LLMatcher.validate_grammar(grammar, llt)
         if error:
@@ -85,6 +102,52 @@ class Grammars:
         if matcher.is_error():
             raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {matcher.get_error()}")
         return Constraint(matcher, llt.vocab_size)
+
+
+    def _strict_tools(self, strict: set, tools: list) -> Optional[str]:
+        """The grammar of a free answer whose calls (JSON between the model's special-token
+        markers) are to the tools, the strict ones with valid input; ``None`` when the model's
+        tool format is not that."""
+        from llguidance import LLMatcher
+
+        tok = self._tokenizer
+        parser = getattr(tok, "tool_parser", None)
+        start, end = getattr(tok, "tool_call_start", None), getattr(tok, "tool_call_end", None)
+        if not (start and end and parser is not None and parser.__module__.endswith("json_tools")):
+            return None
+        hf = getattr(tok, "_tokenizer", tok)
+        single = lambda text: (lambda ids: ids[0] if len(ids) == 1 else None)(hf.encode(text, add_special_tokens=False))  # noqa: E731
+        start_id, end_id = single(start), single(end)
+        if start_id is None or end_id is None:
+            return None
+        thinking = [single(t) for t in (getattr(tok, "think_start", None), getattr(tok, "think_end", None)) if t]
+        options = []
+        for t in tools:
+            fn = t.get("function") or {}
+            name = fn.get("name")
+            arguments = (fn.get("parameters") or {"type": "object"}) if name in strict else {"type": "object"}
+            options.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+        schema = {"anyOf": options, "x-guidance": GUIDANCE}
+        # Free text, the thinking markers, and calls, in any order; the end of sequence is
+        # allowed wherever the answer may stop.
+        parts = ["TEXT", *(f"<[{i}]>" for i in thinking if i is not None), "call"]
+        lark = (
+            f"start: ({' | '.join(parts)})*\n"
+            "TEXT: /(.|\\n)+/\n"
+            f'call: <[{start_id}]> "\\n"? body "\\n"? <[{end_id}]>\n'
+            f"body: %json {json.dumps(schema)}\n"
+        )
+        try:
+            return LLMatcher.grammar_from_lark(lark)
+        except Exception as e:
+            raise ConstraintError(f"tools: a strict tool's schema cannot be used for constrained decoding: {e}") from None
 
 
 def tool_call_schema(names: list[str], tools: list) -> dict:

@@ -124,3 +124,50 @@ def test_a_call_cut_by_max_tokens_comes_back_as_text(engine):
     assert finishes[uid] == Finish.LENGTH
     [(kind, text)] = out[uid]
     assert kind == Piece.TEXT and text.startswith('{"name":') and len(text) < 30
+
+
+def test_strict_tools_under_auto_hold_every_call_the_model_makes(engine):
+    """The demo model would almost never open a call by itself, so the logits are scripted here:
+    the first step prefers `<tool_call>`, the rest are random. Whatever they say, the grammar
+    makes each call valid, then lets the answer end."""
+    import numpy as np
+
+    from pensieve_bridge.batch import Batcher
+
+    b = Batcher(engine, 1, 0)
+    start = engine.tokenizer._tokenizer.encode(engine.tokenizer.tool_call_start, add_special_tokens=False)[0]
+    eos = next(iter(engine.tokenizer.eos_token_ids))
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        # Both strict: a non-strict tool takes any object, which random logits never close.
+        c = b._grammars.compile({"type": "strict_tools", "strict": ["get_weather", "get_time"]}, TOOLS)
+        tokens = [1]
+        for step in range(300):
+            logits = rng.normal(size=(1, c._vocab)).astype(np.float32)
+            if step == 0:
+                logits[0, start] = 100.0
+            if step > 150:  # late on, the end of the answer is likely wherever it is allowed
+                logits[0, eos] = 50.0
+            masked = np.array(c(mx.array(tokens), mx.array(logits)))
+            token = int(masked[0].argmax())
+            tokens.append(token)
+            if token == eos:
+                break
+        text = engine.tokenizer._tokenizer.decode(tokens[1:], skip_special_tokens=False)
+        assert tokens[-1] == eos, text
+        calls = text.split(engine.tokenizer.tool_call_start)[1:]
+        assert calls, text
+        for call in calls:
+            body = json.loads(call.split(engine.tokenizer.tool_call_end)[0])
+            jsonschema.validate(body["arguments"], SCHEMAS[body["name"]])
+
+
+def test_strict_tools_on_a_model_without_a_special_token_format_are_not_enforced(engine, monkeypatch):
+    from pensieve_bridge.constrain import Grammars
+
+    class NoMarkers:
+        tool_parser = None
+        tool_call_start = None
+        tool_call_end = None
+
+    assert Grammars(NoMarkers()).compile({"type": "strict_tools", "strict": ["get_weather"]}, TOOLS) is None

@@ -238,8 +238,15 @@ fn constraint(req: &MessagesRequest, choice: &ToolChoice) -> Result<Option<Const
             names: vec![name.clone()],
         }),
         (_, Some(schema)) => Some(Constraint::JsonSchema { schema }),
-        (_, None) => None,
+        (ToolChoice::Auto, None) => strict_tools(req.tools.iter().filter(|t| t.strict == Some(true)).map(|t| &t.name)),
+        (ToolChoice::None, None) => None,
     })
+}
+
+/// Under `tool_choice: auto`, the tools marked `strict`, if any.
+pub(crate) fn strict_tools<'a>(names: impl Iterator<Item = &'a String>) -> Option<Constraint> {
+    let strict: Vec<String> = names.cloned().collect();
+    (!strict.is_empty()).then_some(Constraint::StrictTools { strict })
 }
 
 /// `tool_choice`: `none` hides the tools from the template; `any` and `tool` are instructions in

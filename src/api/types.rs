@@ -76,6 +76,9 @@ pub struct Tool {
     /// Set for Anthropic's server tools.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// Its inputs always valid against its schema (constrained decoding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
 }
 
 /// A message's author.

@@ -86,6 +86,12 @@ pub enum Constraint {
         /// The tools it may call.
         names: Vec<String>,
     },
+    /// The model may answer freely, but a call it makes to one of these tools (`strict: true`)
+    /// has input valid against the tool's schema (`tool_choice` `auto`).
+    StrictTools {
+        /// The strict tools.
+        strict: Vec<String>,
+    },
 }
 
 /// Why a generation ended.

@@ -130,7 +130,10 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
     }
     let names = tool_names(&req.tools)?;
     let (hide_tools, forced) = tool_choice(req.tool_choice.as_ref(), &names)?;
-    let constraint = constraint(forced, response_format(req)?, "response_format")?;
+    let constraint = match constraint(forced, response_format(req)?, "response_format")? {
+        None if !hide_tools => strict_functions(&req.tools),
+        other => other,
+    };
     let tools = (!req.tools.is_empty() && !hide_tools).then(|| req.tools.clone());
     let max_tokens = req
         .max_completion_tokens
@@ -154,6 +157,17 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
         stop_sequences: stops(req.stop.as_ref())?,
         constraint,
     })
+}
+
+/// Function tools marked `strict: true` (OpenAI's structured function calling), held to their
+/// schemas when the model calls them.
+pub(super) fn strict_functions(tools: &[Value]) -> Option<Constraint> {
+    let strict: Vec<String> = tools
+        .iter()
+        .filter(|t| t.pointer("/function/strict").or_else(|| t.get("strict")) == Some(&Value::Bool(true)))
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    crate::api::translate::strict_tools(strict.iter())
 }
 
 /// What constrained decoding holds the answer to: a forced call, or JSON of a schema (the

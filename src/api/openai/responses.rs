@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use super::super::error::{ApiError, ErrorKind};
 use super::super::threads::Bounded;
 use super::super::{start, AppState};
-use super::chat::{constraint, message, output_format, text_of, tool_choice};
+use super::chat::{constraint, message, output_format, strict_functions, text_of, tool_choice};
 use crate::backend::{Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason};
 use crate::layers::{read_body, request_id, MaxBody};
 
@@ -126,7 +126,10 @@ pub fn to_backend(
         "text.format",
         "/schema",
     )?;
-    let constraint = constraint(forced, format, "text.format")?;
+    let constraint = match constraint(forced, format, "text.format")? {
+        None if !hide_tools => strict_functions(&tools),
+        other => other,
+    };
     let request = GenerateRequest {
         chat: Chat {
             messages,
@@ -251,7 +254,8 @@ fn function(t: &Value, at: &str) -> Result<Value, ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("{at}.name: required")))?;
     Ok(json!({"type": "function", "function": {"name": name,
         "description": t.get("description").cloned().unwrap_or_else(|| "".into()),
-        "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))}}))
+        "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
+        "strict": t.get("strict") == Some(&Value::Bool(true))}}))
 }
 
 /// `POST /v1/responses`

@@ -247,3 +247,24 @@ fn output_config_format_becomes_a_json_schema_constraint_and_conflicts_are_400s(
             .ends_with("a tool_choice that forces a tool call")
     );
 }
+
+#[test]
+fn strict_tools_under_auto_are_held_to_their_schemas() {
+    let body = |choice: serde_json::Value| {
+        chat(json!({"model": "m", "max_tokens": 5, "tool_choice": choice,
+            "tools": [{"name": "Bash", "input_schema": {"type": "object"}, "strict": true},
+                      {"name": "Read", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap()
+        .constraint
+    };
+    assert_eq!(
+        body(json!({"type": "auto"})),
+        Some(Constraint::StrictTools {
+            strict: vec!["Bash".into()]
+        })
+    );
+    // A forced call is held anyway; with the tools hidden there is nothing to hold.
+    assert!(matches!(body(json!({"type": "any"})), Some(Constraint::Tool { .. })));
+    assert_eq!(body(json!({"type": "none"})), None);
+}

@@ -132,3 +132,17 @@ fn errors_have_openais_shape_with_the_param() {
         (Value::Null, json!("overloaded"))
     );
 }
+
+#[test]
+fn strict_functions_are_held_to_their_schemas_under_auto() {
+    let tools = json!([{"type": "function", "function": {"name": "a", "strict": true, "parameters": {"type": "object"}}},
+                       {"type": "function", "function": {"name": "b"}}]);
+    assert_eq!(
+        req(with(base(), "tools", tools.clone())).unwrap().constraint,
+        Some(Constraint::StrictTools {
+            strict: vec!["a".into()]
+        })
+    );
+    let none = with(with(base(), "tools", tools), "tool_choice", json!("none"));
+    assert_eq!(req(none).unwrap().constraint, None);
+}
