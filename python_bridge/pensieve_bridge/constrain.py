@@ -2,8 +2,9 @@
 
 A request may carry a constraint (Rust sends it in the request's parameters):
 
-- ``{"type": "json_schema", "schema": {...}}`` (``output_config.format``): the answer is JSON
-  that validates against the schema;
+- ``{"type": "json_schema", "schema": {...}, "field": ...}`` (``output_config.format``, or
+  OpenAI's ``response_format`` / ``text.format``; ``field`` is where the client put the schema,
+  which an error names): the answer is JSON that validates against the schema;
 - ``{"type": "tool", "names": [...]}`` (``tool_choice`` ``any`` or ``tool``): the answer is one
   call ``{"name": ..., "arguments": {...}}`` to one of these tools, whose arguments validate
   against that tool's ``input_schema``;
@@ -74,7 +75,7 @@ class Grammars:
                 return None
             return self._matcher(grammar, "tools")
         if kind == "json_schema":
-            where = "output_config.format.schema"
+            where = constraint.get("field") or "output_config.format.schema"
             schema = constraint.get("schema")
             if not isinstance(schema, dict):
                 raise ConstraintError(f"{where}: must be a JSON schema object")
@@ -102,7 +103,6 @@ class Grammars:
         if matcher.is_error():
             raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {matcher.get_error()}")
         return Constraint(matcher, llt.vocab_size)
-
 
     def _strict_tools(self, strict: set, tools: list) -> Optional[str]:
         """The grammar of a free answer whose calls (JSON between the model's special-token

@@ -237,7 +237,14 @@ fn constraint(req: &MessagesRequest, choice: &ToolChoice) -> Result<Option<Const
         (ToolChoice::Tool(name), None) => Some(Constraint::Tool {
             names: vec![name.clone()],
         }),
-        (_, Some(schema)) => Some(Constraint::JsonSchema { schema }),
+        (_, Some(schema)) => Some(Constraint::JsonSchema {
+            schema,
+            field: if req.output_config.is_some() {
+                "output_config.format.schema"
+            } else {
+                "output_format.schema"
+            },
+        }),
         (ToolChoice::Auto, None) => strict_tools(req.tools.iter().filter(|t| t.strict == Some(true)).map(|t| &t.name)),
         (ToolChoice::None, None) => None,
     })

@@ -79,6 +79,9 @@ pub enum Constraint {
     JsonSchema {
         /// A JSON schema.
         schema: serde_json::Value,
+        /// Where the client put it (`output_config.format.schema`, `response_format.json_schema
+        /// .schema`, `text.format.schema`): the field an error names.
+        field: &'static str,
     },
     /// The answer is one call to one of these tools, its input valid against the tool's
     /// `input_schema` (`tool_choice` `any` or `tool`).

@@ -83,6 +83,12 @@ def test_errors_are_the_sdks_typed_exceptions_in_openais_shape(client, keyed_ser
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert e.value.body["param"] == "messages[0].content[0].type"
+    # A schema the grammar engine cannot use names the field it came in.
+    bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=HELLO, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "o", "schema": bad}})
+    assert e.value.body["param"] == "response_format.json_schema.schema", e.value.body
     bad = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         bad.chat.completions.create(model="x", messages=HELLO)

@@ -175,7 +175,7 @@ pub(super) fn strict_functions(tools: &[Value]) -> Option<Constraint> {
 pub(super) fn constraint(
     forced: Option<Vec<String>>,
     format: Option<Value>,
-    format_at: &str,
+    format_at: &'static str,
 ) -> Result<Option<Constraint>, ApiError> {
     Ok(match (forced, format) {
         (Some(_), Some(_)) => {
@@ -184,7 +184,14 @@ pub(super) fn constraint(
             )))
         }
         (Some(names), None) => Some(Constraint::Tool { names }),
-        (None, Some(schema)) => Some(Constraint::JsonSchema { schema }),
+        (None, Some(schema)) => Some(Constraint::JsonSchema {
+            schema,
+            field: if format_at == "response_format" {
+                "response_format.json_schema.schema"
+            } else {
+                "text.format.schema"
+            },
+        }),
         (None, None) => None,
     })
 }

@@ -215,10 +215,22 @@ fn output_config_format_becomes_a_json_schema_constraint_and_conflicts_are_400s(
     };
     let format = json!({"type": "json_schema", "schema": schema});
     let r = base(json!({"output_config": {"format": format}})).unwrap();
-    assert_eq!(r.constraint, Some(Constraint::JsonSchema { schema: schema.clone() }));
+    assert_eq!(
+        r.constraint,
+        Some(Constraint::JsonSchema {
+            schema: schema.clone(),
+            field: "output_config.format.schema"
+        })
+    );
     // The structured-outputs beta's spelling.
     let r = base(json!({"output_format": format})).unwrap();
-    assert!(matches!(r.constraint, Some(Constraint::JsonSchema { .. })));
+    assert!(matches!(
+        r.constraint,
+        Some(Constraint::JsonSchema {
+            field: "output_format.schema",
+            ..
+        })
+    ));
     // output_config without a format (effort only) constrains nothing.
     assert_eq!(
         base(json!({"output_config": {"effort": "high"}})).unwrap().constraint,

@@ -69,14 +69,18 @@ fn tools_tool_choice_and_response_format_become_constraints() {
     let format = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
     assert_eq!(
         req(with(base(), "response_format", format.clone())).unwrap().constraint,
-        Some(Constraint::JsonSchema { schema })
+        Some(Constraint::JsonSchema {
+            schema,
+            field: "response_format.json_schema.schema"
+        })
     );
     assert_eq!(
         req(with(base(), "response_format", json!({"type": "json_object"})))
             .unwrap()
             .constraint,
         Some(Constraint::JsonSchema {
-            schema: json!({"type": "object"})
+            schema: json!({"type": "object"}),
+            field: "response_format.json_schema.schema"
         })
     );
     let both = with(with(b, "tool_choice", json!("required")), "response_format", format);

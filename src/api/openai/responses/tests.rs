@@ -54,7 +54,13 @@ fn continuations_formats_and_refusals() {
     let schema = json!({"type": "object"});
     let (r, _) =
         req(json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "o", "schema": schema}}})).unwrap();
-    assert_eq!(r.constraint, Some(Constraint::JsonSchema { schema }));
+    assert_eq!(
+        r.constraint,
+        Some(Constraint::JsonSchema {
+            schema,
+            field: "text.format.schema"
+        })
+    );
     let e = |body| req(body).unwrap_err().message;
     assert_eq!(e(json!({"input": "x", "temprature": 1})), "temprature: unknown field");
     assert!(e(json!({"input": [{"type": "computer_call"}]})).starts_with("input[0].type: `computer_call`"));
