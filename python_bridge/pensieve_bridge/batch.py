@@ -213,7 +213,7 @@ class Batcher:
 
     def _enforce_limit(self, out: list) -> None:
         """After a step: when MLX's peak went over the limit, the largest running generation
-        ends with :attr:`Finish.MEMORY` and its memory is released."""
+        ends with :attr:`Finish.MEMORY` and leaves the batch."""
         peak = mx.get_peak_memory()
         if peak <= self._limit or not self._running:
             return
@@ -227,8 +227,8 @@ class Batcher:
         )
         out[:] = [o for o in out if o[0] != uid]
         out.append((uid, [(Piece.ERROR, message)], Finish.MEMORY))
+        # Rust clears MLX's cache as this failed generation settles, before its last event.
         self.cancel([uid])
-        mx.clear_cache()
 
     def _model_step_needed(self) -> bool:
         return True

@@ -143,11 +143,21 @@ where
             let parsed = is_messages(&parts)
                 .then(|| crate::api::translate::parse(&bytes).ok())
                 .flatten();
-            // The fields a policy reads, from any API's body (Messages, Chat Completions,
-            // Responses), without parsing the rest.
-            let fields = (parts.method == http::Method::POST)
-                .then(|| serde_json::from_slice::<Fields>(&bytes).ok())
-                .flatten();
+            // The fields a policy reads: from the Messages request parsed above, else from any
+            // other API's body (Chat Completions, Responses) without parsing the rest. A body is
+            // parsed once either way.
+            let fields = match &parsed {
+                Some(m) => Some(Fields {
+                    model: Some(m.model.clone()),
+                    max_tokens: Some(m.max_tokens),
+                    max_completion_tokens: None,
+                    max_output_tokens: None,
+                    stream: m.stream,
+                }),
+                None => (parts.method == http::Method::POST)
+                    .then(|| serde_json::from_slice::<Fields>(&bytes).ok())
+                    .flatten(),
+            };
             let record = crate::policy::Request {
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_owned(),

@@ -7,7 +7,6 @@
 //! that names the field, never silently ignored.
 
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -406,7 +405,7 @@ pub async fn completions(
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created: super::unix_now(),
             model: app.backend.model().to_owned(),
             prompt_tokens: input_tokens,
             cached_tokens,

@@ -20,6 +20,13 @@ use http::{header, HeaderValue};
 use super::error::{ApiError, ErrorKind};
 use crate::layers::request_id;
 
+/// Seconds since the Unix epoch: OpenAI's `created`.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Whether `path` is one of OpenAI's routes.
 pub fn is_openai(path: &str) -> bool {
     path == "/v1/chat/completions" || path == "/v1/responses"

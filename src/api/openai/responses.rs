@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -31,8 +30,6 @@ use crate::layers::{read_body, request_id, MaxBody};
 /// The request.
 #[derive(Debug, Deserialize)]
 pub struct ResponsesRequest {
-    #[serde(default)]
-    model: Option<String>,
     input: Value,
     #[serde(default)]
     instructions: Option<String>,
@@ -60,6 +57,8 @@ pub struct ResponsesRequest {
 
 /// Fields accepted and without effect here.
 const IGNORED: &[&str] = &[
+    // Any name: the loaded model answers.
+    "model",
     "reasoning",
     "include",
     "prompt_cache_key",
@@ -272,14 +271,13 @@ pub async fn create(
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {
             id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
-            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created: super::unix_now(),
             model: app.backend.model().to_owned(),
             input_tokens,
             cached_tokens,
             previous: req.previous_response_id.clone(),
             keep: (req.store != Some(false)).then(|| (app.responses.clone(), history)),
         };
-        let _ = &req.model;
         if req.stream {
             Ok(stream(generation, reply, span.clone()))
         } else {
