@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_FILE: &str = "config/pensieve.toml";
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "PENSIEVE_";
-const SECTIONS: [&str; 6] = ["server", "memory", "backend", "layers", "policies", "log"];
+const SECTIONS: [&str; 7] = ["server", "memory", "backend", "models", "layers", "policies", "log"];
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -34,6 +34,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// The model and the Python environment that runs it.
     pub backend: BackendConfig,
+    /// `[models.<name>]`: several models, loaded on demand (empty: `backend.model` alone).
+    pub models: BTreeMap<String, ModelConfig>,
     /// Which layers run on `/v1`.
     pub layers: LayersConfig,
     /// WebAssembly admission policies.
@@ -60,6 +62,11 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Open connections at most; more wait in the kernel's backlog until one closes.
     pub max_connections: usize,
+    /// With `[models]`: the model that `/health` names and that unknown names get.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<String>,
+    /// What a `model` name no model answers to gets: `"default"` or `"404"`.
+    pub fallback: Fallback,
 }
 
 impl Default for ServerConfig {
@@ -72,11 +79,14 @@ impl Default for ServerConfig {
             headers: BTreeMap::new(),
             shutdown_grace_secs: 30,
             max_connections: 1024,
+            default_model: None,
+            fallback: Fallback::Default,
         }
     }
 }
 
 pub use crate::layers::HeaderMode;
+pub use models::{Fallback, ModelConfig, ModelSpec};
 
 /// `[memory]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -315,7 +325,7 @@ pub enum ConfigError {
     #[error("invalid configuration: `{key}` {problem} (set in {source_name})")]
     Invalid {
         /// Dotted key, e.g. `memory.critical_gb`.
-        key: &'static str,
+        key: String,
         /// What is wrong with it.
         problem: String,
         /// Where the value came from.
@@ -347,15 +357,20 @@ impl Config {
             }
         }
         let fig = figment(file, flags);
-        let config: Config = fig.extract().map_err(Box::new)?;
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        if flags.backend.model.is_some() {
+            // `--model` is the one-model shortcut: it replaces the [models] table.
+            config.models.clear();
+            config.server.default_model = None;
+        }
         config.validate(&fig)?;
         Ok(config)
     }
 
     fn validate(&self, fig: &Figment) -> Result<(), ConfigError> {
         let m = &self.memory;
-        let invalid = |key: &'static str, problem: String| ConfigError::Invalid {
-            key,
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            key: key.to_owned(),
             problem,
             source_name: describe_source(fig, key),
         };
@@ -435,6 +450,7 @@ impl Config {
         if self.backend.model.trim().is_empty() {
             return Err(invalid("backend.model", "must not be empty".into()));
         }
+        self.check_models().map_err(|(key, problem)| invalid(&key, problem))?;
         for (name, value) in &self.server.headers {
             if http::HeaderName::try_from(name.as_str()).is_err()
                 || http::HeaderValue::try_from(value.as_str()).is_err()
@@ -503,5 +519,6 @@ fn describe_source(fig: &Figment, key: &str) -> String {
     "default".into()
 }
 
+mod models;
 #[cfg(test)]
 mod tests;

@@ -31,8 +31,36 @@ pub struct NameLabel {
     pub name: String,
 }
 
+/// A model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// The model's name.
+    pub model: String,
+}
+
+/// A model, and why it was unloaded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnloadLabels {
+    /// The model's name.
+    pub model: String,
+    /// `idle`, `memory`, or `error` (a load that failed).
+    pub reason: &'static str,
+}
+
+/// Per-model metrics, mirrored from the backend's counters at each scrape.
+#[derive(Default)]
+struct ModelMetrics {
+    loaded: Family<ModelLabel, Gauge>,
+    bytes: Family<ModelLabel, Gauge>,
+    loads: Family<ModelLabel, Counter>,
+    unloads: Family<UnloadLabels, Counter>,
+    load_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
+    generations: Family<ModelLabel, Counter>,
+}
+
 /// The server's metrics.
 pub struct Metrics {
+    models: ModelMetrics,
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     memory_refusals: Family<NameLabel, Counter>,
@@ -63,6 +91,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("pensieve")),
+            models: ModelMetrics::default(),
             requests: Family::default(),
             memory_refusals: Family::default(),
             policy_refusals: Family::default(),
@@ -84,6 +113,29 @@ impl Default for Metrics {
         {
             let mut r = m.registry.lock().unwrap();
             r.register("requests", "HTTP requests by route and status", m.requests.clone());
+            let mm = &m.models;
+            r.register("model_loaded", "1 while the model is loaded", mm.loaded.clone());
+            r.register(
+                "model_bytes",
+                "MLX bytes the model took when it loaded",
+                mm.bytes.clone(),
+            );
+            r.register("model_loads", "Times the model was loaded", mm.loads.clone());
+            r.register(
+                "model_unloads",
+                "Times the model was unloaded (idle, memory) or failed to load (error)",
+                mm.unloads.clone(),
+            );
+            r.register(
+                "model_load_seconds",
+                "Time spent loading the model",
+                mm.load_seconds.clone(),
+            );
+            r.register(
+                "model_generations",
+                "Generations started on the model",
+                mm.generations.clone(),
+            );
             r.register(
                 "memory_refusals",
                 "Requests refused for memory, by tier",
@@ -222,6 +274,29 @@ impl Metrics {
         self.cache_bytes.set(backend.cache_bytes as i64);
         self.prompt_cache_bytes.set(backend.prompt_cache_bytes as i64);
         self.prompt_cache_entries.set(backend.prompt_cache_entries as i64);
+        for m in &backend.models {
+            let model = ModelLabel { model: m.name.clone() };
+            let unload = |reason| UnloadLabels {
+                model: m.name.clone(),
+                reason,
+            };
+            let mm = &self.models;
+            mm.loaded.get_or_create(&model).set(m.loaded as i64);
+            mm.bytes.get_or_create(&model).set(m.bytes as i64);
+            // The backend's counters only grow: each family counter catches up with its own.
+            let catch_up = |c: &Counter, to: u64| {
+                c.inc_by(to.saturating_sub(c.get()));
+            };
+            catch_up(&mm.loads.get_or_create(&model), m.loads);
+            catch_up(&mm.generations.get_or_create(&model), m.generations);
+            catch_up(&mm.unloads.get_or_create(&unload("idle")), m.unloads_idle);
+            catch_up(&mm.unloads.get_or_create(&unload("memory")), m.unloads_memory);
+            catch_up(&mm.unloads.get_or_create(&unload("error")), m.load_errors);
+            let seconds = mm.load_seconds.get_or_create(&model);
+            if m.load_seconds > seconds.get() {
+                seconds.inc_by(m.load_seconds - seconds.get());
+            }
+        }
         for p in policies {
             self.policy_errors
                 .get_or_create(&NameLabel { name: p.name.clone() })

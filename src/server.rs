@@ -40,7 +40,7 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
     };
     let mut stack = Stack::new(config, gate)
         .metrics(metrics.clone())
-        .in_flight(Arc::new(move || backend.status().active_generations));
+        .in_flight(Arc::new(move || backend.active_generations()));
     if let Some(engine) = policies {
         stack = stack.policies(engine);
     }
@@ -97,9 +97,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
     if let Some(cg) = probe.cgroup() {
         tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
     }
-    check_model_fits(&config, &snapshot.load(), &thresholds)?;
-    let backend_config = config.backend.clone();
-    tracing::info!(model = %backend_config.model, "loading the model");
+    for spec in config.model_specs().iter().filter(|s| s.preload) {
+        check_model_fits(&config, spec, &snapshot.load(), &thresholds)?;
+    }
+    let backend_config = config.clone();
     let backend_gate = gate.clone();
     let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, backend_gate))
         .await
@@ -159,29 +160,31 @@ pub async fn serve(config: Config) -> Result<(), String> {
 /// would take memory to the warning threshold, unless `backend.force_load`.
 fn check_model_fits(
     config: &Config,
+    spec: &crate::config::ModelSpec,
     snapshot: &crate::memory::MemorySnapshot,
     thresholds: &Thresholds,
 ) -> Result<(), String> {
     use crate::backend::estimate;
     let b = &config.backend;
-    let Some(path) = estimate::model_path(&b.model) else {
-        tracing::info!(model = %b.model, "no local files to estimate the model's size from before loading");
+    let Some(path) = estimate::model_path(&spec.path) else {
+        tracing::info!(model = %spec.name, "no local files to estimate the model's size from before loading");
         return Ok(());
     };
     let Some(estimate) = estimate::estimate(&path)? else {
         return Ok(());
     };
     let fits = estimate::check_fits(
-        &b.model,
+        &spec.path,
         &estimate,
-        b.max_concurrent as u64,
+        spec.max_concurrent as u64,
         b.kv_context_tokens,
         snapshot.available_bytes,
         thresholds.warning,
     );
     tracing::info!(
         weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
-        with_kv_gb = estimate.total(b.max_concurrent as u64, b.kv_context_tokens) as f64 / crate::memory::GIB,
+        model = %spec.name,
+        with_kv_gb = estimate.total(spec.max_concurrent as u64, b.kv_context_tokens) as f64 / crate::memory::GIB,
         available_gb = snapshot.available_gb(),
         "model size estimated from its headers"
     );

@@ -212,6 +212,12 @@ impl From<BackendError> for ApiError {
             BackendError::Generation(msg) => ApiError::new(ErrorKind::Api, format!("generation failed: {msg}")),
             BackendError::InvalidRequest(msg) => ApiError::invalid(msg),
             BackendError::Stopped => ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5),
+            e @ BackendError::UnknownModel { .. } => ApiError::new(ErrorKind::NotFound, e.to_string()),
+            BackendError::LoadRefused {
+                message,
+                retry_after_secs,
+            } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
+            BackendError::LoadFailed(msg) => ApiError::new(ErrorKind::Api, msg),
         }
     }
 }

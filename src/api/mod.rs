@@ -101,7 +101,9 @@ async fn handle_messages(
         Some(threads::ThreadParam::Continue(previous)) => Arc::new(app.threads.history(previous)?.continued(&req)),
         _ => req,
     };
-    let backend_req = translate::to_backend(&req, false)?;
+    let model = app.backend.resolve(&req.model)?;
+    let mut backend_req = translate::to_backend(&req, false)?;
+    backend_req.model = model.clone();
     let (generation, input_tokens, cached_tokens) = start(app, backend_req, span).await?;
     // Anthropic's accounting: `input_tokens` are the ones processed, cache reads are apart.
     let prompt = types::Usage {
@@ -109,7 +111,6 @@ async fn handle_messages(
         cache_read_input_tokens: cached_tokens,
         ..types::Usage::default()
     };
-    let model = app.backend.model().to_owned();
     // With a thread, the answered conversation is kept under the reply's id.
     let keep: Option<sse::OnReply> = thread.map(|_| {
         let threads = app.threads.clone();
@@ -183,8 +184,9 @@ pub async fn count_tokens(
             obj.entry("max_tokens").or_insert(u32::MAX.into());
         }
         let req = translate::parse(&serde_json::to_vec(&value).expect("json"))?;
+        let model = app.backend.resolve(&req.model)?;
         let chat = translate::to_backend(&req, false)?.chat;
-        let pending = app.backend.count_tokens(chat)?;
+        let pending = app.backend.count_tokens(&model, chat)?;
         let n = tokio::time::timeout(app.queue_timeout, pending)
             .await
             .map_err(|_| queue_timeout(app.queue_timeout))?
@@ -195,8 +197,8 @@ pub async fn count_tokens(
     result.unwrap_or_else(|e| e.to_response(request_id(&headers)))
 }
 
-fn model_object(app: &AppState) -> serde_json::Value {
-    let id = app.backend.model();
+fn model_object(m: &crate::backend::ModelStatus) -> serde_json::Value {
+    let id = &m.name;
     // Anthropic's fields and OpenAI's together: both SDKs read the same object.
     serde_json::json!({
         "type": "model",
@@ -206,7 +208,11 @@ fn model_object(app: &AppState) -> serde_json::Value {
         "created_at": MODEL_CREATED_AT,
         "created": MODEL_CREATED,
         "owned_by": "pensieve",
-        "context_length": app.backend.context_length(),
+        "context_length": m.context_length,
+        "aliases": m.aliases,
+        "loaded": m.loaded,
+        "state": m.state,
+        "default": m.default,
     })
 }
 
@@ -215,17 +221,34 @@ const MODEL_CREATED_AT: &str = "2026-01-01T00:00:00Z";
 /// The same date as Unix seconds, OpenAI's `created`.
 const MODEL_CREATED: u64 = 1_767_225_600;
 
-/// `GET /v1/models`: the loaded model, in Anthropic's list shape.
+/// `GET /v1/models`: every configured model, loaded or not, in Anthropic's list shape.
 pub async fn list_models(State(app): State<AppState>) -> Response {
-    let m = model_object(&app);
-    let id = m["id"].clone();
-    Json(serde_json::json!({"object": "list", "data": [m], "has_more": false, "first_id": id, "last_id": id}))
+    let data: Vec<serde_json::Value> = app.backend.status().models.iter().map(model_object).collect();
+    let first = data.first().map(|m| m["id"].clone());
+    let last = data.last().map(|m| m["id"].clone());
+    Json(serde_json::json!({"object": "list", "data": data, "has_more": false, "first_id": first, "last_id": last}))
         .into_response()
 }
 
-/// `GET /v1/models/{id}`: any name is served by the loaded model, so any id answers with it.
-pub async fn get_model(State(app): State<AppState>) -> Response {
-    Json(model_object(&app)).into_response()
+/// `GET /v1/models/{id}`: the model that answers to `id` (a name, an alias, or the fallback).
+pub async fn get_model(
+    State(app): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let found = app.backend.resolve(&id).map_err(ApiError::from).and_then(|name| {
+        let status = app.backend.status();
+        status
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .map(model_object)
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("model `{id}` is not served here")))
+    });
+    match found {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => e.to_response(request_id(&headers)),
+    }
 }
 
 fn queue_timeout(waited: std::time::Duration) -> ApiError {

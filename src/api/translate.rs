@@ -176,6 +176,7 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
             .collect()
     });
     Ok(GenerateRequest {
+        model: req.model.clone(),
         chat: Chat {
             messages,
             tools,

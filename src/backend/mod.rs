@@ -5,12 +5,14 @@
 
 pub mod estimate;
 mod mlx;
+pub mod models;
 mod stop;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use mlx::MlxBackend;
+pub use models::{ModelStatus, Registry};
 pub use stop::StopMatcher;
 
 /// One message of the normalised chat, as the chat template takes it.
@@ -60,6 +62,8 @@ pub struct Sampling {
 /// One generation to run.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// The model that runs it, as [`Backend::resolve`] named it.
+    pub model: String,
     /// What the model sees.
     pub chat: Chat,
     /// How it samples.
@@ -159,6 +163,25 @@ pub enum BackendError {
     /// The model is not loaded.
     #[error("backend not ready")]
     NotReady,
+    /// No model answers to this name (`server.fallback = "404"`).
+    #[error("model `{name}` is not served here; the models served are {served:?} (GET /v1/models lists them)")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names served.
+        served: Vec<String>,
+    },
+    /// A model could not be loaded now: it would not fit, even with every idle model unloaded.
+    #[error("{message}")]
+    LoadRefused {
+        /// Names the model, its estimated size and what is available.
+        message: String,
+        /// For `retry-after`.
+        retry_after_secs: u32,
+    },
+    /// Loading a model failed (its files, its format).
+    #[error("{0}")]
+    LoadFailed(String),
     /// Refused when it was about to start: memory fell while it waited.
     #[error("{0}")]
     Memory(crate::memory::Refusal),
@@ -195,9 +218,9 @@ pub enum BackendError {
 /// What `/health` shows of the backend.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct BackendStatus {
-    /// The model as configured.
+    /// The default model.
     pub model: String,
-    /// Loaded and serving.
+    /// Serving: the backend thread runs (models load on demand).
     pub ready: bool,
     /// Generations running now.
     pub active_generations: u32,
@@ -219,6 +242,8 @@ pub struct BackendStatus {
     /// The memory limit MLX has now (0: not set yet): `backend.mlx_memory_limit_mb`, or what
     /// MLX holds plus what memory has above `memory.emergency_gb`, whichever is less.
     pub mlx_memory_limit_bytes: u64,
+    /// Every configured model, loaded or not.
+    pub models: Vec<ModelStatus>,
 }
 
 /// A running generation: its events, in order. Dropping it cancels the generation.
@@ -235,12 +260,16 @@ pub type TokenCount = tokio::sync::oneshot::Receiver<Result<u32, BackendError>>;
 pub trait Backend: Send + Sync + 'static {
     /// Queues a generation; fails at once when it cannot be queued.
     fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;
-    /// Counts the prompt tokens of `chat` with the same template and tokenizer as generation.
-    fn count_tokens(&self, chat: Chat) -> Result<TokenCount, BackendError>;
-    /// The model's context in tokens (0 when unknown).
-    fn context_length(&self) -> u32;
+    /// Counts the prompt tokens of `chat` with `model`'s template and tokenizer, as generation.
+    fn count_tokens(&self, model: &str, chat: Chat) -> Result<TokenCount, BackendError>;
+    /// The model that answers to `name` (a model's name, an alias, a glob, or the fallback).
+    fn resolve(&self, name: &str) -> Result<String, BackendError>;
+    /// `model`'s context in tokens (0 when unknown: never loaded yet).
+    fn context_length(&self, model: &str) -> u32;
     /// Counters for `/health`.
     fn status(&self) -> BackendStatus;
-    /// The model served, as configured.
-    fn model(&self) -> &str;
+    /// Generations running now, every model's (cheaper than [`Backend::status`]).
+    fn active_generations(&self) -> u32 {
+        self.status().active_generations
+    }
 }

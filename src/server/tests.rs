@@ -57,13 +57,17 @@ impl Backend for FakeBackend {
         Ok(Generation { events: rx })
     }
 
-    fn count_tokens(&self, chat: Chat) -> Result<TokenCount, BackendError> {
+    fn count_tokens(&self, _model: &str, chat: Chat) -> Result<TokenCount, BackendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = tx.send(Ok(chat.messages.len() as u32 * 10));
         Ok(rx)
     }
 
-    fn context_length(&self) -> u32 {
+    fn resolve(&self, _name: &str) -> Result<String, BackendError> {
+        Ok("fake".into())
+    }
+
+    fn context_length(&self, _model: &str) -> u32 {
         4096
     }
 
@@ -71,12 +75,16 @@ impl Backend for FakeBackend {
         BackendStatus {
             model: "fake".into(),
             ready: true,
+            models: vec![crate::backend::ModelStatus {
+                name: "fake".into(),
+                state: "loaded",
+                loaded: true,
+                default: true,
+                context_length: 4096,
+                ..Default::default()
+            }],
             ..BackendStatus::default()
         }
-    }
-
-    fn model(&self) -> &str {
-        "fake"
     }
 }
 

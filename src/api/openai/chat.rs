@@ -26,7 +26,7 @@ use crate::layers::{read_body, request_id, MaxBody};
 /// known to be harmless.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    /// Any name: the loaded model answers.
+    /// A model's name or alias (`server.fallback` says what other names get).
     pub model: String,
     /// The conversation.
     pub messages: Vec<ChatMsg>,
@@ -137,11 +137,13 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
     let max_tokens = req
         .max_completion_tokens
         .or(req.max_tokens)
-        .unwrap_or(if context > 0 { context } else { 4096 });
+        // Without one, to the context (the backend caps it there once the model is loaded).
+        .unwrap_or(if context > 0 { context } else { u32::MAX });
     if max_tokens == 0 {
         return Err(ApiError::invalid("max_completion_tokens: must be at least 1"));
     }
     Ok(GenerateRequest {
+        model: req.model.clone(),
         chat: Chat {
             messages,
             tools,
@@ -401,12 +403,14 @@ pub async fn completions(
     let span = tracing::Span::current();
     let result = async {
         let req = parse(&read_body(body, limit.map(|l| l.0)).await?)?;
-        let backend_req = to_backend(&req, app.backend.context_length())?;
+        let model = app.backend.resolve(&req.model)?;
+        let mut backend_req = to_backend(&req, app.backend.context_length(&model))?;
+        backend_req.model = model.clone();
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
             created: super::unix_now(),
-            model: app.backend.model().to_owned(),
+            model,
             prompt_tokens: input_tokens,
             cached_tokens,
         };

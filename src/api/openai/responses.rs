@@ -37,6 +37,9 @@ pub struct ResponsesRequest {
     tools: Vec<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    /// A model's name or alias (`server.fallback` says what other names get).
+    #[serde(default)]
+    model: String,
     #[serde(default)]
     max_output_tokens: Option<u32>,
     #[serde(default)]
@@ -57,8 +60,6 @@ pub struct ResponsesRequest {
 
 /// Fields accepted and without effect here.
 const IGNORED: &[&str] = &[
-    // Any name: the loaded model answers.
-    "model",
     "reasoning",
     "include",
     "prompt_cache_key",
@@ -130,6 +131,7 @@ pub fn to_backend(
         other => other,
     };
     let request = GenerateRequest {
+        model: req.model.clone(),
         chat: Chat {
             messages,
             tools: (!tools.is_empty() && !hide_tools).then_some(tools),
@@ -138,7 +140,7 @@ pub fn to_backend(
         sampling: Sampling {
             max_tokens: req
                 .max_output_tokens
-                .unwrap_or(if context > 0 { context } else { 4096 })
+                .unwrap_or(if context > 0 { context } else { u32::MAX })
                 .max(1),
             temperature: req.temperature.unwrap_or(1.0),
             top_p: req.top_p.filter(|p| *p < 1.0),
@@ -267,12 +269,14 @@ pub async fn create(
     let span = tracing::Span::current();
     let result = async {
         let req: ResponsesRequest = super::super::translate::from_json(&read_body(body, limit.map(|l| l.0)).await?)?;
-        let (backend_req, history) = to_backend(&req, app.backend.context_length(), &app.responses)?;
+        let model = app.backend.resolve(&req.model)?;
+        let (mut backend_req, history) = to_backend(&req, app.backend.context_length(&model), &app.responses)?;
+        backend_req.model = model.clone();
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {
             id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
             created: super::unix_now(),
-            model: app.backend.model().to_owned(),
+            model,
             input_tokens,
             cached_tokens,
             previous: req.previous_response_id.clone(),

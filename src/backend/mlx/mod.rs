@@ -1,12 +1,15 @@
-//! The MLX backend: mlx-lm through PyO3, on one dedicated thread.
+//! The MLX backend: mlx-lm through PyO3, on one dedicated thread, for one model or several.
 //!
-//! - [`MlxBackend`] (here): the [`Backend`] the API calls. Requests reach the thread over a
-//!   bounded queue whose count it keeps (429 past `backend.max_queue`), and events come back
-//!   over a bounded tokio channel per generation.
+//! - [`MlxBackend`] (here): the [`Backend`] the API calls. It names the model of a request
+//!   ([`Registry`]); requests reach the thread over a bounded queue whose count it keeps (429
+//!   past `backend.max_queue`), and events come back over a bounded tokio channel per
+//!   generation.
+//! - `worker::pool`: the loop on the thread: loads models on demand, unloads them by idle time
+//!   and memory, and gives each loaded model's batch a step in turn.
 //! - `python`: the embedded interpreter's bridge, `PyBatcher`; the only module that touches pyo3.
 //! - `protocol`: the [`Batcher`](protocol::Batcher) trait between the loop and Python, and the
 //!   typed codes Python answers with.
-//! - `worker`: the loop on the thread: continuous batching, one GIL crossing per step for the
+//! - `worker`: one model's batch on the loop: continuous batching, one GIL crossing per step for the
 //!   whole batch, cache clearing, cancellation, all inside a panic boundary.
 //! - `outbox`: per-client buffering, so that a slow reader never stalls the batch.
 
@@ -16,19 +19,23 @@ mod python;
 mod worker;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::{Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generation, TokenCount};
-use crate::config::BackendConfig;
+use super::{
+    estimate, Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generation, ModelStatus, Registry,
+    TokenCount,
+};
+use crate::config::{Config, ModelSpec};
 use crate::memory::{BackendMemory, Gate};
-use protocol::{Batcher, Memory};
-use python::{LoadSettings, PyBatcher};
+use protocol::Memory;
+use python::{LoadSettings, PyLoader};
+use worker::pool::{LoadRules, Loader, Pool};
 use worker::{Job, Work};
 
 /// Events buffered per generation before the backend holds them in the client's outbox.
@@ -37,11 +44,12 @@ const EVENT_BUFFER: usize = 64;
 /// The MLX backend. See the [module docs](self).
 pub struct MlxBackend {
     jobs: SyncSender<Work>,
-    shared: Arc<Shared>,
-    model: String,
+    global: Arc<Global>,
+    slots: Arc<Vec<Slot>>,
+    registry: Registry,
     max_queue: usize,
     /// Closed when the backend thread has ended (a Mutex only to make the backend `Sync`).
-    ended: std::sync::Mutex<Receiver<()>>,
+    ended: Mutex<Receiver<()>>,
 }
 
 /// How long dropping the backend waits for its thread to stop (one decoding step, normally).
@@ -52,7 +60,7 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 /// process never exits while MLX is still computing on another thread.
 impl Drop for MlxBackend {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.global.stopping.store(true, Ordering::SeqCst);
         // Closes the queue, which wakes an idle loop.
         drop(std::mem::replace(&mut self.jobs, sync_channel(1).0));
         let ended = self.ended.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -65,47 +73,32 @@ impl Drop for MlxBackend {
 impl std::fmt::Debug for MlxBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MlxBackend")
-            .field("model", &self.model)
+            .field("models", &self.registry.names())
             .finish_non_exhaustive()
     }
 }
 
-/// What the backend thread publishes and the API reads.
+/// What the backend thread publishes for the whole process (MLX's counters are global).
 #[derive(Default)]
-pub(crate) struct Shared {
-    ready: AtomicBool,
+pub(crate) struct Global {
+    /// The thread runs and takes work.
+    alive: AtomicBool,
     /// Set when the backend is dropped: the loop fails what runs and ends.
     stopping: AtomicBool,
-    active: AtomicU32,
+    /// Requests taken but not started, every model's.
     queued: AtomicUsize,
     active_bytes: AtomicU64,
     cache_bytes: AtomicU64,
     peak_bytes: AtomicU64,
-    context_length: AtomicU32,
-    kv_bytes_per_token: AtomicU64,
     /// `backend.mlx_memory_limit_mb` in bytes (0: from the thresholds only).
     mlx_limit_configured: AtomicU64,
     /// The memory limit MLX has now.
     mlx_limit: AtomicU64,
-    max_concurrent: AtomicU32,
-    prompt_cache_bytes: AtomicU64,
-    prompt_cache_entries: AtomicU64,
 }
 
-impl Shared {
-    fn store_memory(&self, m: &Memory) {
-        self.active_bytes.store(m.active, Ordering::Relaxed);
-        self.cache_bytes.store(m.cache, Ordering::Relaxed);
-        self.peak_bytes.store(m.peak, Ordering::Relaxed);
-        self.prompt_cache_bytes.store(m.prompt_cache_bytes, Ordering::Relaxed);
-        self.prompt_cache_entries
-            .store(m.prompt_cache_entries, Ordering::Relaxed);
-    }
-}
-
-impl BackendMemory for Shared {
+impl BackendMemory for Global {
     fn backend_memory(&self) -> Option<(u64, u64)> {
-        self.ready.load(Ordering::Relaxed).then(|| {
+        self.alive.load(Ordering::Relaxed).then(|| {
             (
                 self.active_bytes.load(Ordering::Relaxed),
                 self.cache_bytes.load(Ordering::Relaxed),
@@ -114,68 +107,174 @@ impl BackendMemory for Shared {
     }
 }
 
+pub(crate) const STATE_UNLOADED: u8 = 0;
+pub(crate) const STATE_LOADING: u8 = 1;
+pub(crate) const STATE_LOADED: u8 = 2;
+
+/// One configured model: what it is, and what the thread publishes of it.
+pub(crate) struct Slot {
+    spec: ModelSpec,
+    /// From its files' headers, when it has local files.
+    estimate: Option<estimate::Estimate>,
+    shared: Shared,
+}
+
+/// What the thread publishes of one model and the API reads.
+pub(crate) struct Shared {
+    global: Arc<Global>,
+    /// Loaded and serving.
+    ready: AtomicBool,
+    state: AtomicU8,
+    active: AtomicU32,
+    context_length: AtomicU32,
+    kv_bytes_per_token: AtomicU64,
+    max_concurrent: AtomicU32,
+    prompt_cache_bytes: AtomicU64,
+    prompt_cache_entries: AtomicU64,
+    /// MLX bytes its load took.
+    bytes: AtomicU64,
+    last_used: Mutex<Option<Instant>>,
+    generations: AtomicU64,
+    loads: AtomicU64,
+    unloads_idle: AtomicU64,
+    unloads_memory: AtomicU64,
+    load_errors: AtomicU64,
+    load_ms: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn new(global: Arc<Global>, max_concurrent: usize) -> Shared {
+        Shared {
+            global,
+            ready: AtomicBool::new(false),
+            state: AtomicU8::new(STATE_UNLOADED),
+            active: AtomicU32::new(0),
+            context_length: AtomicU32::new(0),
+            kv_bytes_per_token: AtomicU64::new(0),
+            max_concurrent: AtomicU32::new(max_concurrent as u32),
+            prompt_cache_bytes: AtomicU64::new(0),
+            prompt_cache_entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_used: Mutex::new(None),
+            generations: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            unloads_idle: AtomicU64::new(0),
+            unloads_memory: AtomicU64::new(0),
+            load_errors: AtomicU64::new(0),
+            load_ms: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn store_memory(&self, m: &Memory) {
+        self.global.active_bytes.store(m.active, Ordering::Relaxed);
+        self.global.cache_bytes.store(m.cache, Ordering::Relaxed);
+        self.global.peak_bytes.store(m.peak, Ordering::Relaxed);
+        self.prompt_cache_bytes.store(m.prompt_cache_bytes, Ordering::Relaxed);
+        self.prompt_cache_entries
+            .store(m.prompt_cache_entries, Ordering::Relaxed);
+    }
+
+    /// A request for it came in now.
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn last_used(&self) -> Option<Instant> {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        self.last_used().map(|t| t.elapsed())
+    }
+}
+
 impl MlxBackend {
-    /// Starts the backend thread and loads the model; returns when the model is loaded, or
-    /// with a message that says which model failed, why, and what to do. A queued request is
-    /// admitted again by `gate` when it is about to start.
-    pub fn start(config: &BackendConfig, gate: Gate) -> Result<MlxBackend, String> {
-        let venv = python::resolve_venv(&config.python)?;
-        let model = config.model.clone();
+    /// Starts the backend thread and loads the models marked to preload (the one model of
+    /// `backend.model`); returns when they are loaded, or with a message that says which model
+    /// failed, why, and what to do. A queued request is admitted again by `gate` when it is
+    /// about to start.
+    pub fn start(config: &Config, gate: Gate) -> Result<MlxBackend, String> {
+        let venv = python::resolve_venv(&config.backend.python)?;
         // A quarter of what is available now: float32 weights are faster on a CPU, but not at
         // the price of the memory pensieve exists to guard.
         let available = gate.snapshot().load().available_bytes;
+        let b = &config.backend;
         let settings = LoadSettings {
-            max_concurrent: config.max_concurrent as u32,
-            prompt_cache_bytes: config.prompt_cache_mb.saturating_mul(1 << 20),
-            blas: config.blas.clone(),
-            cpu_float32_budget: if config.cpu_float32 { available / 4 } else { 0 },
+            blas: b.blas.clone(),
+            cpu_float32_budget: if b.cpu_float32 { available / 4 } else { 0 },
         };
-        Self::spawn(config, gate, move || PyBatcher::load(&venv, &model, &settings))
+        Self::spawn(config, gate, move || PyLoader::new(&venv, settings))
     }
 
-    /// Starts the thread with the batcher `load` makes there (Python objects live on it).
-    fn spawn<B, F>(config: &BackendConfig, gate: Gate, load: F) -> Result<MlxBackend, String>
+    /// Starts the thread with the loader `init` makes there (Python objects live on it).
+    fn spawn<L, F>(config: &Config, gate: Gate, init: F) -> Result<MlxBackend, String>
     where
-        B: Batcher,
-        F: FnOnce() -> Result<B, String> + Send + 'static,
+        L: Loader,
+        F: FnOnce() -> Result<L, String> + Send + 'static,
     {
-        let (jobs, queue) = sync_channel::<Work>(config.max_queue.max(1));
-        let shared = Arc::new(Shared::default());
-        shared
-            .max_concurrent
-            .store(config.max_concurrent as u32, Ordering::Relaxed);
-        shared
+        let b = &config.backend;
+        let specs = config.model_specs();
+        let registry = Registry::new(&specs, &config.default_model(), config.server.fallback);
+        let (jobs, queue) = sync_channel::<Work>(b.max_queue.max(1));
+        let global = Arc::new(Global::default());
+        global
             .mlx_limit_configured
-            .store(config.mlx_memory_limit_mb.saturating_mul(1 << 20), Ordering::Relaxed);
+            .store(b.mlx_memory_limit_mb.saturating_mul(1 << 20), Ordering::Relaxed);
+        let mut slots = Vec::new();
+        for spec in specs {
+            let estimate = match estimate::model_path(&spec.path) {
+                Some(path) => estimate::estimate(&path).map_err(|e| format!("model `{}`: {e}", spec.name))?,
+                None => None,
+            };
+            let shared = Shared::new(global.clone(), spec.max_concurrent);
+            slots.push(Slot { spec, estimate, shared });
+        }
+        let slots = Arc::new(slots);
+        let rules = LoadRules {
+            kv_context_tokens: b.kv_context_tokens,
+            force: b.force_load,
+            default: registry.default_index(),
+            sample_interval: Duration::from_millis(config.memory.sample_interval_ms),
+        };
         let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
         let (ended_tx, ended) = sync_channel::<()>(0);
-        let model = config.model.clone();
         std::thread::Builder::new()
             .name("pensieve-mlx".into())
             .spawn({
-                let shared = shared.clone();
+                let slots = slots.clone();
+                let global = global.clone();
                 move || {
                     // Dropped when this thread ends, however it ends: the backend's drop waits on it.
                     let _ended = ended_tx;
-                    let batcher = match catch_unwind(AssertUnwindSafe(load)) {
-                        Ok(Ok(batcher)) => batcher,
+                    let loader = match catch_unwind(AssertUnwindSafe(init)) {
+                        Ok(Ok(loader)) => loader,
                         Ok(Err(message)) => {
                             let _ = ready_tx.send(Err(message));
                             return;
                         }
                         Err(_) => return,
                     };
-                    shared.context_length.store(batcher.context_length(), Ordering::Relaxed);
-                    shared
-                        .kv_bytes_per_token
-                        .store(batcher.kv_bytes_per_token(), Ordering::Relaxed);
-                    shared.ready.store(true, Ordering::SeqCst);
+                    let mut pool = Pool::new(loader, &slots, &global, &gate, rules);
+                    match catch_unwind(AssertUnwindSafe(|| pool.preload())) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(message)) => {
+                            let _ = ready_tx.send(Err(message));
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                    global.alive.store(true, Ordering::SeqCst);
                     let _ = ready_tx.send(Ok(()));
-                    let run = catch_unwind(AssertUnwindSafe(|| worker::run(batcher, queue, &shared, &gate)));
+                    let run = catch_unwind(AssertUnwindSafe(|| pool.run(queue)));
                     // Whatever ended the loop, say so: requests then get 503, not a silent queue.
-                    shared.ready.store(false, Ordering::SeqCst);
+                    global.alive.store(false, Ordering::SeqCst);
+                    for slot in slots.iter() {
+                        slot.shared.ready.store(false, Ordering::SeqCst);
+                    }
                     if run.is_err() {
-                        tracing::error!("the backend thread panicked; the model is no longer served");
+                        tracing::error!("the backend thread panicked; no model is served any more");
                     }
                 }
             })
@@ -183,47 +282,89 @@ impl MlxBackend {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(MlxBackend {
                 jobs,
-                shared,
-                model,
-                max_queue: config.max_queue.max(1),
-                ended: std::sync::Mutex::new(ended),
+                global,
+                slots,
+                registry,
+                max_queue: b.max_queue.max(1),
+                ended: Mutex::new(ended),
             }),
             Ok(Err(message)) => Err(message),
-            Err(_) => Err(format!("the backend thread died while loading model `{model}`")),
+            Err(_) => Err("the backend thread died while loading the models".to_owned()),
         }
     }
 
     /// What the memory sampler reads of the backend.
     pub fn memory_reporter(&self) -> Arc<dyn BackendMemory> {
-        self.shared.clone()
+        self.global.clone()
     }
 
     fn enqueue(&self, work: Work) -> Result<(), BackendError> {
         // The bound is this count, not the channel: the backend thread takes work off the
         // channel at once (so that token counts are answered while the batch is full) and keeps
         // generations waiting for a slot, still counted here, until they start.
-        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        let queued = self.global.queued.fetch_add(1, Ordering::SeqCst);
         if queued >= self.max_queue {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            self.global.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::QueueFull { queued });
         }
         self.jobs.try_send(work).map_err(|e| {
-            let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+            let queued = self.global.queued.fetch_sub(1, Ordering::SeqCst) - 1;
             match e {
                 TrySendError::Full(_) => BackendError::QueueFull { queued },
                 TrySendError::Disconnected(_) => BackendError::Stopped,
             }
         })
     }
+
+    /// The index of a model named by [`Backend::resolve`] (or by any name it answers to).
+    fn index(&self, model: &str) -> Result<usize, BackendError> {
+        if !self.global.alive.load(Ordering::Relaxed) {
+            return Err(BackendError::NotReady);
+        }
+        self.registry.resolve(model)
+    }
+
+    fn model_status(&self, slot: &Slot, i: usize) -> ModelStatus {
+        let s = &slot.shared;
+        let state = s.state.load(Ordering::Relaxed);
+        ModelStatus {
+            name: slot.spec.name.clone(),
+            path: slot.spec.path.clone(),
+            aliases: slot.spec.aliases.clone(),
+            state: match state {
+                STATE_LOADED => "loaded",
+                STATE_LOADING => "loading",
+                _ => "unloaded",
+            },
+            loaded: state == STATE_LOADED,
+            default: i == self.registry.default_index(),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            estimated_bytes: slot
+                .estimate
+                .as_ref()
+                .map(|e| e.total(slot.spec.max_concurrent as u64, 0))
+                .unwrap_or(0),
+            context_length: s.context_length.load(Ordering::Relaxed),
+            active_generations: s.active.load(Ordering::Relaxed),
+            idle_secs: s.idle_for().map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            keep_alive_secs: slot.spec.keep_alive_secs,
+            generations: s.generations.load(Ordering::Relaxed),
+            loads: s.loads.load(Ordering::Relaxed),
+            unloads_idle: s.unloads_idle.load(Ordering::Relaxed),
+            unloads_memory: s.unloads_memory.load(Ordering::Relaxed),
+            load_errors: s.load_errors.load(Ordering::Relaxed),
+            load_seconds: s.load_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
 }
 
 impl Backend for MlxBackend {
     fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError> {
-        if !self.shared.ready.load(Ordering::Relaxed) {
-            return Err(BackendError::NotReady);
-        }
+        let model = self.index(&request.model)?;
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         self.enqueue(Work::Generate(Job {
+            model,
             request,
             events,
             span: Span::current(),
@@ -231,12 +372,11 @@ impl Backend for MlxBackend {
         Ok(Generation { events: rx })
     }
 
-    fn count_tokens(&self, chat: Chat) -> Result<TokenCount, BackendError> {
-        if !self.shared.ready.load(Ordering::Relaxed) {
-            return Err(BackendError::NotReady);
-        }
+    fn count_tokens(&self, model: &str, chat: Chat) -> Result<TokenCount, BackendError> {
+        let model = self.index(model)?;
         let (reply, rx) = oneshot::channel();
         self.enqueue(Work::Count {
+            model,
             chat,
             reply,
             span: Span::current(),
@@ -244,28 +384,52 @@ impl Backend for MlxBackend {
         Ok(rx)
     }
 
-    fn context_length(&self) -> u32 {
-        self.shared.context_length.load(Ordering::Relaxed)
+    fn resolve(&self, name: &str) -> Result<String, BackendError> {
+        let i = self.registry.resolve(name)?;
+        Ok(self.registry.names()[i].clone())
     }
 
-    fn status(&self) -> BackendStatus {
-        let s = &self.shared;
-        BackendStatus {
-            model: self.model.clone(),
-            ready: s.ready.load(Ordering::Relaxed),
-            active_generations: s.active.load(Ordering::Relaxed),
-            queued: s.queued.load(Ordering::Relaxed) as u32,
-            active_bytes: s.active_bytes.load(Ordering::Relaxed),
-            cache_bytes: s.cache_bytes.load(Ordering::Relaxed),
-            peak_bytes: s.peak_bytes.load(Ordering::Relaxed),
-            prompt_cache_bytes: s.prompt_cache_bytes.load(Ordering::Relaxed),
-            prompt_cache_entries: s.prompt_cache_entries.load(Ordering::Relaxed),
-            kv_bytes_per_token: s.kv_bytes_per_token.load(Ordering::Relaxed),
-            mlx_memory_limit_bytes: s.mlx_limit.load(Ordering::Relaxed),
+    fn context_length(&self, model: &str) -> u32 {
+        match self.registry.resolve(model) {
+            Ok(i) => self.slots[i].shared.context_length.load(Ordering::Relaxed),
+            Err(_) => 0,
         }
     }
 
-    fn model(&self) -> &str {
-        &self.model
+    fn active_generations(&self) -> u32 {
+        self.slots.iter().map(|s| s.shared.active.load(Ordering::Relaxed)).sum()
+    }
+
+    fn status(&self) -> BackendStatus {
+        let g = &self.global;
+        let models: Vec<ModelStatus> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| self.model_status(slot, i))
+            .collect();
+        let default = &self.slots[self.registry.default_index()].shared;
+        BackendStatus {
+            model: self.registry.names()[self.registry.default_index()].clone(),
+            ready: g.alive.load(Ordering::Relaxed),
+            active_generations: models.iter().map(|m| m.active_generations).sum(),
+            queued: g.queued.load(Ordering::Relaxed) as u32,
+            active_bytes: g.active_bytes.load(Ordering::Relaxed),
+            cache_bytes: g.cache_bytes.load(Ordering::Relaxed),
+            peak_bytes: g.peak_bytes.load(Ordering::Relaxed),
+            prompt_cache_bytes: self
+                .slots
+                .iter()
+                .map(|s| s.shared.prompt_cache_bytes.load(Ordering::Relaxed))
+                .sum(),
+            prompt_cache_entries: self
+                .slots
+                .iter()
+                .map(|s| s.shared.prompt_cache_entries.load(Ordering::Relaxed))
+                .sum(),
+            kv_bytes_per_token: default.kv_bytes_per_token.load(Ordering::Relaxed),
+            mlx_memory_limit_bytes: g.mlx_limit.load(Ordering::Relaxed),
+            models,
+        }
     }
 }

@@ -8,18 +8,22 @@ use std::path::{Path, PathBuf};
 use pyo3::prelude::*;
 
 use super::protocol::{check_codes, Added, Batcher, Finish, Memory, Piece, Stepped};
+use super::worker::pool::Loader;
 use crate::backend::{Chat, GenerateRequest};
+use crate::config::ModelSpec;
 
-/// How the model is loaded.
+/// How models are loaded.
 pub(crate) struct LoadSettings {
-    /// Generations decoded together.
-    pub max_concurrent: u32,
-    /// The prompt cache's cap.
-    pub prompt_cache_bytes: u64,
     /// `backend.blas`.
     pub blas: String,
     /// On a CPU, weights become float32 when they then take at most this (0: never).
     pub cpu_float32_budget: u64,
+}
+
+/// Loads models in the embedded interpreter, once it is set up with the venv's packages.
+pub(crate) struct PyLoader {
+    venv: PathBuf,
+    settings: LoadSettings,
 }
 
 /// The bridge's engine (model, tokenizer, template, memory) and batcher.
@@ -46,10 +50,10 @@ pub(crate) fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
         })
 }
 
-impl PyBatcher {
-    /// Loads `model` in the embedded interpreter with `venv`'s packages; a message that says
-    /// which model failed, why, and what to do.
-    pub fn load(venv: &Path, model: &str, settings: &LoadSettings) -> Result<PyBatcher, String> {
+impl PyLoader {
+    /// Sets up the embedded interpreter: the venv's packages, signals, BLAS, and a bridge that
+    /// speaks this binary's protocol.
+    pub fn new(venv: &Path, settings: LoadSettings) -> Result<PyLoader, String> {
         Python::attach(|py| {
             let v = py.version_info();
             let site_packages = venv
@@ -64,7 +68,7 @@ impl PyBatcher {
                     pyo3::Python::version_str()
                 ));
             }
-            let setup = || -> PyResult<Result<PyBatcher, String>> {
+            let setup = || -> PyResult<Result<(), String>> {
                 // Signals belong to the server (graceful shutdown), not to Python: without this,
                 // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a
                 // running generation, and the server never hears of it.
@@ -82,41 +86,75 @@ impl PyBatcher {
                     .import("pensieve_bridge.protocol")?
                     .call_method0("codes")?
                     .extract()?;
-                if let Err(message) = check_codes(&codes) {
-                    return Ok(Err(message));
-                }
+                Ok(check_codes(&codes))
+            };
+            setup()
+                .map_err(|e| python_error(py, &e))
+                .and_then(|r| r)
+                .map_err(|e| format!("could not start the Python bridge from {}: {e}", venv.display()))?;
+            Ok(PyLoader {
+                venv: venv.to_owned(),
+                settings,
+            })
+        })
+    }
+}
+
+impl Loader for PyLoader {
+    type Batcher = PyBatcher;
+
+    fn load(&mut self, spec: &ModelSpec) -> Result<PyBatcher, String> {
+        let model = spec.path.as_str();
+        Python::attach(|py| {
+            let setup = || -> PyResult<PyBatcher> {
                 let engine = py
                     .import("pensieve_bridge.engine")?
                     .getattr("Engine")?
-                    .call1((model, settings.cpu_float32_budget))?;
+                    .call1((model, self.settings.cpu_float32_budget))?;
                 let info: String = engine.call_method0("describe")?.extract()?;
-                tracing::info!(%info, "model loaded");
+                tracing::info!(model = %spec.name, %info, "model ready");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
                 let kv_bytes_per_token: u64 = engine.getattr("kv_bytes_per_token")?.extract().unwrap_or(0);
                 let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
                     &engine,
-                    settings.max_concurrent,
-                    settings.prompt_cache_bytes,
+                    spec.max_concurrent as u32,
+                    spec.prompt_cache_bytes,
                 ))?;
-                Ok(Ok(PyBatcher {
+                Ok(PyBatcher {
                     engine: engine.unbind(),
                     batcher: batcher.unbind(),
                     context_length,
                     kv_bytes_per_token,
-                }))
+                })
             };
-            setup().map_err(|e| python_error(py, &e)).and_then(|r| r).map_err(|e| {
+            setup().map_err(|e| {
                 format!(
-                    "could not load model `{model}`: {e}\n  backend.model must be `demo`, a local folder \
+                    "could not load model `{}` from `{model}`: {}\n  a model's path must be `demo`, a local folder \
                      with config.json, tokenizer and safetensors weights, a .gguf file (llama, SmolLM, \
                      Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that \
                      mlx-lm can download (this needs network access). The environment used was {}.",
-                    venv.display()
+                    spec.name,
+                    python_error(py, &e),
+                    self.venv.display()
                 )
             })
         })
     }
 
+    fn release(&mut self) -> Option<u64> {
+        // Attaching runs the decrefs of the dropped batcher; then cycles, then MLX's cache.
+        Python::attach(|py| -> PyResult<u64> {
+            py.import("gc")?.call_method0("collect")?;
+            let mx = py.import("mlx.core")?;
+            mx.call_method0("clear_cache")?;
+            mx.call_method0("get_active_memory")?.extract()
+        })
+        .map_err(|e| tracing::warn!(error = %e, "releasing an unloaded model's memory failed"))
+        .ok()
+    }
+}
+
+impl PyBatcher {
     fn call<T>(
         &self,
         f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>, &Bound<'_, PyAny>) -> PyResult<T>,

@@ -14,7 +14,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +34,8 @@ const MEMORY_EVERY: u32 = 32;
 
 /// A generation to run, from the API.
 pub(crate) struct Job {
+    /// The model's index.
+    pub model: usize,
     pub request: GenerateRequest,
     pub events: mpsc::Sender<Event>,
     pub span: Span,
@@ -44,6 +45,7 @@ pub(crate) struct Job {
 pub(crate) enum Work {
     Generate(Job),
     Count {
+        model: usize,
         chat: Chat,
         reply: oneshot::Sender<Result<u32, BackendError>>,
         span: Span,
@@ -86,9 +88,13 @@ enum Step {
     Gone,
 }
 
-/// The loop's state: the batcher, the running generations and the events still owed.
-struct Worker<'a, B: Batcher> {
+/// One model's state on the loop: the batcher, the running generations and the events still
+/// owed ([`pool`] drives one per loaded model).
+pub(crate) struct Worker<'a, B: Batcher> {
     batcher: B,
+    max_concurrent: usize,
+    /// KV cache bytes the other models' running generations may still add.
+    elsewhere: u64,
     shared: &'a Shared,
     gate: &'a Gate,
     running: HashMap<u64, Running>,
@@ -103,74 +109,6 @@ struct Worker<'a, B: Batcher> {
     mlx_limit: u64,
 }
 
-/// Runs the loop until the queue closes. See the [module docs](self).
-pub(crate) fn run<B: Batcher>(batcher: B, queue: Receiver<Work>, shared: &Shared, gate: &Gate) {
-    let max_concurrent = shared.max_concurrent.load(Ordering::Relaxed).max(1) as usize;
-    let mut w = Worker {
-        batcher,
-        shared,
-        gate,
-        running: HashMap::new(),
-        waiting: VecDeque::new(),
-        draining: Vec::new(),
-        steps: 0,
-        caching: true,
-        mlx_limit: 0,
-    };
-    w.refresh();
-    loop {
-        if shared.stopping.load(Ordering::SeqCst) {
-            // Shutting down: what runs fails now (the drop guard clears the cache).
-            tracing::info!(generations = w.running.len(), "the backend is stopping");
-            break;
-        }
-        if w.running.is_empty() && w.waiting.is_empty() {
-            // Nothing to decode: wait for work, waking now and then while something needs
-            // watching (held events, a prompt cache that memory pressure must release).
-            let tick = if !w.draining.is_empty() {
-                Some(DRAIN_TICK)
-            } else if w.caching && shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0 {
-                Some(IDLE_TICK)
-            } else {
-                None
-            };
-            let work = if let Some(tick) = tick {
-                match queue.recv_timeout(tick) {
-                    Ok(work) => Some(work),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match queue.recv() {
-                    Ok(work) => Some(work),
-                    Err(_) => break,
-                }
-            };
-            if let Some(work) = work {
-                w.take(work);
-            }
-        }
-        while let Ok(work) = queue.try_recv() {
-            w.take(work);
-        }
-        w.waiting.retain(|job| {
-            let gone = job.events.is_closed();
-            if gone {
-                shared.queued.fetch_sub(1, Ordering::SeqCst);
-            }
-            !gone
-        });
-        while w.running.len() < max_concurrent {
-            let Some(job) = w.waiting.pop_front() else { break };
-            w.start(job);
-        }
-        if catch_unwind(AssertUnwindSafe(|| w.turn())).is_err() {
-            tracing::error!("the backend loop panicked; its generations fail and the cache is cleared");
-            w.fail_all(BackendError::Generation("internal error in the backend".into()));
-        }
-    }
-}
-
 /// The drop guard of the batch: however the loop ends (the queue closed at shutdown, a panic
 /// that escaped), generations still running fail and the MLX cache is cleared.
 impl<B: Batcher> Drop for Worker<'_, B> {
@@ -183,13 +121,60 @@ impl<B: Batcher> Drop for Worker<'_, B> {
     }
 }
 
-impl<B: Batcher> Worker<'_, B> {
+impl<'a, B: Batcher> Worker<'a, B> {
+    fn new(batcher: B, shared: &'a Shared, gate: &'a Gate) -> Self {
+        Worker {
+            batcher,
+            max_concurrent: shared.max_concurrent.load(Ordering::Relaxed).max(1) as usize,
+            elsewhere: 0,
+            shared,
+            gate,
+            running: HashMap::new(),
+            waiting: VecDeque::new(),
+            draining: Vec::new(),
+            steps: 0,
+            caching: true,
+            mlx_limit: 0,
+        }
+    }
+
+    /// Generations running or waiting.
+    fn busy(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Drops waiting requests whose clients left, and starts waiting ones while slots are free.
+    fn admit(&mut self) {
+        let queued = &self.shared.global.queued;
+        self.waiting.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            !gone
+        });
+        while self.running.len() < self.max_concurrent {
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.start(job);
+        }
+    }
+
+    /// KV cache bytes its running generations may still add.
+    fn reserved_bytes(&self) -> u64 {
+        let per_token = self.shared.kv_bytes_per_token.load(Ordering::Relaxed);
+        self.running
+            .values()
+            .map(Running::outstanding_tokens)
+            .sum::<u64>()
+            .saturating_mul(per_token)
+    }
+
     /// Takes work off the queue: a token count is answered now, a generation waits for a slot.
     fn take(&mut self, work: Work) {
         match work {
             Work::Generate(job) => self.waiting.push_back(job),
-            Work::Count { chat, reply, span } => {
-                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            Work::Count { chat, reply, span, .. } => {
+                self.shared.global.queued.fetch_sub(1, Ordering::SeqCst);
                 let _enter = span.enter();
                 if reply.is_closed() {
                     return;
@@ -207,8 +192,8 @@ impl<B: Batcher> Worker<'_, B> {
     }
 
     /// Starts a waiting generation: admission again, then into the batch.
-    fn start(&mut self, job: Job) {
-        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+    fn start(&mut self, mut job: Job) {
+        self.shared.global.queued.fetch_sub(1, Ordering::SeqCst);
         let _enter = job.span.enter();
         if job.events.is_closed() {
             tracing::debug!("client left while queued");
@@ -220,6 +205,13 @@ impl<B: Batcher> Worker<'_, B> {
             return;
         }
         let context = self.batcher.context_length();
+        // `max_tokens` past the context means "to the context" (an OpenAI request without one).
+        let asked = job.request.sampling.max_tokens;
+        job.request.sampling.max_tokens = match context {
+            0 if asked == u32::MAX => 4096,
+            0 => asked,
+            context => asked.min(context),
+        };
         let added = catch_unwind(AssertUnwindSafe(|| self.batcher.add(&job.request, context)));
         let fail = |e: BackendError| {
             let _ = job.events.try_send(Event::Failed(e));
@@ -253,13 +245,14 @@ impl<B: Batcher> Worker<'_, B> {
                 .max_tokens
                 .min(context.saturating_sub(input_tokens)),
         };
-        if let Err(e) = self.room_for(input_tokens, job.request.sampling.max_tokens, max_tokens) {
+        if let Err(e) = self.room_for(input_tokens, asked, max_tokens) {
             if let Err(e) = self.batcher.cancel(&[uid], false) {
                 tracing::error!(error = %e, "cancelling a refused generation failed");
             }
             return fail(e);
         }
         tracing::debug!(uid, input_tokens, cached_tokens, "generation started");
+        self.shared.generations.fetch_add(1, Ordering::Relaxed);
         let mut outbox = Outbox::new(job.events);
         let _ = outbox.push(Event::Started {
             input_tokens,
@@ -531,5 +524,6 @@ fn client_gone(output_tokens: u32) {
 }
 
 mod memory;
+pub(crate) mod pool;
 #[cfg(test)]
 mod tests;

@@ -47,7 +47,11 @@ fn continuations_formats_and_refusals() {
         serde_json::from_value(json!({"input": "again", "previous_response_id": "resp_1"})).unwrap();
     let (r, _) = to_backend(&r, 0, &kept).unwrap();
     assert_eq!(r.chat.messages.len(), 2);
-    assert_eq!(r.sampling.max_tokens, 4096);
+    assert_eq!(
+        r.sampling.max_tokens,
+        u32::MAX,
+        "to the context, which the backend knows"
+    );
     let r: ResponsesRequest = serde_json::from_value(json!({"input": "x", "previous_response_id": "resp_2"})).unwrap();
     let e = to_backend(&r, 0, &kept).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Batcher, Running, Worker};
+use super::{Batcher, Worker};
 use crate::backend::BackendError;
 use crate::memory::MemorySnapshot;
 
@@ -19,15 +19,10 @@ impl<B: Batcher> Worker<'_, B> {
             return Ok(());
         }
         let need = (input_tokens as u64 + max_tokens as u64).saturating_mul(per_token);
-        let reserved = self
-            .running
-            .values()
-            .map(Running::outstanding_tokens)
-            .sum::<u64>()
-            .saturating_mul(per_token);
+        let reserved = self.reserved_bytes() + self.elsewhere;
         let critical = self.gate.thresholds().critical;
-        let configured = self.shared.mlx_limit_configured.load(Ordering::Relaxed);
-        let active = self.shared.active_bytes.load(Ordering::Relaxed);
+        let configured = self.shared.global.mlx_limit_configured.load(Ordering::Relaxed);
+        let active = self.shared.global.active_bytes.load(Ordering::Relaxed);
         let machine_ok = snapshot.available_bytes.saturating_sub(reserved + need) > critical;
         let mlx_ok = configured == 0 || active + reserved + need <= configured;
         if machine_ok && mlx_ok {
@@ -85,12 +80,12 @@ impl<B: Batcher> Worker<'_, B> {
         }
         let held = snapshot
             .backend_active_bytes
-            .unwrap_or_else(|| self.shared.active_bytes.load(Ordering::Relaxed));
+            .unwrap_or_else(|| self.shared.global.active_bytes.load(Ordering::Relaxed));
         let mut limit = held
             + snapshot
                 .available_bytes
                 .saturating_sub(self.gate.thresholds().emergency);
-        let configured = self.shared.mlx_limit_configured.load(Ordering::Relaxed);
+        let configured = self.shared.global.mlx_limit_configured.load(Ordering::Relaxed);
         if configured > 0 {
             limit = limit.min(configured);
         }
@@ -102,7 +97,7 @@ impl<B: Batcher> Worker<'_, B> {
             Ok(()) => {
                 tracing::debug!(limit, "MLX memory limit set");
                 self.mlx_limit = limit;
-                self.shared.mlx_limit.store(limit, Ordering::Relaxed);
+                self.shared.global.mlx_limit.store(limit, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = %e, "could not set MLX's memory limit"),
         }

@@ -10,7 +10,7 @@ use super::super::MlxBackend;
 use crate::backend::{
     Backend, BackendError, Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason,
 };
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, Config, ModelSpec};
 use crate::memory::{Gate, MemorySnapshot, SnapshotHandle, Source, Thresholds, Tier, GIB};
 
 /// What the fake did, and knobs for what it does next.
@@ -200,7 +200,13 @@ fn harness_config(config: BackendConfig, kv_bytes_per_token: u64) -> Harness {
         next: 0,
         kv_bytes_per_token,
     };
-    let backend = MlxBackend::spawn(&config, Gate::new(snapshot.clone(), thresholds, 3), move || Ok(fake)).unwrap();
+    let config = Config {
+        backend: config,
+        ..Config::default()
+    };
+    let mut fake = Some(fake);
+    let loader = move |_: &ModelSpec| fake.take().ok_or_else(|| "loaded twice".to_string());
+    let backend = MlxBackend::spawn(&config, Gate::new(snapshot.clone(), thresholds, 3), move || Ok(loader)).unwrap();
     Harness {
         backend,
         state,
@@ -220,6 +226,7 @@ fn memory(tier: Tier, gb: f64) -> MemorySnapshot {
 
 fn request(content: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
+        model: "fake".into(),
         chat: Chat {
             messages: vec![ChatMessage {
                 role: "user",
@@ -382,7 +389,7 @@ fn a_token_count_that_panics_fails_only_that_count() {
     let count = |content: &str| {
         let mut chat = request(content, 1).chat;
         chat.messages.push(chat.messages[0].clone());
-        h.backend.count_tokens(chat).unwrap().blocking_recv().unwrap()
+        h.backend.count_tokens("fake", chat).unwrap().blocking_recv().unwrap()
     };
     assert!(matches!(count("panic"), Err(BackendError::InvalidRequest(m)) if m.contains("internal error")));
     assert_eq!(count("hello"), Ok(10));
@@ -505,3 +512,4 @@ fn the_queue_is_bounded_and_says_how_many_wait() {
 }
 
 mod memory;
+mod pool;
