@@ -6,58 +6,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cgroup::Cgroup;
 use common::*;
-
-/// Writes a GGUF file that claims one float16 tensor of `values` values in a llama model of 40
-/// layers (8 KV heads of 128): header and tensor info only, the data a hole.
-fn sparse_gguf(path: &Path, values: u64) {
-    let mut b = Vec::new();
-    let string = |b: &mut Vec<u8>, s: &str| {
-        b.extend((s.len() as u64).to_le_bytes());
-        b.extend(s.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend(1u64.to_le_bytes()); // tensors
-    b.extend(6u64.to_le_bytes()); // metadata entries
-    string(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    string(&mut b, "llama");
-    for (key, value) in [
-        ("llama.block_count", 40u32),
-        ("llama.attention.head_count", 32),
-        ("llama.attention.head_count_kv", 8),
-        ("llama.embedding_length", 4096),
-    ] {
-        string(&mut b, key);
-        b.extend(4u32.to_le_bytes());
-        b.extend(value.to_le_bytes());
-    }
-    string(&mut b, "tokenizer.ggml.tokens");
-    b.extend(9u32.to_le_bytes());
-    b.extend(8u32.to_le_bytes());
-    b.extend(2u64.to_le_bytes());
-    string(&mut b, "<s>");
-    string(&mut b, "</s>");
-    string(&mut b, "token_embd.weight");
-    b.extend(2u32.to_le_bytes());
-    b.extend(4096u64.to_le_bytes());
-    b.extend((values / 4096).to_le_bytes());
-    b.extend(1u32.to_le_bytes()); // F16
-    b.extend(0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&b).unwrap();
-    f.set_len(b.len() as u64 + values * 2).unwrap();
-}
 
 #[test]
 fn a_model_whose_headers_claim_far_more_than_the_machine_has_is_refused_before_loading() {

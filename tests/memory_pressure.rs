@@ -7,92 +7,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cgroup::Cgroup;
+use common::cgroup::{push_to, tier, Allocator, Cgroup};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const LIMIT: u64 = 1 << 30; // 1 GiB for the server and the allocator together
-const MB: u64 = 1 << 20;
-
-/// A Python process in the cgroup that allocates (and touches) memory on command.
-struct Allocator {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Allocator {
-    fn start(cg: &Cgroup) -> Allocator {
-        let script = r#"
-import sys
-chunks = []
-for line in sys.stdin:
-    cmd, _, n = line.strip().partition(" ")
-    if cmd == "alloc":
-        chunks.append(b"\x01" * (int(n) << 20))  # filled, so every page is really used
-    elif cmd == "free":
-        chunks.clear()
-    print("ok", flush=True)
-"#;
-        let mut child = Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "echo $$ > {} && exec python3 -c '{}'",
-                    cg.procs().display(),
-                    script.replace('\'', "'\\''")
-                ),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Allocator { child, out }
-    }
-
-    fn send(&mut self, cmd: &str) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok", "allocator died (OOM?) on `{cmd}`");
-    }
-}
-
-impl Drop for Allocator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn tier(s: &Server) -> (String, Value) {
-    let h = s.health().await;
-    (h["memory"]["status"].as_str().unwrap().to_owned(), h)
-}
-
-/// Allocates in steps until the server reports `want` (or worse), never past `limit - margin`.
-async fn push_to(s: &Server, cg: &Cgroup, alloc: &mut Allocator, want: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (t, h) = tier(s).await;
-        if want.contains(&t.as_str()) {
-            return h;
-        }
-        assert!(Instant::now() < deadline, "never reached {want:?}: {h}");
-        assert!(
-            cg.usage() + 40 * MB < LIMIT,
-            "cgroup nearly full ({} MB) and still {t}: {h}",
-            cg.usage() / MB
-        );
-        alloc.send("alloc 20");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-}
 
 #[tokio::test]
 async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recovers() {

@@ -104,7 +104,34 @@ async fn handle_messages(
     let model = app.backend.resolve(&req.model)?;
     let mut backend_req = translate::to_backend(&req, false)?;
     backend_req.model = model.clone();
-    let (generation, input_tokens, cached_tokens) = start(app, backend_req, span).await?;
+    let answer = answer_messages(
+        app.clone(),
+        req.clone(),
+        backend_req,
+        thread,
+        span.clone(),
+        request_id.clone(),
+        timing,
+    );
+    if req.stream && !app.backend.is_loaded(&model) {
+        return sse::while_loading(model, request_id, answer).await;
+    }
+    answer.await
+}
+
+/// Runs a checked Messages request on its model (named in `backend_req`) and answers it,
+/// streamed or not.
+async fn answer_messages(
+    app: AppState,
+    req: Arc<types::MessagesRequest>,
+    backend_req: crate::backend::GenerateRequest,
+    thread: Option<threads::ThreadParam>,
+    span: tracing::Span,
+    request_id: Option<String>,
+    timing: sse::Timing,
+) -> Result<Response, ApiError> {
+    let model = backend_req.model.clone();
+    let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
     // Anthropic's accounting: `input_tokens` are the ones processed, cache reads are apart.
     let prompt = types::Usage {
         input_tokens: input_tokens - cached_tokens,
@@ -128,7 +155,7 @@ async fn handle_messages(
             keep,
         ))
     } else {
-        let reply = sse::collect(generation, model, prompt, span, timing).await?;
+        let reply = sse::collect(generation, model, prompt, &span, timing).await?;
         if let Some(keep) = keep {
             keep(&reply);
         }

@@ -139,6 +139,60 @@ impl Blocks {
     }
 }
 
+/// How long a streamed request waits for its model to load before its stream begins anyway.
+pub const LOADING_GRACE: Duration = Duration::from_secs(1);
+
+/// A streamed request whose model is not loaded: `answer` (the whole handling, from the model's
+/// load to the stream) gets [`LOADING_GRACE`] to answer as usual, errors as plain HTTP errors.
+/// Past that, a 200 event stream begins at once, carrying an SSE comment (`: loading model …`,
+/// which every SSE client skips) every [`PING_EVERY`] while the model loads, so that neither the
+/// client nor a proxy times out; then the answer's own events, or its error as an `error` event.
+pub async fn while_loading(
+    model: String,
+    request_id: Option<String>,
+    answer: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    let mut answer = Box::pin(answer);
+    if let Ok(answered) = tokio::time::timeout(LOADING_GRACE, &mut answer).await {
+        return answered;
+    }
+    let body = async_stream::stream! {
+        let loading = bytes::Bytes::from(format!(": loading model {model}\n\n"));
+        yield Ok::<_, Infallible>(loading.clone());
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let answered = loop {
+            tokio::select! {
+                answered = &mut answer => break answered,
+                _ = tick.tick() => yield Ok(loading.clone()),
+            }
+        };
+        match answered {
+            Ok(res) if res.status().is_success() => {
+                let mut events = res.into_body().into_data_stream();
+                while let Some(Ok(chunk)) = events.next().await {
+                    yield Ok(chunk);
+                }
+            }
+            Ok(res) => {
+                let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap_or_default();
+                yield Ok(bytes::Bytes::from(format!("event: error\ndata: {}\n\n", String::from_utf8_lossy(&body))));
+            }
+            Err(e) => {
+                yield Ok(bytes::Bytes::from(format!("event: error\ndata: {}\n\n", e.sse_data(request_id.as_deref()))));
+            }
+        }
+    };
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, "text/event-stream"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
 /// Called with the whole reply once a generation has ended well (message threads keep it).
 pub type OnReply = Box<dyn FnOnce(&Message) + Send>;
 
@@ -284,4 +338,51 @@ pub async fn collect(
         ErrorKind::Api,
         "the backend ended the generation without a result",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(res: Response) -> String {
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn after(
+        delay: Duration,
+        answer: Result<Response, ApiError>,
+    ) -> impl std::future::Future<Output = Result<Response, ApiError>> {
+        async move {
+            tokio::time::sleep(delay).await;
+            answer
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_load_begins_the_stream_with_comments_then_forwards_the_answer_or_its_error() {
+        let events = "event: message_start\ndata: {}\n\n";
+        let quick = while_loading("m".into(), None, after(Duration::ZERO, Err(ApiError::invalid("bad"))));
+        assert_eq!(
+            quick.await.unwrap_err().kind,
+            ErrorKind::InvalidRequest,
+            "before the grace: a plain error"
+        );
+
+        let slow = after(LOADING_GRACE + Duration::from_millis(200), Ok(events.into_response()));
+        let res = while_loading("small".into(), None, slow).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert_eq!(body(res).await, format!(": loading model small\n\n{events}"));
+
+        let refused = ApiError::new(ErrorKind::Overloaded, "model `small` would not fit");
+        let slow = after(LOADING_GRACE + Duration::from_millis(200), Err(refused));
+        let res = while_loading("small".into(), Some("req_1".into()), slow).await.unwrap();
+        let text = body(res).await;
+        let (comment, error) = text.split_once("event: error\ndata: ").unwrap();
+        assert_eq!(comment, ": loading model small\n\n");
+        let error: Value = serde_json::from_str(error.trim()).unwrap();
+        assert_eq!(error["error"]["type"], "overloaded_error");
+        assert_eq!(error["request_id"], "req_1");
+    }
 }

@@ -268,6 +268,10 @@ pub trait Backend: Send + Sync + 'static {
     fn context_length(&self, model: &str) -> u32;
     /// Counters for `/health`.
     fn status(&self) -> BackendStatus;
+    /// Whether `model` is loaded now (a request for it starts without a load).
+    fn is_loaded(&self, _model: &str) -> bool {
+        true
+    }
     /// Generations running now, every model's (cheaper than [`Backend::status`]).
     fn active_generations(&self) -> u32 {
         self.status().active_generations

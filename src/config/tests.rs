@@ -150,3 +150,97 @@ fn layers_are_all_on_by_default_and_switched_from_file_and_env() {
 }
 
 const LAYERS_FILE: &str = "layers.toml";
+
+#[test]
+fn models_tables_give_specs_and_bad_entries_name_their_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("small.gguf", "GGUF")?;
+        let good = r#"
+[server]
+default_model = "big"
+fallback = "404"
+[models.big]
+path = "mlx-community/Qwen3-8B-4bit"
+aliases = ["claude-sonnet-*"]
+[models.small]
+path = "small.gguf"
+aliases = ["claude-haiku-*"]
+keep_alive_secs = 300
+max_concurrent = 2
+"#;
+        jail.create_file("m.toml", good)?;
+        let c = Config::load(Some(Path::new("m.toml")), &Flags::default()).unwrap();
+        assert_eq!(c.server.fallback, Fallback::NotFound);
+        let specs = c.model_specs();
+        assert_eq!(specs.len(), 2);
+        let (big, small) = (&specs[0], &specs[1]);
+        assert!(big.preload, "the default model is loaded at start-up");
+        assert!(!small.preload && small.keep_alive_secs == 300 && small.max_concurrent == 2);
+        assert_eq!(big.max_concurrent, 8, "backend.max_concurrent by default");
+        let text = Config::explain(Some(Path::new("m.toml")), &Flags::default()).unwrap();
+        assert!(text.contains("models.small.keep_alive_secs = 300  # file"), "{text}");
+        // `--model` is the one-model shortcut: the table is set aside.
+        let flags = Flags {
+            backend: FlagBackend {
+                model: Some("demo".into()),
+                force_load: None,
+            },
+            ..Default::default()
+        };
+        let one = Config::load(Some(Path::new("m.toml")), &flags).unwrap().model_specs();
+        assert_eq!((one.len(), one[0].name.as_str(), one[0].preload), (1, "demo", true));
+
+        for (bad, key, says) in [
+            (
+                "\n[models.tiny]\npath = \"./missing.gguf\"\n",
+                "models.tiny.path",
+                "does not exist",
+            ),
+            (
+                "\n[models.tiny]\npath = \"demo\"\naliases = [\"claude-haiku-*\"]\n",
+                "models.tiny.aliases",
+                "claimed by model `small`",
+            ),
+            (
+                "\n[models.tiny]\npath = \"demo\"\naliases = [\"big\"]\n",
+                "models.tiny.aliases",
+                "is the name of model `big`",
+            ),
+            (
+                "\n[models.tiny]\naliases = [\"t\"]\n",
+                "models.tiny.path",
+                "must be set",
+            ),
+            (
+                "\n[models.tiny]\npath = \"demo\"\nmax_concurrent = 0\n",
+                "models.tiny.max_concurrent",
+                "between 1 and 256",
+            ),
+        ] {
+            jail.create_file("bad.toml", &format!("{good}{bad}"))?;
+            let e = Config::load(Some(Path::new("bad.toml")), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{key}`")) && e.contains(says), "{bad}: {e}");
+        }
+        jail.create_file(
+            "bad.toml",
+            &good.replace("default_model = \"big\"", "default_model = \"huge\""),
+        )?;
+        let e = Config::load(Some(Path::new("bad.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`server.default_model`") && e.contains("`huge`"), "{e}");
+        jail.create_file("bad.toml", &good.replace("default_model = \"big\"\n", ""))?;
+        let e = Config::load(Some(Path::new("bad.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`server.default_model`") && e.contains("several"), "{e}");
+        jail.create_file("bad.toml", &good.replace("\"404\"", "\"nope\""))?;
+        let e = Config::load(Some(Path::new("bad.toml")), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fallback"), "{e}");
+        Ok(())
+    });
+}

@@ -2,13 +2,23 @@
 //! writable hierarchy, and says so when it cannot make one (it never passes silently).
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::Server;
+
+const MB: u64 = 1 << 20;
 
 /// A memory cgroup made for one test, removed when dropped.
 pub struct Cgroup {
     pub dir: PathBuf,
     pub v2: bool,
+    /// Its memory limit in bytes.
+    pub limit: u64,
 }
 
 impl Cgroup {
@@ -30,7 +40,7 @@ impl Cgroup {
                 dir.display()
             )
         });
-        let cg = Cgroup { dir, v2 };
+        let cg = Cgroup { dir, v2, limit };
         let (file, value) = if v2 {
             ("memory.max", limit.to_string())
         } else {
@@ -86,5 +96,80 @@ impl Drop for Cgroup {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+/// A Python process in the cgroup that allocates (and touches) memory on command.
+pub struct Allocator {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Allocator {
+    pub fn start(cg: &Cgroup) -> Allocator {
+        let script = r#"
+import sys
+chunks = []
+for line in sys.stdin:
+    cmd, _, n = line.strip().partition(" ")
+    if cmd == "alloc":
+        chunks.append(b"\x01" * (int(n) << 20))  # filled, so every page is really used
+    elif cmd == "free":
+        chunks.clear()
+    print("ok", flush=True)
+"#;
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "echo $$ > {} && exec python3 -c '{}'",
+                    cg.procs().display(),
+                    script.replace('\'', "'\\''")
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Allocator { child, out }
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "allocator died (OOM?) on `{cmd}`");
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn tier(s: &Server) -> (String, Value) {
+    let h = s.health().await;
+    (h["memory"]["status"].as_str().unwrap().to_owned(), h)
+}
+
+/// Allocates in steps until the server reports `want` (or worse), never past `limit - margin`.
+pub async fn push_to(s: &Server, cg: &Cgroup, alloc: &mut Allocator, want: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (t, h) = tier(s).await;
+        if want.contains(&t.as_str()) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "never reached {want:?}: {h}");
+        assert!(
+            cg.usage() + 40 * MB < cg.limit,
+            "cgroup nearly full ({} MB) and still {t}: {h}",
+            cg.usage() / MB
+        );
+        alloc.send("alloc 20");
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }

@@ -55,10 +55,15 @@ impl Server {
     /// Starts the server inside the memory cgroup whose `cgroup.procs` file is `procs`, from its
     /// first instruction on (so that everything it allocates is charged there).
     pub fn start_in_cgroup(procs: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        Self::start_in_cgroup_with(procs, "", env)
+    }
+
+    /// [`Server::start_in_cgroup`] with more `serve` arguments (`--config FILE`).
+    pub fn start_in_cgroup_with(procs: &std::path::Path, args: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new("sh");
         cmd.args([
             "-c",
-            &format!("echo $$ > {} && exec {BIN} serve --port 0", procs.display()),
+            &format!("echo $$ > {} && exec {BIN} serve --port 0 {args}", procs.display()),
         ]);
         Self::spawn(cmd, env)
     }
@@ -190,7 +195,8 @@ pub struct Sse {
 /// Parses a complete SSE body.
 pub fn parse_sse(text: &str) -> Vec<Sse> {
     text.split("\n\n")
-        .filter(|chunk| !chunk.trim().is_empty())
+        // Blank chunks, and comments (`: loading model …`), which SSE clients skip.
+        .filter(|chunk| chunk.lines().any(|l| !l.trim().is_empty() && !l.starts_with(':')))
         .map(|chunk| {
             let mut event = String::new();
             let mut data = String::new();
@@ -215,4 +221,49 @@ pub fn text_of_stream(events: &[Sse]) -> String {
         .filter(|e| e.event == "content_block_delta")
         .map(|e| e.data["delta"]["text"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Writes a GGUF file that claims one float16 tensor of `values` values in a llama model of 40
+/// layers (8 KV heads of 128): header and tensor info only, the data a hole.
+pub fn sparse_gguf(path: &std::path::Path, values: u64) {
+    let mut b = Vec::new();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(6u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    for (key, value) in [
+        ("llama.block_count", 40u32),
+        ("llama.attention.head_count", 32),
+        ("llama.attention.head_count_kv", 8),
+        ("llama.embedding_length", 4096),
+    ] {
+        string(&mut b, key);
+        b.extend(4u32.to_le_bytes());
+        b.extend(value.to_le_bytes());
+    }
+    string(&mut b, "tokenizer.ggml.tokens");
+    b.extend(9u32.to_le_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    string(&mut b, "<s>");
+    string(&mut b, "</s>");
+    string(&mut b, "token_embd.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(4096u64.to_le_bytes());
+    b.extend((values / 4096).to_le_bytes());
+    b.extend(1u32.to_le_bytes()); // F16
+    b.extend(0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    std::io::Write::write_all(&mut f, &b).unwrap();
+    f.set_len(b.len() as u64 + values * 2).unwrap();
 }

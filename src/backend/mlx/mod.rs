@@ -396,6 +396,12 @@ impl Backend for MlxBackend {
         }
     }
 
+    fn is_loaded(&self, model: &str) -> bool {
+        self.registry
+            .resolve(model)
+            .is_ok_and(|i| self.slots[i].shared.state.load(Ordering::Relaxed) == STATE_LOADED)
+    }
+
     fn active_generations(&self) -> u32 {
         self.slots.iter().map(|s| s.shared.active.load(Ordering::Relaxed)).sum()
     }

@@ -142,12 +142,9 @@ impl Loader for PyLoader {
     }
 
     fn release(&mut self) -> Option<u64> {
-        // Attaching runs the decrefs of the dropped batcher; then cycles, then MLX's cache.
+        // Attaching runs the decrefs of the dropped batcher; `release` does the rest.
         Python::attach(|py| -> PyResult<u64> {
-            py.import("gc")?.call_method0("collect")?;
-            let mx = py.import("mlx.core")?;
-            mx.call_method0("clear_cache")?;
-            mx.call_method0("get_active_memory")?.extract()
+            py.import("pensieve_bridge.engine")?.call_method0("release")?.extract()
         })
         .map_err(|e| tracing::warn!(error = %e, "releasing an unloaded model's memory failed"))
         .ok()

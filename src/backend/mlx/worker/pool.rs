@@ -350,13 +350,16 @@ impl<'a, L: Loader> Pool<'a, L> {
         idle
     }
 
-    /// Unloads model `j`: its worker goes (clearing the cache), then what Python held.
+    /// Unloads model `j`: its worker goes (clearing the cache), then what Python held; it is
+    /// reported unloaded once its memory is back.
     fn unload(&mut self, j: usize, why: Unload) {
         let Some(worker) = self.workers[j].take() else { return };
         drop(worker);
+        if let Some(active) = self.loader.release() {
+            self.global.active_bytes.store(active, Ordering::Relaxed);
+            self.global.cache_bytes.store(0, Ordering::Relaxed);
+        }
         let shared = &self.slots[j].shared;
-        shared.ready.store(false, Ordering::SeqCst);
-        shared.state.store(STATE_UNLOADED, Ordering::SeqCst);
         let held = shared.bytes.swap(0, Ordering::Relaxed);
         shared.prompt_cache_bytes.store(0, Ordering::Relaxed);
         shared.prompt_cache_entries.store(0, Ordering::Relaxed);
@@ -364,10 +367,8 @@ impl<'a, L: Loader> Pool<'a, L> {
             Unload::Idle => shared.unloads_idle.fetch_add(1, Ordering::Relaxed),
             Unload::Memory => shared.unloads_memory.fetch_add(1, Ordering::Relaxed),
         };
-        if let Some(active) = self.loader.release() {
-            self.global.active_bytes.store(active, Ordering::Relaxed);
-            self.global.cache_bytes.store(0, Ordering::Relaxed);
-        }
+        shared.ready.store(false, Ordering::SeqCst);
+        shared.state.store(STATE_UNLOADED, Ordering::SeqCst);
         tracing::info!(
             model = %self.slots[j].spec.name,
             reason = ?why,

@@ -1,0 +1,329 @@
+//! Several models in one server, for real: the demo model and the real SmolLM2 GGUF through the
+//! real bridge, loaded on demand, routed by name, alias and glob, unloaded after their idle
+//! time and when memory reaches Warning (a real memory cgroup and a real allocator), with the
+//! memory back for real; a load that cannot fit refused; unknown names by both fallbacks.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cgroup::{push_to, tier, Allocator, Cgroup};
+use common::*;
+use serde_json::{json, Value};
+
+const SMOLLM2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
+
+fn smollm2() -> &'static str {
+    assert!(Path::new(SMOLLM2).exists(), "{SMOLLM2} is missing: run `make smollm2`");
+    SMOLLM2
+}
+
+/// Writes `toml` to a file in `dir`; its path.
+fn config(dir: &Path, toml: &str) -> String {
+    let path = dir.join("pensieve.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn ask(model: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hi"}]})
+}
+
+/// `/health`'s entry for `name`.
+fn model_of(health: &Value, name: &str) -> Value {
+    health["backend"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no model {name}: {health}"))
+        .clone()
+}
+
+async fn wait_model(s: &Server, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = s.health().await;
+        if f(&model_of(&h, name)) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "{name} never {what}: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The server process's resident memory, from /proc.
+fn rss(s: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+async fn metric(s: &Server, line_start: &str) -> f64 {
+    let text = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("no `{line_start}` in:\n{text}"))
+}
+
+#[tokio::test]
+async fn models_load_on_demand_are_routed_by_alias_and_glob_and_unload_when_idle_giving_memory_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+default_model = "demo"
+fallback = "404"
+[models.demo]
+path = "demo"
+aliases = ["claude-sonnet-*", "claude-opus-*"]
+[models.small]
+path = "{}"
+aliases = ["claude-haiku-*", "haiku"]
+keep_alive_secs = 4
+"#,
+            smollm2()
+        ),
+    );
+    // Its own cgroup (far above what it uses), so that the memory snapshot is this server's alone.
+    let cg = Cgroup::create(&format!("pensieve-models-{}", std::process::id()), 6 << 30);
+    let s = Server::start_in_cgroup_with(&cg.procs(), &format!("--config {file}"), &[]);
+    let h = s.health().await;
+    assert_eq!(h["memory"]["source"], "cgroup", "{h}");
+    assert_eq!(model_of(&h, "demo")["state"], "loaded");
+    assert_eq!(model_of(&h, "small")["state"], "unloaded");
+    assert!(
+        model_of(&h, "small")["estimated_bytes"].as_u64().unwrap() > 90 << 20,
+        "{h}"
+    );
+    let listed: Value = reqwest::get(s.url("/v1/models")).await.unwrap().json().await.unwrap();
+    let listed: Vec<(String, bool)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["loaded"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(listed, [("demo".to_owned(), true), ("small".to_owned(), false)]);
+    let before_load = (rss(&s), h["memory"]["available_bytes"].as_u64().unwrap());
+
+    // Claude Code's small-model name, by glob: SmolLM2 loads for it and answers.
+    let r = s.post(&ask("claude-haiku-4-5-20251001", 8)).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["model"], "small", "{body}");
+    assert!(!body["content"][0]["text"].as_str().unwrap().is_empty(), "{body}");
+    let h = s.health().await;
+    let small = model_of(&h, "small");
+    let bytes = small["bytes"].as_u64().unwrap();
+    assert!(
+        small["loaded"] == true && small["loads"] == 1 && bytes > 80 << 20,
+        "{small}"
+    );
+    let loaded = (rss(&s), h["memory"]["available_bytes"].as_u64().unwrap());
+    assert!(
+        loaded.0 > before_load.0 + bytes / 2,
+        "RSS {before_load:?} -> {loaded:?}, model {bytes}"
+    );
+    let got: Value = reqwest::get(s.url("/v1/models/claude-haiku-3"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (got["id"].as_str(), got["loaded"].as_bool()),
+        (Some("small"), Some(true)),
+        "{got}"
+    );
+
+    // Both models at once: a long stream on the default model (by glob), SmolLM2 by exact alias.
+    let long_body = ask("claude-sonnet-4-5", 300);
+    let (long, short) = tokio::join!(s.post_stream(&long_body), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let h = s.health().await;
+        (s.post(&ask("haiku", 8)).await, h)
+    });
+    let (short, during) = short;
+    assert_eq!(model_of(&during, "demo")["active_generations"], 1, "{during}");
+    assert_eq!(short.status(), 200);
+    assert_eq!(short.json::<Value>().await.unwrap()["model"], "small");
+    let events = parse_sse(&long.text().await.unwrap());
+    assert_eq!(events[0].data["message"]["model"], "demo");
+    assert_eq!(events.last().unwrap().event, "message_stop");
+
+    // A name nothing answers to, with fallback = "404".
+    let r = s.post(&ask("gpt-4o", 8)).await;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    let message = e["error"]["message"].as_str().unwrap();
+    assert_eq!(e["error"]["type"], "not_found_error");
+    assert!(message.contains("`gpt-4o`") && message.contains("claude-haiku-*") && message.contains("small"));
+
+    // Idle past keep_alive_secs: unloaded, and the memory is back (MLX, the process, the cgroup).
+    let h = wait_model(&s, "small", "unloaded", |m| m["state"] == "unloaded").await;
+    let small = model_of(&h, "small");
+    assert_eq!(
+        (small["unloads_idle"].as_u64(), small["bytes"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert!(
+        h["backend"]["active_bytes"].as_u64().unwrap() < 16 << 20,
+        "MLX still holds memory: {h}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await; // a memory sample or two
+    let h = s.health().await;
+    let after = (rss(&s), h["memory"]["available_bytes"].as_u64().unwrap());
+    println!(
+        "RSS and available: before load {before_load:?}, loaded {loaded:?}, unloaded {after:?}; model {bytes} bytes"
+    );
+    assert!(after.0 + bytes / 2 < loaded.0, "RSS {loaded:?} -> {after:?}");
+    assert!(after.1 > loaded.1 + bytes / 2, "available {loaded:?} -> {after:?}");
+    assert_eq!(metric(&s, "pensieve_model_loads_total{model=\"small\"}").await, 1.0);
+    assert_eq!(
+        metric(&s, "pensieve_model_unloads_total{model=\"small\",reason=\"idle\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&s, "pensieve_model_generations_total{model=\"small\"}").await,
+        2.0
+    );
+    assert!(metric(&s, "pensieve_model_load_seconds_total{model=\"small\"}").await > 0.0);
+
+    // A stream for an unloaded model: it loads again, and the stream is whole.
+    let r = s.post_stream(&ask("haiku", 8)).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    // A load longer than a second begins the stream with SSE comments (src/api/sse.rs tests it).
+    println!(
+        "stream while loading began with a comment: {}",
+        text.starts_with(": loading model small")
+    );
+    let events = parse_sse(&text);
+    assert_eq!(events[0].event, "message_start");
+    assert_eq!(events[0].data["message"]["model"], "small");
+    assert_eq!(events.last().unwrap().event, "message_stop");
+    assert_eq!(model_of(&s.health().await, "small")["loads"], 2);
+    assert_eq!(s.idle_backend().await["cache_bytes"], 0);
+}
+
+#[tokio::test]
+async fn unknown_names_get_the_default_model_and_a_load_that_cannot_fit_is_a_503_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.gguf");
+    sparse_gguf(&huge, 32 << 30); // 64 GB of float16 claimed
+    let file = config(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+default_model = "demo"
+[models.demo]
+path = "demo"
+[models.huge]
+path = "{}"
+aliases = ["claude-opus-*"]
+"#,
+            huge.display()
+        ),
+    );
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--port", "0", "--config", &file]);
+    let s = Server::start_command(cmd);
+    let r = s.post(&ask("gpt-4o", 4)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["model"], "demo");
+
+    let started = Instant::now();
+    let r = s.post(&ask("claude-opus-4-1", 4)).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "overloaded_error");
+    let message = e["error"]["message"].as_str().unwrap();
+    for needle in [
+        "`huge`",
+        "would not fit",
+        "64.00 GB of weights",
+        "is available",
+        "memory.warning_gb",
+    ] {
+        assert!(message.contains(needle), "`{needle}` not in {message}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "nothing was read");
+    let h = s.health().await;
+    assert_eq!(model_of(&h, "huge")["state"], "unloaded");
+    assert_eq!(model_of(&h, "demo")["state"], "loaded");
+    // Streamed: the same refusal, as an HTTP error (the refusal comes before any stream).
+    let r = s.post_stream(&ask("huge", 4)).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(s.post(&ask("demo", 4)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_idle_model_is_unloaded_when_memory_reaches_warning_and_the_default_stays() {
+    const LIMIT: u64 = 2 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+default_model = "demo"
+[memory]
+warning_gb = 0.5
+critical_gb = 0.3
+emergency_gb = 0.2
+sample_interval_ms = 100
+[models.demo]
+path = "demo"
+[models.small]
+path = "{}"
+aliases = ["haiku"]
+max_concurrent = 1
+"#,
+            smollm2()
+        ),
+    );
+    let cg = Cgroup::create(&format!("pensieve-models-warn-{}", std::process::id()), LIMIT);
+    let s = Server::start_in_cgroup_with(&cg.procs(), &format!("--config {file}"), &[]);
+    assert_eq!(s.post(&ask("haiku", 4)).await.status(), 200);
+    let h = s.health().await;
+    assert_eq!(model_of(&h, "small")["state"], "loaded", "{h}");
+    assert_eq!(h["memory"]["status"], "Safe", "{h}");
+    let held = model_of(&h, "small")["bytes"].as_u64().unwrap();
+
+    let mut alloc = Allocator::start(&cg);
+    let pushed = push_to(&s, &cg, &mut alloc, &["Warning", "Critical", "Emergency"]).await;
+    let at = Instant::now();
+    let h = wait_model(&s, "small", "unloaded for memory", |m| m["state"] == "unloaded").await;
+    println!(
+        "unloaded {:?} after the tier left Safe ({} at {} GB available); the model held {held} bytes",
+        at.elapsed(),
+        pushed["memory"]["status"],
+        pushed["memory"]["available_gb"]
+    );
+    assert_eq!(model_of(&h, "small")["unloads_memory"], 1, "{h}");
+    assert_eq!(model_of(&h, "demo")["state"], "loaded", "the default model stays");
+    assert!(s.log().contains("memory left Safe: unloading an idle model"));
+    assert_eq!(cg.oom_kills(), 0);
+
+    alloc.send("free");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tier(&s).await.0 != "Safe" {
+        assert!(Instant::now() < deadline, "never Safe again: {}", s.health().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = s.post(&ask("haiku", 4)).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(model_of(&s.health().await, "small")["loads"], 2);
+}
