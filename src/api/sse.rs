@@ -349,14 +349,9 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
-    fn after(
-        delay: Duration,
-        answer: Result<Response, ApiError>,
-    ) -> impl std::future::Future<Output = Result<Response, ApiError>> {
-        async move {
-            tokio::time::sleep(delay).await;
-            answer
-        }
+    async fn after(delay: Duration, answer: Result<Response, ApiError>) -> Result<Response, ApiError> {
+        tokio::time::sleep(delay).await;
+        answer
     }
 
     #[tokio::test]
