@@ -128,11 +128,16 @@ impl Loader for PyLoader {
                 })
             };
             setup().map_err(|e| {
+                let from = if spec.name == model {
+                    String::new()
+                } else {
+                    format!(" from `{model}`")
+                };
                 format!(
-                    "could not load model `{}` from `{model}`: {}\n  a model's path must be `demo`, a local folder \
-                     with config.json, tokenizer and safetensors weights, a .gguf file (llama, SmolLM, \
-                     Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that \
-                     mlx-lm can download (this needs network access). The environment used was {}.",
+                    "could not load model `{}`{from}: {}\n  backend.model (or a [models.<name>] path) must be `demo`, \
+                     a local folder with config.json, tokenizer and safetensors weights, a .gguf file (llama, SmolLM, \
+                     Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that mlx-lm can \
+                     download (this needs network access). The environment used was {}.",
                     spec.name,
                     python_error(py, &e),
                     self.venv.display()

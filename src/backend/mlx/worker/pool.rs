@@ -99,7 +99,9 @@ impl<'a, L: Loader> Pool<'a, L> {
     pub fn preload(&mut self) -> Result<(), String> {
         for i in 0..self.slots.len() {
             if self.slots[i].spec.preload {
-                self.load(i).map_err(|e| e.to_string())?;
+                // At start-up the server checked the models' sizes already (honouring --force),
+                // and loads them whatever the tier, as it always has.
+                self.load(i, false).map_err(|e| e.to_string())?;
             }
         }
         Ok(())
@@ -178,7 +180,7 @@ impl<'a, L: Loader> Pool<'a, L> {
         };
         self.slots[i].shared.touch();
         if self.workers[i].is_none() {
-            if let Err(e) = self.load(i) {
+            if let Err(e) = self.load(i, true) {
                 self.global.queued.fetch_sub(1, Ordering::SeqCst);
                 match work {
                     Work::Generate(Job { events, span, .. }) => {
@@ -195,11 +197,13 @@ impl<'a, L: Loader> Pool<'a, L> {
         self.workers[i].as_mut().expect("loaded").take(work);
     }
 
-    /// Loads model `i`, making room for it first. See the [module docs](self).
-    fn load(&mut self, i: usize) -> Result<(), BackendError> {
+    /// Loads model `i`, making room for it first when `check`. See the [module docs](self).
+    fn load(&mut self, i: usize, check: bool) -> Result<(), BackendError> {
         let slot = &self.slots[i];
         let spec = &slot.spec;
-        self.make_room(i)?;
+        if check {
+            self.make_room(i)?;
+        }
         slot.shared.state.store(STATE_LOADING, Ordering::SeqCst);
         tracing::info!(model = %spec.name, path = %spec.path, "loading the model");
         let started = Instant::now();
