@@ -31,7 +31,7 @@ pub struct ModelConfig {
 }
 
 /// What a request for a name no model answers to gets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum Fallback {
     /// The default model answers it.
     #[default]
@@ -40,6 +40,29 @@ pub enum Fallback {
     /// 404 `not_found_error`, listing the names served.
     #[serde(rename = "404")]
     NotFound,
+}
+
+/// `"default"` or `"404"` (also the number 404, as an environment variable gives it).
+impl<'de> Deserialize<'de> for Fallback {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) if t == "default" => Ok(Fallback::Default),
+            Raw::Text(t) if t == "404" => Ok(Fallback::NotFound),
+            Raw::Number(404) => Ok(Fallback::NotFound),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "expected \"default\" or \"404\", not `{t}`"
+            ))),
+            Raw::Number(n) => Err(serde::de::Error::custom(format!(
+                "expected \"default\" or \"404\", not {n}"
+            ))),
+        }
+    }
 }
 
 /// One model as the backend runs it: the table's entry with every default filled in.

@@ -69,3 +69,18 @@ def smollm2_server():
     s = Server({"PENSIEVE_BACKEND__MODEL": str(SMOLLM2)})
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def two_model_server():
+    """Two models: `main`, the scripted demo model (Claude Code's main slot), and `small`, the
+    real SmolLM2 GGUF (its Haiku slot), loaded on its first request."""
+    assert SMOLLM2.exists(), f"{SMOLLM2} is missing: run `make smollm2`"
+    s = Server({
+        "PENSIEVE_SERVER__DEFAULT_MODEL": "main",
+        "PENSIEVE_SERVER__FALLBACK": "404",
+        "PENSIEVE_MODELS__MAIN__PATH": SCRIPTED,
+        "PENSIEVE_MODELS__SMALL__PATH": str(SMOLLM2),
+    })
+    yield s
+    s.stop()

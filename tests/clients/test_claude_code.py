@@ -3,7 +3,9 @@ against the real server on the demo model."""
 
 import json
 import os
+import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from conftest import ROOT
@@ -11,7 +13,11 @@ from conftest import ROOT
 CLAUDE = ROOT / ".cache" / "claude-code" / "node_modules" / ".bin" / "claude"
 
 
-def run_claude(server, tmp_path, prompt):
+def health(server):
+    return json.load(urllib.request.urlopen(server.url + "/health"))
+
+
+def run_claude(server, tmp_path, prompt, **more_env):
     assert CLAUDE.exists(), f"{CLAUDE} is missing: `make claude-code` installs it (npm)"
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
@@ -21,6 +27,7 @@ def run_claude(server, tmp_path, prompt):
         "ANTHROPIC_BASE_URL": server.url,
         "ANTHROPIC_API_KEY": "sk-local",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        **more_env,
     }
     out = subprocess.run(
         [str(CLAUDE), "-p", prompt, "--output-format", "json"],
@@ -51,3 +58,37 @@ def test_claude_codes_second_session_reads_its_prompt_from_the_cache(server, tmp
     total = second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"]
     assert total > 1000, second["usage"]
     assert second["usage"]["cache_read_input_tokens"] > 0.8 * total, (first["usage"], second["usage"])
+
+
+# The main model's reply: a call to Claude Code's Agent tool asking for a subagent on the Haiku
+# slot. The subagent's prompt carries the main model's next reply, JSON-escaped so that it is not
+# a script of this turn: Claude Code sends the call back in the next request, where it is the
+# last script of the prompt.
+AGENT_CALL = (
+    '<tool_call>\n{"name": "Agent", "arguments": {"description": "Say hello", '
+    '"prompt": "Say hello. \\u005b\\u005bscript]]Done.\\u005b\\u005b/script]]", '
+    '"subagent_type": "general-purpose", "model": "haiku", "run_in_background": false}}\n</tool_call>'
+)
+
+
+def test_claude_codes_two_slots_are_served_by_the_two_models_they_are_mapped_to(two_model_server, tmp_path):
+    s = two_model_server
+    before = {m["name"]: m for m in health(s)["backend"]["models"]}
+    assert before["main"]["loaded"] and not before["small"]["loaded"], before
+    result = run_claude(
+        s, tmp_path, f"ask a helper [[script]]{AGENT_CALL}[[/script]]",
+        ANTHROPIC_MODEL="main", ANTHROPIC_DEFAULT_HAIKU_MODEL="small", ANTHROPIC_SMALL_FAST_MODEL="small",
+        # SmolLM2 writes until the limit under Claude Code's agent prompt: keep the subagent short.
+        # The main model's scripted call is 123 tokens.
+        CLAUDE_CODE_MAX_OUTPUT_TOKENS="150",
+    )
+    assert result["subtype"] == "success", result
+    assert result["result"] == "Done."
+    assert set(result["modelUsage"]) == {"main", "small"}, result["modelUsage"]
+    after = {m["name"]: m for m in health(s)["backend"]["models"]}
+    print({n: (m["generations"], m["loads"]) for n, m in after.items()})
+    # Each slot reached its model (fallback = "404": any other name would have been refused).
+    assert after["main"]["generations"] >= before["main"]["generations"] + 2, after
+    assert after["small"]["generations"] >= 1 and after["small"]["loads"] == 1, after
+    metrics = urllib.request.urlopen(s.url + "/metrics").read().decode()
+    assert re.search(r'^pensieve_model_generations_total\{model="small"\} [1-9]', metrics, re.M), metrics
