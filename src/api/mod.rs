@@ -163,6 +163,14 @@ async fn answer_messages(
     }
 }
 
+/// The model that answers to `name`, and its context (0 until it has loaded once): a 404 when
+/// no model does and `server.fallback = "404"`.
+pub(crate) fn model_for(app: &AppState, name: &str) -> Result<(String, u32), ApiError> {
+    let model = app.backend.resolve(name)?;
+    let context = app.backend.context_length(&model);
+    Ok((model, context))
+}
+
 /// Hands `request` to the backend and waits until its prompt is tokenised, so that a refusal
 /// before the start (prompt too long, memory fell while queued) is a proper HTTP error rather
 /// than an event in a 200 stream. Returns the generation, its prompt tokens and how many of

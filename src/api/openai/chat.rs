@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::super::error::{ApiError, ErrorKind};
-use super::super::{start, AppState};
+use super::super::{model_for, start, AppState};
 use crate::backend::{Chat, ChatMessage, Constraint, Event, GenerateRequest, Generation, Sampling, StopReason};
 use crate::layers::{read_body, request_id, MaxBody};
 
@@ -403,8 +403,8 @@ pub async fn completions(
     let span = tracing::Span::current();
     let result = async {
         let req = parse(&read_body(body, limit.map(|l| l.0)).await?)?;
-        let model = app.backend.resolve(&req.model)?;
-        let mut backend_req = to_backend(&req, app.backend.context_length(&model))?;
+        let (model, context) = model_for(&app, &req.model)?;
+        let mut backend_req = to_backend(&req, context)?;
         backend_req.model = model.clone();
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {

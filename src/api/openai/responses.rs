@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::error::{ApiError, ErrorKind};
 use super::super::threads::Bounded;
-use super::super::{start, AppState};
+use super::super::{model_for, start, AppState};
 use super::chat::{constraint, message, output_format, strict_functions, text_of, tool_choice};
 use crate::backend::{Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason};
 use crate::layers::{read_body, request_id, MaxBody};
@@ -269,8 +269,8 @@ pub async fn create(
     let span = tracing::Span::current();
     let result = async {
         let req: ResponsesRequest = super::super::translate::from_json(&read_body(body, limit.map(|l| l.0)).await?)?;
-        let model = app.backend.resolve(&req.model)?;
-        let (mut backend_req, history) = to_backend(&req, app.backend.context_length(&model), &app.responses)?;
+        let (model, context) = model_for(&app, &req.model)?;
+        let (mut backend_req, history) = to_backend(&req, context, &app.responses)?;
         backend_req.model = model.clone();
         let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
         let reply = Reply {

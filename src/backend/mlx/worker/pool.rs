@@ -80,6 +80,9 @@ pub(crate) struct Pool<'a, L: Loader> {
     workers: Vec<Option<Worker<'a, L::Batcher>>>,
     /// No unload for memory before this (the memory sample must show the last one first).
     memory_hold: Option<Instant>,
+    /// When idle and memory unloads were last looked for (at most every `IDLE_TICK`, off the
+    /// per-step path).
+    looked: Instant,
 }
 
 impl<'a, L: Loader> Pool<'a, L> {
@@ -92,6 +95,7 @@ impl<'a, L: Loader> Pool<'a, L> {
             rules,
             workers: slots.iter().map(|_| None).collect(),
             memory_hold: None,
+            looked: Instant::now(),
         }
     }
 
@@ -306,6 +310,10 @@ impl<'a, L: Loader> Pool<'a, L> {
     /// Unloads what has been idle past its `keep_alive_secs`, and one idle model when memory is
     /// at Warning or worse (two samples after the last).
     fn unload_what_must_go(&mut self) {
+        if self.looked.elapsed() < IDLE_TICK {
+            return;
+        }
+        self.looked = Instant::now();
         let idle = self.idle_models(true);
         for &j in &idle {
             let keep = self.slots[j].spec.keep_alive_secs;

@@ -180,15 +180,20 @@ fn harness_with(max_concurrent: usize, kv_bytes_per_token: u64) -> Harness {
     )
 }
 
-fn harness_config(config: BackendConfig, kv_bytes_per_token: u64) -> Harness {
-    let state = Arc::new(Mutex::new(State::default()));
-    let snapshot = SnapshotHandle::new(memory(Tier::Safe, 8.0));
-    let thresholds = Thresholds {
+/// Warning at 2 GB, Critical at 1, Emergency at 0.5.
+fn thresholds() -> Thresholds {
+    Thresholds {
         warning: 2 << 30,
         critical: 1 << 30,
         emergency: 1 << 29,
         hysteresis: 0.1,
-    };
+    }
+}
+
+fn harness_config(config: BackendConfig, kv_bytes_per_token: u64) -> Harness {
+    let state = Arc::new(Mutex::new(State::default()));
+    let snapshot = SnapshotHandle::new(memory(Tier::Safe, 8.0));
+    let thresholds = thresholds();
     let config = BackendConfig {
         model: "fake".into(),
         max_queue: 4,

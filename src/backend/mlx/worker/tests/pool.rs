@@ -45,12 +45,6 @@ fn model(path: &str, keep_alive_secs: u64, aliases: &[&str]) -> ModelConfig {
 fn pool(others: &[(&str, ModelConfig)]) -> Harness {
     let state = Arc::new(Mutex::new(State::default()));
     let snapshot = SnapshotHandle::new(memory(Tier::Safe, 8.0));
-    let thresholds = Thresholds {
-        warning: 2 << 30,
-        critical: 1 << 30,
-        emergency: 1 << 29,
-        hysteresis: 0.1,
-    };
     let mut models = BTreeMap::from([("a".to_string(), model("demo", 0, &[]))]);
     models.extend(others.iter().map(|(n, m)| (n.to_string(), m.clone())));
     let mut config = Config {
@@ -65,7 +59,7 @@ fn pool(others: &[(&str, ModelConfig)]) -> Harness {
     config.backend.max_queue = 8;
     config.memory.sample_interval_ms = 20;
     let loader = FakeLoader { state: state.clone() };
-    let gate = Gate::new(snapshot.clone(), thresholds, 3);
+    let gate = Gate::new(snapshot.clone(), thresholds(), 3);
     let backend = MlxBackend::spawn(&config, gate, move || Ok(loader)).unwrap();
     Harness {
         backend,
