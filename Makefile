@@ -20,7 +20,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e claude-code tools bench demo fmt clean smollm2
+.PHONY: policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -59,7 +59,7 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build policies smollm2 check-macos test-python test-rust test-clients test-e2e
+test: build policies smollm2 check-macos test-python test-rust test-clients test-deploy test-e2e
 
 # The macOS memory probe (src/memory/macos.rs) compiles on macOS only: checked here for Apple
 # silicon. cargo check does not link, and there is no macOS SDK on Linux, so the C files of
@@ -92,6 +92,17 @@ tools:
 	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq curl jq >/dev/null; } || \
 	  { echo "install curl and jq"; exit 1; }
 
+# HAProxy for tests/haproxy.rs and tests/deploy: Debian's package, installed with apt-get where
+# it is missing (root).
+haproxy:
+	@command -v haproxy >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; } || \
+	  { echo "install haproxy (2.6 or later)"; exit 1; }
+
+# deploy/: the Kubernetes manifests against Kubernetes' schemas, the HAProxy configuration.
+test-deploy: build venv haproxy
+	$(PY) -m pytest -q tests/deploy
+
 # Claude Code, pinned, from the npm registry, into .cache (not the user's global npm).
 $(CLAUDE):
 	mkdir -p .cache/claude-code
@@ -114,7 +125,7 @@ $(CODEX):
 codex: $(CODEX)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
-test-rust: build smollm2
+test-rust: build smollm2 haproxy
 	cargo test --release --locked -- --test-threads=2
 
 bench: build policies smollm2
