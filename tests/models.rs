@@ -214,6 +214,26 @@ keep_alive_secs = 4
     assert_eq!(events.last().unwrap().event, "message_stop");
     assert_eq!(model_of(&s.health().await, "small")["loads"], 2);
     assert_eq!(s.idle_backend().await["cache_bytes"], 0);
+
+    // The same for an OpenAI stream, once it has unloaded again: chunks in OpenAI's shape.
+    wait_model(&s, "small", "unloaded again", |m| m["state"] == "unloaded").await;
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "haiku", "max_tokens": 8, "stream": true,
+            "messages": [{"role": "user", "content": "Say hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let first = text.lines().find(|l| l.starts_with("data: ")).unwrap();
+    let chunk: Value = serde_json::from_str(&first["data: ".len()..]).unwrap();
+    assert_eq!(
+        (chunk["object"].as_str(), chunk["model"].as_str()),
+        (Some("chat.completion.chunk"), Some("small"))
+    );
+    assert_eq!(model_of(&s.health().await, "small")["loads"], 3);
 }
 
 #[tokio::test]
@@ -267,6 +287,17 @@ aliases = ["claude-opus-*"]
     let r = s.post_stream(&ask("huge", 4)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(s.post(&ask("demo", 4)).await.status(), 200);
+    // On the OpenAI routes, the same refusal in OpenAI's shape.
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "huge", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "overloaded", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("`huge`"), "{e}");
 }
 
 #[tokio::test]
@@ -318,9 +349,15 @@ max_concurrent = 1
     assert_eq!(cg.oom_kills(), 0);
 
     alloc.send("free");
+    // Safe again, and room for SmolLM2 above the warning threshold (0.27 GB with its KV cache):
+    // Safe alone (0.55 GB with hysteresis) is not enough for it to load.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while tier(&s).await.0 != "Safe" {
-        assert!(Instant::now() < deadline, "never Safe again: {}", s.health().await);
+    loop {
+        let (t, h) = tier(&s).await;
+        if t == "Safe" && h["memory"]["available_gb"].as_f64().unwrap() > 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "memory never came back: {h}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = s.post(&ask("haiku", 4)).await;

@@ -114,7 +114,7 @@ async fn handle_messages(
         timing,
     );
     if req.stream && !app.backend.is_loaded(&model) {
-        return sse::while_loading(model, request_id, answer).await;
+        return sse::while_loading(model, request_id, sse::error_event, answer).await;
     }
     answer.await
 }

@@ -147,9 +147,11 @@ pub const LOADING_GRACE: Duration = Duration::from_secs(1);
 /// Past that, a 200 event stream begins at once, carrying an SSE comment (`: loading model …`,
 /// which every SSE client skips) every [`PING_EVERY`] while the model loads, so that neither the
 /// client nor a proxy times out; then the answer's own events, or its error as an `error` event.
+/// `error_event` writes an error as its API's SSE chunk ([`error_event`] for Messages).
 pub async fn while_loading(
     model: String,
     request_id: Option<String>,
+    error_event: fn(&ApiError, Option<&str>) -> String,
     answer: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
 ) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
@@ -176,11 +178,10 @@ pub async fn while_loading(
             }
             Ok(res) => {
                 let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap_or_default();
-                yield Ok(bytes::Bytes::from(format!("event: error\ndata: {}\n\n", String::from_utf8_lossy(&body))));
+                let e = ApiError::new(ErrorKind::Api, String::from_utf8_lossy(&body));
+                yield Ok(bytes::Bytes::from(error_event(&e, request_id.as_deref())));
             }
-            Err(e) => {
-                yield Ok(bytes::Bytes::from(format!("event: error\ndata: {}\n\n", e.sse_data(request_id.as_deref()))));
-            }
+            Err(e) => yield Ok(bytes::Bytes::from(error_event(&e, request_id.as_deref()))),
         }
     };
     Ok((
@@ -191,6 +192,11 @@ pub async fn while_loading(
         axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// An error as the Messages API streams it: an `error` event with the error's body.
+pub fn error_event(e: &ApiError, request_id: Option<&str>) -> String {
+    format!("event: error\ndata: {}\n\n", e.sse_data(request_id))
 }
 
 /// Called with the whole reply once a generation has ended well (message threads keep it).
@@ -357,7 +363,12 @@ mod tests {
     #[tokio::test]
     async fn a_slow_load_begins_the_stream_with_comments_then_forwards_the_answer_or_its_error() {
         let events = "event: message_start\ndata: {}\n\n";
-        let quick = while_loading("m".into(), None, after(Duration::ZERO, Err(ApiError::invalid("bad"))));
+        let quick = while_loading(
+            "m".into(),
+            None,
+            error_event,
+            after(Duration::ZERO, Err(ApiError::invalid("bad"))),
+        );
         assert_eq!(
             quick.await.unwrap_err().kind,
             ErrorKind::InvalidRequest,
@@ -365,14 +376,16 @@ mod tests {
         );
 
         let slow = after(LOADING_GRACE + Duration::from_millis(200), Ok(events.into_response()));
-        let res = while_loading("small".into(), None, slow).await.unwrap();
+        let res = while_loading("small".into(), None, error_event, slow).await.unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["content-type"], "text/event-stream");
         assert_eq!(body(res).await, format!(": loading model small\n\n{events}"));
 
         let refused = ApiError::new(ErrorKind::Overloaded, "model `small` would not fit");
         let slow = after(LOADING_GRACE + Duration::from_millis(200), Err(refused));
-        let res = while_loading("small".into(), Some("req_1".into()), slow).await.unwrap();
+        let res = while_loading("small".into(), Some("req_1".into()), error_event, slow)
+            .await
+            .unwrap();
         let text = body(res).await;
         let (comment, error) = text.split_once("event: error\ndata: ").unwrap();
         assert_eq!(comment, ": loading model small\n\n");

@@ -406,28 +406,46 @@ pub async fn completions(
         let (model, context) = model_for(&app, &req.model)?;
         let mut backend_req = to_backend(&req, context)?;
         backend_req.model = model.clone();
-        let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
-        let reply = Reply {
-            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-            created: super::unix_now(),
-            model,
-            prompt_tokens: input_tokens,
-            cached_tokens,
+        let usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let (app, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
+        let loaded = app.backend.is_loaded(&model);
+        let answer = async move {
+            let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+            let reply = Reply {
+                id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+                created: super::unix_now(),
+                model,
+                prompt_tokens: input_tokens,
+                cached_tokens,
+            };
+            if streamed {
+                Ok(stream(generation, reply, usage, span))
+            } else {
+                collect(generation, reply, &span).await
+            }
         };
-        if req.stream {
-            let usage = req
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            Ok(stream(generation, reply, usage, span.clone()))
+        if streamed && !loaded {
+            let rid = request_id(&headers).map(str::to_owned);
+            super::super::sse::while_loading(name, rid, error_event, answer).await
         } else {
-            collect(generation, reply, &span).await
+            answer.await
         }
     }
     .await;
     result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))
+}
+
+/// An error in a chunk stream, as OpenAI sends one: a `data:` line with the error object.
+fn error_event(e: &ApiError, request_id: Option<&str>) -> String {
+    format!(
+        "data: {}\n\n",
+        String::from_utf8_lossy(&super::error_body(e, request_id))
+    )
 }
 
 /// What every chunk and the completion carry.

@@ -272,26 +272,44 @@ pub async fn create(
         let (model, context) = model_for(&app, &req.model)?;
         let (mut backend_req, history) = to_backend(&req, context, &app.responses)?;
         backend_req.model = model.clone();
-        let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
-        let reply = Reply {
-            id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
-            created: super::unix_now(),
-            model,
-            input_tokens,
-            cached_tokens,
-            previous: req.previous_response_id.clone(),
-            keep: (req.store != Some(false)).then(|| (app.responses.clone(), history)),
+        let previous = req.previous_response_id.clone();
+        let keep = (req.store != Some(false)).then(|| (app.responses.clone(), history));
+        let (app, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
+        let loaded = app.backend.is_loaded(&model);
+        let answer = async move {
+            let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+            let reply = Reply {
+                id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
+                created: super::unix_now(),
+                model,
+                input_tokens,
+                cached_tokens,
+                previous,
+                keep,
+            };
+            if streamed {
+                Ok(stream(generation, reply, span))
+            } else {
+                let mut out = Output::default();
+                let done = run(generation, &mut out, &span).await?;
+                Ok(Json(reply.finish(&out, done)).into_response())
+            }
         };
-        if req.stream {
-            Ok(stream(generation, reply, span.clone()))
+        if streamed && !loaded {
+            let rid = request_id(&headers).map(str::to_owned);
+            super::super::sse::while_loading(name, rid, error_event, answer).await
         } else {
-            let mut out = Output::default();
-            let done = run(generation, &mut out, &span).await?;
-            Ok(Json(reply.finish(&out, done)).into_response())
+            answer.await
         }
     }
     .await;
     result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))
+}
+
+/// An error before the response began, as the Responses API streams one: an `error` event.
+fn error_event(e: &ApiError, _request_id: Option<&str>) -> String {
+    let data = json!({"type": "error", "code": e.kind.as_str(), "message": e.message, "param": null});
+    format!("event: error\ndata: {data}\n\n")
 }
 
 /// What the response is made of, as it comes.
