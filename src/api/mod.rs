@@ -113,10 +113,24 @@ async fn handle_messages(
         request_id.clone(),
         timing,
     );
-    if req.stream && !app.backend.is_loaded(&model) {
-        return sse::while_loading(model, request_id, sse::error_event, answer).await;
+    answer_once_loaded(app, model, req.stream, request_id, sse::error_event, answer).await
+}
+
+/// Runs `answer`, a request's whole handling on `model`; a stream whose model is not loaded
+/// goes through [`sse::while_loading`] (comments while the model loads), in every API.
+pub(crate) async fn answer_once_loaded(
+    app: &AppState,
+    model: String,
+    stream: bool,
+    request_id: Option<String>,
+    error_event: fn(&ApiError, Option<&str>) -> String,
+    answer: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    if stream && !app.backend.is_loaded(&model) {
+        sse::while_loading(model, request_id, error_event, answer).await
+    } else {
+        answer.await
     }
-    answer.await
 }
 
 /// Runs a checked Messages request on its model (named in `backend_req`) and answers it,

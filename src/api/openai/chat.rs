@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::super::error::{ApiError, ErrorKind};
-use super::super::{model_for, start, AppState};
+use super::super::{answer_once_loaded, model_for, start, AppState};
 use crate::backend::{Chat, ChatMessage, Constraint, Event, GenerateRequest, Generation, Sampling, StopReason};
 use crate::layers::{read_body, request_id, MaxBody};
 
@@ -412,10 +412,9 @@ pub async fn completions(
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let (app, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
-        let loaded = app.backend.is_loaded(&model);
+        let (inner, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
         let answer = async move {
-            let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+            let (generation, input_tokens, cached_tokens) = start(&inner, backend_req, &span).await?;
             let reply = Reply {
                 id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
                 created: super::unix_now(),
@@ -429,12 +428,8 @@ pub async fn completions(
                 collect(generation, reply, &span).await
             }
         };
-        if streamed && !loaded {
-            let rid = request_id(&headers).map(str::to_owned);
-            super::super::sse::while_loading(name, rid, error_event, answer).await
-        } else {
-            answer.await
-        }
+        let rid = request_id(&headers).map(str::to_owned);
+        answer_once_loaded(&app, name, streamed, rid, error_event, answer).await
     }
     .await;
     result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))

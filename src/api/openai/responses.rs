@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::error::{ApiError, ErrorKind};
 use super::super::threads::Bounded;
-use super::super::{model_for, start, AppState};
+use super::super::{answer_once_loaded, model_for, start, AppState};
 use super::chat::{constraint, message, output_format, strict_functions, text_of, tool_choice};
 use crate::backend::{Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason};
 use crate::layers::{read_body, request_id, MaxBody};
@@ -274,10 +274,9 @@ pub async fn create(
         backend_req.model = model.clone();
         let previous = req.previous_response_id.clone();
         let keep = (req.store != Some(false)).then(|| (app.responses.clone(), history));
-        let (app, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
-        let loaded = app.backend.is_loaded(&model);
+        let (inner, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
         let answer = async move {
-            let (generation, input_tokens, cached_tokens) = start(&app, backend_req, &span).await?;
+            let (generation, input_tokens, cached_tokens) = start(&inner, backend_req, &span).await?;
             let reply = Reply {
                 id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
                 created: super::unix_now(),
@@ -295,12 +294,8 @@ pub async fn create(
                 Ok(Json(reply.finish(&out, done)).into_response())
             }
         };
-        if streamed && !loaded {
-            let rid = request_id(&headers).map(str::to_owned);
-            super::super::sse::while_loading(name, rid, error_event, answer).await
-        } else {
-            answer.await
-        }
+        let rid = request_id(&headers).map(str::to_owned);
+        answer_once_loaded(&app, name, streamed, rid, error_event, answer).await
     }
     .await;
     result.unwrap_or_else(|e: ApiError| e.to_response(request_id(&headers)))
