@@ -122,8 +122,6 @@ pub(crate) struct Slot {
 /// What the thread publishes of one model and the API reads.
 pub(crate) struct Shared {
     global: Arc<Global>,
-    /// Loaded and serving.
-    ready: AtomicBool,
     state: AtomicU8,
     active: AtomicU32,
     context_length: AtomicU32,
@@ -147,7 +145,6 @@ impl Shared {
     fn new(global: Arc<Global>, max_concurrent: usize) -> Shared {
         Shared {
             global,
-            ready: AtomicBool::new(false),
             state: AtomicU8::new(STATE_UNLOADED),
             active: AtomicU32::new(0),
             context_length: AtomicU32::new(0),
@@ -270,9 +267,6 @@ impl MlxBackend {
                     let run = catch_unwind(AssertUnwindSafe(|| pool.run(queue)));
                     // Whatever ended the loop, say so: requests then get 503, not a silent queue.
                     global.alive.store(false, Ordering::SeqCst);
-                    for slot in slots.iter() {
-                        slot.shared.ready.store(false, Ordering::SeqCst);
-                    }
                     if run.is_err() {
                         tracing::error!("the backend thread panicked; no model is served any more");
                     }

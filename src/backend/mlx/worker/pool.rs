@@ -240,7 +240,6 @@ impl<'a, L: Loader> Pool<'a, L> {
         let after = self.global.active_bytes.load(Ordering::Relaxed);
         shared.bytes.store(after.saturating_sub(before), Ordering::Relaxed);
         shared.loads.fetch_add(1, Ordering::Relaxed);
-        shared.ready.store(true, Ordering::SeqCst);
         shared.state.store(STATE_LOADED, Ordering::SeqCst);
         tracing::info!(
             model = %spec.name,
@@ -379,7 +378,6 @@ impl<'a, L: Loader> Pool<'a, L> {
             Unload::Idle => shared.unloads_idle.fetch_add(1, Ordering::Relaxed),
             Unload::Memory => shared.unloads_memory.fetch_add(1, Ordering::Relaxed),
         };
-        shared.ready.store(false, Ordering::SeqCst);
         shared.state.store(STATE_UNLOADED, Ordering::SeqCst);
         tracing::info!(
             model = %self.slots[j].spec.name,
