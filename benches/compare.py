@@ -79,7 +79,8 @@ class Pensieve:
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--port", "0", "--model", str(model_dir)],
             cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PENSIEVE_LOG__LEVEL": "warn,pensieve::server=info"},
+            # No disk tier: each run starts cold, as mlx-lm's server does.
+            env={**os.environ, "PENSIEVE_LOG__LEVEL": "warn,pensieve::server=info", "PENSIEVE_BACKEND__PROMPT_CACHE_DISK_MB": "0"},
         )
         for line in self.proc.stderr:
             m = re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line)

@@ -139,6 +139,11 @@ pub struct BackendConfig {
     /// Bytes of KV cache kept for reuse across requests (prompt cache) and held by running
     /// generations, in MiB; 0 turns the prompt cache off.
     pub prompt_cache_mb: u64,
+    /// The prompt cache's disk tier: where its files go (empty: `prompt-cache` in pensieve's
+    /// cache folder, `$PENSIEVE_CACHE_DIR` or `~/.cache/pensieve`), one folder per model.
+    pub prompt_cache_dir: String,
+    /// The most each model's disk tier holds, in MiB; 0 turns the disk tier off.
+    pub prompt_cache_disk_mb: u64,
     /// The BLAS MLX uses on a CPU: `auto` (OpenBLAS where installed), `off`, or a library path.
     pub blas: String,
     /// On a CPU, run quantised and half-precision weights as float32 (faster through BLAS)
@@ -165,6 +170,8 @@ impl Default for BackendConfig {
             max_queue: 16,
             queue_timeout_ms: 120_000,
             prompt_cache_mb: 2048,
+            prompt_cache_dir: String::new(),
+            prompt_cache_disk_mb: 8192,
             blas: "auto".into(),
             cpu_float32: true,
             kv_context_tokens: 4096,

@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::backend::PromptCacheDisk;
+
 /// `route` and `status` of a request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -47,6 +49,86 @@ pub struct UnloadLabels {
     pub reason: &'static str,
 }
 
+/// The prompt cache's disk tier, every model's summed, mirrored from the backend at each scrape.
+#[derive(Default)]
+struct DiskMetrics {
+    entries: Gauge,
+    bytes: Gauge,
+    hits: Counter,
+    hit_tokens: Counter,
+    spills: Counter,
+    spilled_bytes: Counter,
+    writes: Counter,
+    removed: Counter,
+    read_seconds: Counter<f64, AtomicU64>,
+}
+
+impl DiskMetrics {
+    fn register(&self, r: &mut Registry) {
+        let name = |n: &str| format!("prompt_cache_disk_{n}");
+        r.register(
+            name("entries"),
+            "Entries in the prompt cache's disk tier",
+            self.entries.clone(),
+        );
+        r.register(
+            name("bytes"),
+            "Bytes of the prompt cache's files on disk",
+            self.bytes.clone(),
+        );
+        r.register(
+            name("hits"),
+            "Prompts that started from an entry read from disk",
+            self.hits.clone(),
+        );
+        r.register(
+            name("hit_tokens"),
+            "Prompt tokens read from disk",
+            self.hit_tokens.clone(),
+        );
+        r.register(
+            name("spills"),
+            "Prompt cache entries moved from memory to disk instead of dropped",
+            self.spills.clone(),
+        );
+        r.register(
+            name("spilled_bytes"),
+            "Bytes of the entries spilled to disk",
+            self.spilled_bytes.clone(),
+        );
+        r.register(name("writes"), "Prompt cache files written", self.writes.clone());
+        r.register(
+            name("removed"),
+            "Prompt cache files found corrupted, truncated or foreign, and removed",
+            self.removed.clone(),
+        );
+        r.register(
+            name("read_seconds"),
+            "Time spent reading entries from disk",
+            self.read_seconds.clone(),
+        );
+    }
+
+    fn mirror(&self, d: &PromptCacheDisk) {
+        self.entries.set(d.entries as i64);
+        self.bytes.set(d.bytes as i64);
+        // The backend's counters only grow: each counter catches up with its own.
+        for (c, to) in [
+            (&self.hits, d.hits),
+            (&self.hit_tokens, d.hit_tokens),
+            (&self.spills, d.spills),
+            (&self.spilled_bytes, d.spilled_bytes),
+            (&self.writes, d.writes),
+            (&self.removed, d.removed),
+        ] {
+            c.inc_by(to.saturating_sub(c.get()));
+        }
+        if d.read_seconds > self.read_seconds.get() {
+            self.read_seconds.inc_by(d.read_seconds - self.read_seconds.get());
+        }
+    }
+}
+
 /// Per-model metrics, mirrored from the backend's counters at each scrape.
 #[derive(Default)]
 struct ModelMetrics {
@@ -61,6 +143,7 @@ struct ModelMetrics {
 /// The server's metrics.
 pub struct Metrics {
     models: ModelMetrics,
+    disk: DiskMetrics,
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     memory_refusals: Family<NameLabel, Counter>,
@@ -92,6 +175,7 @@ impl Default for Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("pensieve")),
             models: ModelMetrics::default(),
+            disk: DiskMetrics::default(),
             requests: Family::default(),
             memory_refusals: Family::default(),
             policy_refusals: Family::default(),
@@ -136,6 +220,7 @@ impl Default for Metrics {
                 "Generations started on the model",
                 mm.generations.clone(),
             );
+            m.disk.register(&mut r);
             r.register(
                 "memory_refusals",
                 "Requests refused for memory, by tier",
@@ -274,6 +359,7 @@ impl Metrics {
         self.cache_bytes.set(backend.cache_bytes as i64);
         self.prompt_cache_bytes.set(backend.prompt_cache_bytes as i64);
         self.prompt_cache_entries.set(backend.prompt_cache_entries as i64);
+        self.disk.mirror(&backend.prompt_cache_disk);
         for m in &backend.models {
             let model = ModelLabel { model: m.name.clone() };
             let unload = |reason| UnloadLabels {

@@ -12,10 +12,12 @@ done
 BASE=${1:-}
 SERVER_PID=
 LOG=$(mktemp)
-cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null; rm -f "$LOG"; }
+CACHE_DIR=$(mktemp -d)
+cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$LOG" "$CACHE_DIR"; }
 trap cleanup EXIT
 if [ -z "$BASE" ]; then
-  target/release/pensieve serve --port 0 2>"$LOG" &
+  # The prompt cache's disk tier in a folder of its own: no file from another run is read.
+  PENSIEVE_BACKEND__PROMPT_CACHE_DIR=$CACHE_DIR target/release/pensieve serve --port 0 2>"$LOG" &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     PORT=$(sed -n 's/.*pensieve is serving.*127\.0\.0\.1:\([0-9]*\).*/\1/p' "$LOG" | head -n1)

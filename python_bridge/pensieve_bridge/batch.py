@@ -13,7 +13,9 @@ The prompt cache (:class:`~pensieve_bridge.prompt_cache.PromptCache`, over mlx-l
 and answer), and a new prompt starts from the longest cached prefix, trimmed to the point where
 the two diverge. Entries own exactly the memory they count. It is capped in bytes, together
 with the caches of the running generations, and :meth:`Batcher.drop_prompt_cache` releases all
-of it.
+of it, to the disk tier (:mod:`~pensieve_bridge.disk_cache`) when there is one: an entry
+evicted from memory, or released when memory leaves Safe, is written to disk off this thread,
+and a prompt that memory does not cover is read from disk when disk covers more.
 
 A request's stop sequences go to mlx-lm too, as token sequences, so that a sequence whose
 tokens match stops inside the batch at once; Rust still matches the text (a stop string can be
@@ -32,6 +34,7 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from . import disk_cache
 from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache
@@ -50,13 +53,18 @@ MIN_REUSE = 16
 FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH}
 
 
-def open_batcher(engine: Engine, max_concurrent: int, prompt_cache_bytes: int) -> "Batcher":
-    """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id."""
+def open_batcher(
+    engine: Engine, max_concurrent: int, prompt_cache_bytes: int, disk_dir: str = "", disk_bytes: int = 0
+) -> "Batcher":
+    """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id. With
+    ``disk_bytes``, its prompt cache has a disk tier of that size under ``disk_dir`` (``""``:
+    the user's cache folder)."""
+    cls = Batcher
     if engine.model_id.startswith(SCRIPTED):
         from .testing import ScriptedBatcher
 
-        return ScriptedBatcher(engine, max_concurrent, prompt_cache_bytes)
-    return Batcher(engine, max_concurrent, prompt_cache_bytes)
+        cls = ScriptedBatcher
+    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes)
 
 
 @dataclass
@@ -76,6 +84,8 @@ class Batcher:
     engine: Engine
     max_concurrent: int = 8
     prompt_cache_bytes: int = 0
+    disk_dir: str = ""
+    disk_bytes: int = 0
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
@@ -85,7 +95,13 @@ class Batcher:
 
     def __post_init__(self):
         self._eos = set(self.engine.tokenizer.eos_token_ids)
-        self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes) if self.prompt_cache_bytes > 0 else None
+        self._disk = None
+        self._cache = None
+        if self.prompt_cache_bytes > 0:
+            if self.disk_bytes > 0 and self.engine.identity:
+                self._disk = disk_cache.open_tier(self.disk_dir, self.engine.identity, self.disk_bytes)
+            spill = self._disk.spill if self._disk is not None else None
+            self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes, spill)
         self._grammars = Grammars(self.engine.tokenizer)
         self._new_generator()
 
@@ -146,6 +162,10 @@ class Batcher:
                     rest = tokens[-1:]
                 else:
                     cache, rest = None, tokens
+        if self._disk is not None:
+            on_disk, covered = self._disk.fetch(tokens, n - len(rest))
+            if on_disk is not None:
+                cache, rest = on_disk, tokens[covered:]
         if cache is not None and n - len(rest) < MIN_REUSE:
             # Copying a cached prefix this short costs more than processing it again.
             cache, rest = None, tokens
@@ -195,6 +215,8 @@ class Batcher:
                     self._respond(out, r, running)
             if self._limit:
                 self._enforce_limit(out)
+        if self._disk is not None:
+            self._disk.poll()
         self._release_if_idle()
         return out
 
@@ -303,14 +325,15 @@ class Batcher:
             self._cache.trim_to(self.prompt_cache_bytes - self._gen.prompt_cache_nbytes)
 
     def drop_prompt_cache(self) -> None:
-        """Releases every cached prompt."""
+        """Releases every cached prompt from memory (to the disk tier, when there is one)."""
         if self._cache is not None:
             self._cache.clear()
         mx.clear_cache()
 
     def set_caching(self, on: bool) -> None:
         """Whether finished generations are kept in the prompt cache; off also releases it all
-        (memory has left Safe)."""
+        (memory has left Safe, the model unloads, the server stops), to disk when there is a
+        disk tier."""
         self._caching = on
         if not on:
             self.drop_prompt_cache()
@@ -320,3 +343,8 @@ class Batcher:
         if self._cache is None:
             return 0, 0
         return self._cache.nbytes, len(self._cache)
+
+    def disk_stats(self) -> Optional[tuple]:
+        """The disk tier's :meth:`~pensieve_bridge.disk_cache.DiskTier.stats` (None: no disk
+        tier); frees what finished writes held."""
+        return self._disk.stats() if self._disk is not None else None

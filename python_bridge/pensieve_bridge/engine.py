@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,11 +20,13 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
-from . import blas, demo, gguf
+from . import blas, demo, disk_cache, gguf
 
 #: A model id starting with this is served by the test batcher of
 #: :mod:`pensieve_bridge.testing` (scripted replies, injected faults); the rest is the model.
 SCRIPTED = "scripted:"
+#: How long an unload, or the server's stop, waits for the prompt cache's disk writes.
+FLUSH_SECONDS = 8.0
 
 
 def resolve_model(model: str) -> str:
@@ -61,7 +65,24 @@ class Engine:
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
         self._float32_on_cpu(cpu_float32_budget)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        self.identity = self._identity(gguf_file)
         self.clear_cache()
+
+    def _identity(self, gguf_file) -> Optional[str]:
+        """What the prompt cache's disk tier files this model's entries under
+        (:func:`~pensieve_bridge.disk_cache.model_identity`); None when its files are not found
+        (the disk tier is then off for it)."""
+        where = Path(gguf_file or self.path)
+        if not where.exists():
+            try:
+                from huggingface_hub import snapshot_download
+
+                where = Path(snapshot_download(self.path, local_files_only=True))
+            except Exception:
+                self.notes.append("no disk tier for the prompt cache: the model's files were not found")
+                return None
+        files = [where] if where.is_file() else [f for f in where.iterdir() if f.is_file() and not f.name.startswith(".")]
+        return disk_cache.model_identity(files, disk_cache.runtime_of(self.model))
 
     def _float32_on_cpu(self, budget: int) -> None:
         if mx.default_device() != mx.cpu:
@@ -171,8 +192,11 @@ def release() -> int:
     """After a model was dropped (its engine and batcher unreferenced): frees what it held, for
     real. The cycle collector, MLX's cache, then the C allocator's free pages: glibc keeps freed
     heap memory in its arenas (MLX's CPU buffers come from ``malloc``), so without
-    ``malloc_trim`` an unloaded model's memory stays in the process. Returns MLX's active bytes.
+    ``malloc_trim`` an unloaded model's memory stays in the process. First, the prompt cache's
+    disk writes finish (for up to :data:`FLUSH_SECONDS`): what they hold is freed here. Returns
+    MLX's active bytes.
     """
+    disk_cache.flush_all(FLUSH_SECONDS)
     gc.collect()
     mx.clear_cache()
     if sys.platform.startswith("linux"):

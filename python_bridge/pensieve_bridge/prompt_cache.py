@@ -21,7 +21,7 @@ extracted sequence is already a lazy copy, and evaluating it is that copy).
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
@@ -63,12 +63,20 @@ def _own_layer(layer: Any, arrays: list) -> None:
         arrays.extend(a for _, a in tree_flatten(owned) if isinstance(a, mx.array))
 
 
-class PromptCache:
-    """mlx-lm's ``LRUPromptCache`` under one model key, with entries that own their memory."""
+#: Where an entry leaving memory goes (the disk tier), given its tokens and cache.
+Spill = Callable[[List[int], List[Any]], Any]
 
-    def __init__(self, key: str, max_bytes: int):
+
+class PromptCache:
+    """mlx-lm's ``LRUPromptCache`` under one model key, with entries that own their memory.
+
+    An entry evicted by the cap, or by :meth:`clear`, goes to ``spill`` (the disk tier) when
+    there is one; :meth:`drop` forgets everything."""
+
+    def __init__(self, key: str, max_bytes: int, spill: Optional[Spill] = None):
         self._key = key
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+        self._spill = spill
 
     def fetch(self, tokens: List[int]):
         """``(cache, rest)``: a copy of the cache of the longest cached prefix of ``tokens``
@@ -77,15 +85,41 @@ class PromptCache:
 
     def insert(self, tokens: List[int], prompt_cache: List[Any]) -> None:
         """Keeps ``prompt_cache`` (the KV cache of ``tokens``), owned; may evict older entries."""
-        own(prompt_cache)
+        nbytes = own(prompt_cache)
+        if nbytes > self._lru.max_bytes:
+            # Larger than the whole memory tier: straight to disk, when there is one.
+            if self._spill is not None:
+                self._spill(list(tokens), prompt_cache)
+            return
+        # Room first, through this cache's eviction (which spills), so that mlx-lm's own insert
+        # has nothing left to evict.
+        self._evict(self._lru.max_bytes - nbytes, MAX_ENTRIES - 1)
         self._lru.insert_cache(self._key, list(tokens), prompt_cache)
 
     def trim_to(self, n_bytes: int) -> None:
         """Evicts least recently used entries until the cache holds at most ``n_bytes``."""
-        self._lru.trim_to(n_bytes=n_bytes)
+        self._evict(n_bytes, MAX_ENTRIES)
 
     def clear(self) -> None:
+        """Evicts every entry (to the disk tier, when there is one)."""
+        self._evict(0, 0)
+
+    def drop(self) -> None:
+        """Forgets every entry."""
         self._lru.trim_to(n_sequences=0)
+
+    def _evict(self, n_bytes: int, n_sequences: int) -> None:
+        """``LRUPromptCache.trim_to``, handing each evicted entry to ``spill``."""
+        lru = self._lru
+        if self._spill is None:
+            lru.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+            return
+        while len(lru) and (len(lru) > max(0, n_sequences) or lru.nbytes > max(0, n_bytes)):
+            model, tokens = lru._lru.pop()
+            entry = lru._trie.pop(model, tokens)
+            lru._n_bytes -= entry.nbytes
+            lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+            self._spill(tokens, entry.prompt_cache)
 
     @property
     def nbytes(self) -> int:

@@ -236,6 +236,8 @@ pub struct BackendStatus {
     pub prompt_cache_bytes: u64,
     /// Prompts in the prompt cache.
     pub prompt_cache_entries: u64,
+    /// The prompt cache's disk tier, every model's together.
+    pub prompt_cache_disk: PromptCacheDisk,
     /// KV cache bytes one token of one sequence takes: what admission multiplies a request's
     /// prompt and `max_tokens` by.
     pub kv_bytes_per_token: u64,
@@ -244,6 +246,77 @@ pub struct BackendStatus {
     pub mlx_memory_limit_bytes: u64,
     /// Every configured model, loaded or not.
     pub models: Vec<ModelStatus>,
+}
+
+/// The prompt cache's disk tier: one model's, or every model's summed (`/health`, `/metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PromptCacheDisk {
+    /// Whether it takes and gives entries.
+    pub enabled: bool,
+    /// Its folder (a model's), or the folder holding the models' folders.
+    pub dir: String,
+    /// Why it is off, when it was turned off (a folder that cannot be written, a full disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_reason: Option<String>,
+    /// Entries on disk.
+    pub entries: u64,
+    /// Bytes of the files on disk.
+    pub bytes: u64,
+    /// The cap (`backend.prompt_cache_disk_mb`).
+    pub max_bytes: u64,
+    /// Bytes queued for writing, still in memory.
+    pub pending_bytes: u64,
+    /// Prompts that started from an entry read from disk.
+    pub hits: u64,
+    /// Prompt tokens read from disk.
+    pub hit_tokens: u64,
+    /// Entries moved from memory to disk instead of dropped (memory left Safe, the memory
+    /// cap, an unload, a stop).
+    pub spills: u64,
+    /// Bytes of those entries.
+    pub spilled_bytes: u64,
+    /// Files written.
+    pub writes: u64,
+    /// Files found corrupted, truncated or foreign, and removed.
+    pub removed: u64,
+    /// Seconds spent reading entries back.
+    pub read_seconds: f64,
+    /// Seconds the writer spent writing (off the batch loop).
+    pub write_seconds: f64,
+}
+
+impl PromptCacheDisk {
+    /// Every model's tier summed; the folder is the one holding theirs.
+    pub fn total<'a>(tiers: impl IntoIterator<Item = &'a PromptCacheDisk>) -> PromptCacheDisk {
+        let mut sum = PromptCacheDisk::default();
+        let mut reasons = Vec::new();
+        for t in tiers {
+            sum.enabled |= t.enabled;
+            if sum.dir.is_empty() {
+                sum.dir = std::path::Path::new(&t.dir)
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+            }
+            reasons.extend(t.off_reason.clone());
+            sum.entries += t.entries;
+            sum.bytes += t.bytes;
+            sum.max_bytes += t.max_bytes;
+            sum.pending_bytes += t.pending_bytes;
+            sum.hits += t.hits;
+            sum.hit_tokens += t.hit_tokens;
+            sum.spills += t.spills;
+            sum.spilled_bytes += t.spilled_bytes;
+            sum.writes += t.writes;
+            sum.removed += t.removed;
+            sum.read_seconds += t.read_seconds;
+            sum.write_seconds += t.write_seconds;
+        }
+        if !sum.enabled {
+            sum.off_reason = reasons.into_iter().next();
+        }
+        sum
+    }
 }
 
 /// A running generation: its events, in order. Dropping it cancels the generation.

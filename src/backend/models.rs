@@ -123,6 +123,9 @@ pub struct ModelStatus {
     pub load_errors: u64,
     /// Seconds spent loading it, in all.
     pub load_seconds: f64,
+    /// Its prompt cache's disk tier (`None`: none, or the model was never loaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_disk: Option<super::PromptCacheDisk>,
     /// Why its last load failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -141,6 +144,8 @@ mod tests {
             keep_alive_secs: 0,
             max_concurrent: 1,
             prompt_cache_bytes: 0,
+            prompt_cache_dir: String::new(),
+            prompt_cache_disk_bytes: 0,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct ModelConfig {
     /// Its prompt cache in MiB (default `backend.prompt_cache_mb`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_cache_mb: Option<u64>,
+    /// Its prompt cache's disk tier in MiB (default `backend.prompt_cache_disk_mb`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_disk_mb: Option<u64>,
 }
 
 /// What a request for a name no model answers to gets.
@@ -82,6 +85,10 @@ pub struct ModelSpec {
     pub max_concurrent: usize,
     /// Its prompt cache in bytes.
     pub prompt_cache_bytes: u64,
+    /// `backend.prompt_cache_dir`.
+    pub prompt_cache_dir: String,
+    /// Its prompt cache's disk tier in bytes (0: none).
+    pub prompt_cache_disk_bytes: u64,
 }
 
 impl Config {
@@ -97,6 +104,8 @@ impl Config {
                 keep_alive_secs: 0,
                 max_concurrent: b.max_concurrent,
                 prompt_cache_bytes: b.prompt_cache_mb.saturating_mul(1 << 20),
+                prompt_cache_dir: b.prompt_cache_dir.clone(),
+                prompt_cache_disk_bytes: b.prompt_cache_disk_mb.saturating_mul(1 << 20),
             }];
         }
         self.models
@@ -109,6 +118,11 @@ impl Config {
                 keep_alive_secs: m.keep_alive_secs,
                 max_concurrent: m.max_concurrent.unwrap_or(b.max_concurrent),
                 prompt_cache_bytes: m.prompt_cache_mb.unwrap_or(b.prompt_cache_mb).saturating_mul(1 << 20),
+                prompt_cache_dir: b.prompt_cache_dir.clone(),
+                prompt_cache_disk_bytes: m
+                    .prompt_cache_disk_mb
+                    .unwrap_or(b.prompt_cache_disk_mb)
+                    .saturating_mul(1 << 20),
             })
             .collect()
     }

@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -16,9 +17,16 @@ class Server:
     def __init__(self, env=None):
         if not BIN.exists():
             raise RuntimeError(f"{BIN} is missing: run `make build`")
+        # The prompt cache's disk tier: the server's own, so that no test reads another's.
+        self.cache_dir = tempfile.TemporaryDirectory(prefix="pensieve-test-cache-")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PENSIEVE_LOG__LEVEL": "info", **(env or {})},
+            env={
+                **os.environ,
+                "PENSIEVE_LOG__LEVEL": "info",
+                "PENSIEVE_BACKEND__PROMPT_CACHE_DIR": self.cache_dir.name,
+                **(env or {}),
+            },
         )
         self.log = []
         for line in self.proc.stderr:
@@ -38,6 +46,7 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.cache_dir.cleanup()
 
 
 SCRIPTED = "scripted:demo"

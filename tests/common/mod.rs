@@ -21,6 +21,9 @@ pub struct Server {
     pub base: String,
     child: Child,
     pub log: Arc<Mutex<String>>,
+    /// The prompt cache's disk tier, the server's own unless the test gives one (so that no
+    /// test reads what another wrote); removed with the server.
+    _cache_dir: tempfile::TempDir,
 }
 
 /// The port in the "pensieve is serving" line (pretty or JSON logs).
@@ -69,8 +72,10 @@ impl Server {
     }
 
     fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Server {
+        let cache_dir = tempfile::tempdir().expect("a temporary folder");
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
+            .env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", cache_dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -91,6 +96,7 @@ impl Server {
             base: String::new(),
             child,
             log,
+            _cache_dir: cache_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

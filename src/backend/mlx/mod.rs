@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::{
-    estimate, Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generation, ModelStatus, Registry,
-    TokenCount,
+    estimate, Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generation, ModelStatus, PromptCacheDisk,
+    Registry, TokenCount,
 };
 use crate::config::{Config, ModelSpec};
 use crate::memory::{BackendMemory, Gate};
@@ -129,6 +129,8 @@ pub(crate) struct Shared {
     max_concurrent: AtomicU32,
     prompt_cache_bytes: AtomicU64,
     prompt_cache_entries: AtomicU64,
+    /// Its disk tier, as last read (kept across unloads: the tier outlives the model's load).
+    disk: Mutex<Option<PromptCacheDisk>>,
     /// MLX bytes its load took.
     bytes: AtomicU64,
     last_used: Mutex<Option<Instant>>,
@@ -152,6 +154,7 @@ impl Shared {
             max_concurrent: AtomicU32::new(max_concurrent as u32),
             prompt_cache_bytes: AtomicU64::new(0),
             prompt_cache_entries: AtomicU64::new(0),
+            disk: Mutex::new(None),
             bytes: AtomicU64::new(0),
             last_used: Mutex::new(None),
             generations: AtomicU64::new(0),
@@ -171,6 +174,20 @@ impl Shared {
         self.prompt_cache_bytes.store(m.prompt_cache_bytes, Ordering::Relaxed);
         self.prompt_cache_entries
             .store(m.prompt_cache_entries, Ordering::Relaxed);
+    }
+
+    fn store_disk(&self, disk: Option<PromptCacheDisk>) {
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = disk;
+    }
+
+    fn disk(&self) -> Option<PromptCacheDisk> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Bytes its disk tier has yet to write.
+    fn disk_pending(&self) -> u64 {
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.as_ref().map_or(0, |d| d.pending_bytes)
     }
 
     /// A request for it came in now.
@@ -348,6 +365,7 @@ impl MlxBackend {
             unloads_memory: s.unloads_memory.load(Ordering::Relaxed),
             load_errors: s.load_errors.load(Ordering::Relaxed),
             load_seconds: s.load_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            prompt_cache_disk: s.disk(),
             last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
@@ -427,6 +445,7 @@ impl Backend for MlxBackend {
                 .iter()
                 .map(|s| s.shared.prompt_cache_entries.load(Ordering::Relaxed))
                 .sum(),
+            prompt_cache_disk: PromptCacheDisk::total(models.iter().filter_map(|m| m.prompt_cache_disk.as_ref())),
             kv_bytes_per_token: default.kv_bytes_per_token.load(Ordering::Relaxed),
             mlx_memory_limit_bytes: g.mlx_limit.load(Ordering::Relaxed),
             models,

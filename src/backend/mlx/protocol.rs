@@ -2,7 +2,7 @@
 //! small codes Python answers with (`python_bridge/pensieve_bridge/protocol.py` has the same
 //! ones; [`CODES`] is compared with Python's when the model loads).
 
-use crate::backend::{Chat, GenerateRequest};
+use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
 
 /// What a piece of a step's output is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +94,13 @@ pub(crate) trait Batcher {
     fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String>;
     /// Forgets every generation and starts a new batch (after a failure of the model).
     fn reset(&mut self) -> Result<(), String>;
-    /// Whether finished generations go into the prompt cache; off releases it.
+    /// Whether finished generations go into the prompt cache; off releases it (to the disk
+    /// tier, when there is one).
     fn set_caching(&mut self, on: bool) -> Result<(), String>;
+    /// The prompt cache's disk tier (`None`: none); frees what its finished writes held.
+    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
+        Ok(None)
+    }
     /// Prompt tokens of `chat`, with the same template as generation.
     fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String>;
     /// Frees MLX's allocator cache (`thorough`: after a cycle collection); the bytes left.

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 
 use super::protocol::{check_codes, Added, Batcher, Finish, Memory, Piece, Stepped};
 use super::worker::pool::Loader;
-use crate::backend::{Chat, GenerateRequest};
+use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
 use crate::config::ModelSpec;
 
 /// How models are loaded.
@@ -119,6 +119,8 @@ impl Loader for PyLoader {
                     &engine,
                     spec.max_concurrent as u32,
                     spec.prompt_cache_bytes,
+                    spec.prompt_cache_dir.as_str(),
+                    spec.prompt_cache_disk_bytes,
                 ))?;
                 Ok(PyBatcher {
                     engine: engine.unbind(),
@@ -213,6 +215,33 @@ impl Batcher for PyBatcher {
 
     fn set_caching(&mut self, on: bool) -> Result<(), String> {
         self.call(|_, _, b| b.call_method1("set_caching", (on,)).map(drop))
+    }
+
+    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
+        type Counts = (u64, u64, u64, u64, u64, u64, u64, u64, u64, u64);
+        type Raw = (String, String, Counts, (f64, f64));
+        let raw = self.call(|_, _, b| b.call_method0("disk_stats")?.extract::<Option<Raw>>())?;
+        Ok(raw.map(|(dir, off, counts, (read_seconds, write_seconds))| {
+            let (entries, bytes, max_bytes, pending_bytes, hits, hit_tokens, spills, spilled_bytes, writes, removed) =
+                counts;
+            PromptCacheDisk {
+                enabled: off.is_empty(),
+                dir,
+                off_reason: (!off.is_empty()).then_some(off),
+                entries,
+                bytes,
+                max_bytes,
+                pending_bytes,
+                hits,
+                hit_tokens,
+                spills,
+                spilled_bytes,
+                writes,
+                removed,
+                read_seconds,
+                write_seconds,
+            }
+        }))
     }
 
     fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String> {

@@ -291,6 +291,9 @@ impl<'a, B: Batcher> Worker<'a, B> {
             }
             self.caching = safe;
             self.refresh();
+        } else if self.shared.disk_pending() > 0 {
+            // The disk tier's writer finished some: what they held is freed on this thread.
+            self.refresh();
         }
         if snapshot.tier == Tier::Emergency && !self.running.is_empty() {
             let message = format!(
@@ -429,11 +432,25 @@ impl<'a, B: Batcher> Worker<'a, B> {
         self.refresh();
     }
 
+    /// The prompt cache leaves memory, to its disk tier when there is one (the model unloads, or
+    /// the server stops).
+    fn spill(&mut self) {
+        if let Err(e) = self.batcher.set_caching(false) {
+            tracing::error!(error = %e, "releasing the prompt cache failed");
+        }
+        self.caching = false;
+        self.refresh();
+    }
+
     /// Reads MLX's memory counters and the prompt cache's size into the shared status.
     fn refresh(&mut self) {
         match self.batcher.memory() {
             Ok(m) => self.shared.store_memory(&m),
             Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
+        }
+        match self.batcher.disk_stats() {
+            Ok(disk) => self.shared.store_disk(disk),
+            Err(e) => tracing::warn!(error = %e, "could not read the prompt cache's disk tier"),
         }
     }
 }

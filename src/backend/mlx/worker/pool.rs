@@ -111,8 +111,20 @@ impl<'a, L: Loader> Pool<'a, L> {
         Ok(())
     }
 
-    /// Runs until the queue closes or the backend stops.
+    /// Runs until the queue closes or the backend stops, then stops every model: what runs
+    /// fails, the prompt caches go to their disk tiers, and what Python held is released.
     pub fn run(&mut self, queue: Receiver<Work>) {
+        self.serve(queue);
+        let loaded: Vec<usize> = (0..self.workers.len()).filter(|&j| self.workers[j].is_some()).collect();
+        for j in loaded {
+            let mut worker = self.workers[j].take().expect("loaded");
+            worker.spill();
+            // Dropping it fails what still runs and clears the MLX cache.
+        }
+        self.loader.release();
+    }
+
+    fn serve(&mut self, queue: Receiver<Work>) {
         loop {
             if self.global.stopping.load(Ordering::SeqCst) {
                 let generations: usize = self.workers.iter().flatten().map(|w| w.running.len()).sum();
@@ -168,7 +180,8 @@ impl<'a, L: Loader> Pool<'a, L> {
             if !w.draining.is_empty() {
                 return Some(DRAIN_TICK);
             }
-            let watch_cache = w.caching && w.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0;
+            let watch_cache =
+                (w.caching && w.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0) || w.shared.disk_pending() > 0;
             if watch_cache || self.slots[i].spec.keep_alive_secs > 0 || i != self.rules.default {
                 tick = Some(IDLE_TICK);
             }
@@ -364,7 +377,10 @@ impl<'a, L: Loader> Pool<'a, L> {
     /// Unloads model `j`: its worker goes (clearing the cache), then what Python held; it is
     /// reported unloaded once its memory is back.
     fn unload(&mut self, j: usize, why: Unload) {
-        let Some(worker) = self.workers[j].take() else { return };
+        let Some(mut worker) = self.workers[j].take() else {
+            return;
+        };
+        worker.spill();
         drop(worker);
         if let Some(active) = self.loader.release() {
             self.global.active_bytes.store(active, Ordering::Relaxed);

@@ -1,0 +1,498 @@
+"""The disk tier of the prompt cache: KV caches that survive memory pressure and restarts.
+
+The memory tier (:mod:`~pensieve_bridge.prompt_cache`) hands an entry here instead of dropping
+it: when memory leaves Safe, when its own cap evicts it, when its model is unloaded and when the
+server stops. An entry is one file, ``<sha256 of its tokens>.safetensors``, in the layout of
+mlx-lm's ``save_prompt_cache`` (so that ``load_prompt_cache`` reads it back), under a folder
+named by the model's identity (:func:`model_identity`): another model, or a changed file, never
+finds it. Its metadata holds the format, the identity, the tokens and a CRC-32 of the data.
+
+- **Writes are off the batch loop.** :meth:`DiskTier.spill` runs on the backend thread and costs
+  no copy: it takes the entry's arrays (already evaluated, owned) and queues them. One writer
+  thread per tier writes them with plain file I/O (no MLX call off the backend thread), to a
+  temporary file that is renamed into place, so that a crash never leaves a half file under an
+  entry's name. The written arrays go back to the backend thread, which frees them there
+  (:meth:`DiskTier.poll`).
+- **Reads are on a memory miss**, on the backend thread: the longest common prefix among the
+  entries (an entry longer than the prompt is trimmed, as in memory), when it covers
+  :data:`MIN_GAIN` tokens more than memory does. The file is read once, checked (identity,
+  tokens, size, CRC), then handed to ``load_prompt_cache``. A file that fails any check is
+  removed with a warning, and the prompt is processed as if it were not there.
+- **Across restarts** the folder is scanned at start-up: headers only, never the data.
+  Temporary files of dead processes, truncated files, foreign files are removed.
+- **Bounded.** Files are removed least recently used first (a read counts as a use, kept across
+  restarts as the file's mtime) so that the folder never holds more than its cap, counting the
+  file being written. A full disk or a folder that cannot be written turns the tier off with a
+  warning; serving goes on with memory alone.
+
+Tiers live in this module (:func:`open_tier`), one per folder, so that a model unloaded and
+loaded again finds its index and its counters as they were.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, trim_prompt_cache
+
+log = logging.getLogger(__name__)
+
+#: Written in every file; a file with another value is not read.
+FORMAT = "pensieve-prompt-cache-1"
+#: Entries shorter than this many tokens are not written: processing them again is as cheap.
+MIN_TOKENS = 64
+#: A disk entry is read only when it covers this many prompt tokens more than memory does.
+MIN_GAIN = 32
+#: Bytes of each weight file hashed into a model's identity, at its start, middle and end.
+SAMPLE = 1 << 20
+SUFFIX = ".safetensors"
+TMP = ".tmp"
+
+_DTYPES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.uint64: "U64",
+    mx.int8: "I8",
+    mx.int16: "I16",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+}
+
+_tiers: dict = {}
+_tiers_lock = threading.Lock()
+
+
+def default_root() -> Path:
+    """``$PENSIEVE_CACHE_DIR/prompt-cache``, else ``~/.cache/pensieve/prompt-cache``."""
+    from .demo import cache_dir
+
+    return cache_dir() / "prompt-cache"
+
+
+def model_identity(files: List[Path], runtime: str) -> str:
+    """A hash of what makes a model's KV cache what it is: its files (names, sizes, their first,
+    middle and last :data:`SAMPLE` bytes: headers, and weights a fine-tune changes) and how it
+    runs (``runtime``: dtypes, classes, library versions)."""
+    h = hashlib.sha256(f"{FORMAT}\0{runtime}\0".encode())
+    for f in sorted(files):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for at in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                fh.seek(at)
+                h.update(fh.read(SAMPLE))
+    return h.hexdigest()
+
+
+def open_tier(root: str, identity: str, max_bytes: int) -> "DiskTier":
+    """The tier of this model identity under ``root`` (``""``: :func:`default_root`), made once
+    per process."""
+    folder = (Path(root) if root else default_root()) / identity[:32]
+    with _tiers_lock:
+        tier = _tiers.get(folder)
+        if tier is None:
+            tier = _tiers[folder] = DiskTier(folder, identity, max_bytes)
+        tier.max_bytes = max_bytes
+        return tier
+
+
+def flush_all(timeout: float) -> None:
+    """Waits up to ``timeout`` seconds for every tier's writes (at shutdown), then frees what
+    they held."""
+    deadline = time.monotonic() + timeout
+    for tier in list(_tiers.values()):
+        tier.flush(max(0.0, deadline - time.monotonic()))
+
+
+def _tokens_bytes(tokens: List[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}I", *tokens)
+
+
+def _name(token_bytes: bytes) -> str:
+    return hashlib.sha256(token_bytes).hexdigest()[:40] + SUFFIX
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Tokens (4 bytes each) ``a`` and ``b`` share at their start."""
+    n = min(len(a), len(b)) // 4
+    if a[: 4 * n] == b[: 4 * n]:
+        return n
+    lo, hi = 0, n  # a and b agree on lo tokens, not on hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[: 4 * mid] == b[: 4 * mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class Entry:
+    tokens: bytes
+    nbytes: int
+    trimmable: bool
+
+
+@dataclass
+class Job:
+    name: str
+    tokens: bytes
+    arrays: list
+    header: dict
+    nbytes: int
+
+
+class DiskTier:
+    """One model's entries on disk. See the module docs."""
+
+    def __init__(self, folder: Path, identity: str, max_bytes: int):
+        self.folder = folder
+        self.identity = identity
+        self.max_bytes = max_bytes
+        self.off: Optional[str] = None
+        self._lock = threading.Lock()
+        self._index: "OrderedDict[str, Entry]" = OrderedDict()  # least recently used first
+        self._bytes = 0
+        self._pending: dict = {}  # name -> bytes, queued or being written
+        self._queue: queue.Queue = queue.Queue()
+        self._written: list = []  # arrays written, for the backend thread to free
+        self._thread: Optional[threading.Thread] = None
+        self.hits = self.hit_tokens = self.spills = self.spilled_bytes = 0
+        self.writes = self.removed = 0
+        self.read_seconds = self.write_seconds = 0.0
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe{os.getpid()}{TMP}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            self._turn_off(f"the folder {folder} cannot be written ({e})")
+            return
+        self._scan()
+
+    # -- the index ---------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Reads every entry's header (not its data); removes what cannot be used."""
+        found = []
+        for path in self.folder.iterdir():
+            if path.name.endswith(TMP):
+                self._remove_stale_tmp(path)
+                continue
+            if not path.name.endswith(SUFFIX):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    entry = self._check_header(path.name, f, path.stat().st_size)
+            except Exception as e:  # whatever is wrong with the file, it is not used
+                self._discard(path, str(e))
+                continue
+            found.append((path.stat().st_mtime, path.name, entry))
+        for _, name, entry in sorted(found):
+            self._index[name] = entry
+            self._bytes += entry.nbytes
+        self._make_room(0)
+        if self._index:
+            log.info("prompt cache on disk: %d entries, %.1f MB in %s", len(self._index), self._bytes / 1e6, self.folder)
+
+    def _remove_stale_tmp(self, path: Path) -> None:
+        """A temporary file whose writer is gone (a crash mid-write)."""
+        try:
+            pid = int(path.name.split(".")[-2])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                return  # another live process is writing it
+        except (ValueError, IndexError, ProcessLookupError):
+            pass
+        except PermissionError:
+            return
+        path.unlink(missing_ok=True)
+
+    def _check_header(self, name: str, f, size: int) -> Entry:
+        """The entry a file holds, from its header; ValueError says what is wrong with it."""
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 64 << 20:
+            raise ValueError("truncated header")
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__", {})
+        if meta.get("0.format") != FORMAT:
+            raise ValueError(f"not a pensieve prompt cache file ({FORMAT})")
+        if meta.get("0.model") != self.identity:
+            raise ValueError("written for another model")
+        tokens = base64.b64decode(meta["0.tokens"])
+        if _name(tokens) != name:
+            raise ValueError("its tokens do not match its name")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"truncated: {size} bytes where its header says {8 + n + end}")
+        return Entry(tokens, size, meta.get("0.trimmable") == "1")
+
+    def _make_room(self, need: int) -> bool:
+        """Removes least recently used entries until ``need`` more bytes fit under the cap."""
+        if need > self.max_bytes:
+            return False
+        while self._index and self._bytes + sum(self._pending.values()) + need > self.max_bytes:
+            name, entry = self._index.popitem(last=False)
+            self._bytes -= entry.nbytes
+            (self.folder / name).unlink(missing_ok=True)
+        return self._bytes + sum(self._pending.values()) + need <= self.max_bytes
+
+    def _discard(self, path: Path, why: str) -> None:
+        log.warning("prompt cache file %s skipped and removed: %s", path, why)
+        self.removed += 1
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _turn_off(self, why: str) -> None:
+        if self.off is None:
+            log.warning("the prompt cache's disk tier is off: %s; serving goes on with the memory tier alone", why)
+        self.off = why
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def fetch(self, tokens: List[int], at_least: int):
+        """``(cache, cached)`` for the longest prefix of ``tokens`` on disk, when it covers more
+        than ``at_least + MIN_GAIN`` tokens; else ``(None, 0)``. As in memory, an exact match
+        gives up its last token (which must go through the model for the first logits)."""
+        if self.off is not None or not self._index:
+            return None, 0
+        want = _tokens_bytes(tokens)
+        best, best_len, entry_len = None, at_least + MIN_GAIN, 0
+        with self._lock:
+            for name, entry in self._index.items():
+                length = len(entry.tokens) // 4
+                common = min(_common_prefix(entry.tokens, want), len(tokens) - 1)
+                if length > common and not entry.trimmable:
+                    continue
+                if common > best_len:
+                    best, best_len, entry_len = name, common, length
+        if best is None:
+            return None, 0
+        cache = self._read(best)
+        if cache is None:
+            return None, 0
+        if entry_len > best_len:
+            trim_prompt_cache(cache, entry_len - best_len)
+        self.hits += 1
+        self.hit_tokens += best_len
+        return cache, best_len
+
+    def _read(self, name: str) -> Optional[List[Any]]:
+        path = self.folder / name
+        started = time.perf_counter()
+        try:
+            data = path.read_bytes()
+            entry = self._check_header(name, io.BytesIO(data), len(data))
+            (n,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8 : 8 + n])["__metadata__"]
+            if zlib.crc32(memoryview(data)[8 + n :]) != int(meta["0.crc32"]):
+                raise ValueError("its data does not match its checksum")
+            buffer = io.BytesIO(data)
+            buffer.name = name  # MLX picks the format by the name's suffix
+            cache = load_prompt_cache(buffer, return_metadata=False)
+            mx.eval([c.state for c in cache])
+            tokens = len(entry.tokens) // 4
+            offsets = {getattr(c, "offset", tokens) for c in cache}
+            if offsets != {tokens}:
+                raise ValueError(f"its cache covers {sorted(offsets)} tokens, not {tokens}")
+        except Exception as e:  # whatever is wrong with the file, it is not used
+            with self._lock:
+                gone = self._index.pop(name, None)
+                if gone is not None:
+                    self._bytes -= gone.nbytes
+            self._discard(path, str(e))
+            return None
+        finally:
+            self.read_seconds += time.perf_counter() - started
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+        try:
+            os.utime(path)  # least recently used across restarts
+        except OSError:
+            pass
+        return cache
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def spill(self, tokens: List[int], prompt_cache: List[Any]) -> bool:
+        """Queues an entry for writing (unless it is on disk already, too short or too big);
+        True when it is, or will be, on disk. On the backend thread; no copy."""
+        if self.off is not None or len(tokens) < MIN_TOKENS:
+            return False
+        token_bytes = _tokens_bytes(tokens)
+        name = _name(token_bytes)
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+                self.spills += 1
+                return True
+            if name in self._pending:
+                return True
+        arrays, header = _encode(prompt_cache, token_bytes, self.identity)
+        nbytes = 8 + len(_header_bytes(header)) + sum(a.nbytes for a in arrays)
+        with self._lock:
+            if not self._make_room(nbytes):
+                return False
+            self._pending[name] = nbytes
+            self.spills += 1
+            self.spilled_bytes += nbytes
+        self._queue.put(Job(name, token_bytes, arrays, header, nbytes))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="pensieve-prompt-cache-writer", daemon=True)
+            self._thread.start()
+        return True
+
+    def _writer(self) -> None:
+        while True:
+            job: Job = self._queue.get()
+            try:
+                if self.off is None:
+                    self._write(job)
+            except OSError as e:
+                self._turn_off(f"writing to {self.folder} failed ({e})")
+            finally:
+                with self._lock:
+                    self._pending.pop(job.name, None)
+                    self._written.append(job.arrays)
+                self._queue.task_done()
+
+    def _write(self, job: Job) -> None:
+        started = time.perf_counter()
+        crc = 0
+        for a in job.arrays:
+            crc = zlib.crc32(a, crc)
+        job.header["__metadata__"]["0.crc32"] = f"{crc:010d}"  # as long as the placeholder
+        tmp = self.folder / f".{job.name}.{os.getpid()}{TMP}"
+        try:
+            with open(tmp, "wb") as f:
+                head = _header_bytes(job.header)
+                f.write(struct.pack("<Q", len(head)))
+                f.write(head)
+                for a in job.arrays:
+                    f.write(a)
+            os.replace(tmp, self.folder / job.name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            trimmable = job.header["__metadata__"]["0.trimmable"] == "1"
+            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable)
+            self._bytes += job.nbytes
+            self.writes += 1
+            self.write_seconds += time.perf_counter() - started
+
+    def poll(self) -> int:
+        """Frees, on the backend thread, what finished writes held; returns the bytes still
+        queued for writing."""
+        with self._lock:
+            written, self._written = self._written, []
+            pending = sum(self._pending.values())
+        if written:
+            del written
+            mx.clear_cache()
+        return pending
+
+    def flush(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for the queued writes, then frees what they held."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._pending:
+            log.warning("the prompt cache's disk writes did not finish in %.0f s: %d entries not written", timeout, len(self._pending))
+        self.poll()
+
+    #: The counts of :meth:`stats`, in order.
+    COUNTS = ("entries", "bytes", "max_bytes", "pending_bytes", "hits", "hit_tokens", "spills", "spilled_bytes", "writes", "removed")
+
+    def stats(self) -> tuple:
+        """For ``/health`` and ``/metrics``: ``(folder, why off or "", counts, (read seconds,
+        write seconds))`` with the :data:`COUNTS`."""
+        pending = self.poll()
+        with self._lock:
+            counts = (len(self._index), self._bytes, self.max_bytes, pending, self.hits, self.hit_tokens)
+            counts += (self.spills, self.spilled_bytes, self.writes, self.removed)
+            return str(self.folder), self.off or "", counts, (self.read_seconds, self.write_seconds)
+
+
+def _header_bytes(header: dict) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _encode(prompt_cache: List[Any], token_bytes: bytes, identity: str) -> tuple[list, dict]:
+    """The arrays and the safetensors header of an entry, in ``save_prompt_cache``'s layout (its
+    states flattened, scalars as arrays listed in the metadata), evaluated and contiguous so
+    that the writer thread writes their memory as it is."""
+    scalars: list = [""]
+    flat = []
+    for key, value in tree_flatten([c.state for c in prompt_cache]):
+        if isinstance(value, mx.array):
+            flat.append((key, value))
+        elif isinstance(value, (bool, int, float)):
+            scalars.append((key, "scalar"))
+            flat.append((key, mx.array(value)))
+        elif isinstance(value, str):
+            scalars.append((key, "string"))
+            flat.append((key, mx.array([ord(c) for c in value])))
+        elif value is None:
+            scalars.append((key, "none"))
+            flat.append((key, mx.array([])))
+        else:
+            raise ValueError(f"a prompt cache state of type {type(value).__name__} cannot be written")
+    mx.eval([a for _, a in flat])
+    flat = [(k, a if memoryview(a).c_contiguous else mx.contiguous(a)) for k, a in flat]
+    mx.eval([a for _, a in flat])
+    header: dict = {}
+    offset = 0
+    arrays = []
+    for key, a in sorted(flat):
+        header[key] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    metadata = {
+        "format": FORMAT,
+        "model": identity,
+        "tokens": base64.b64encode(token_bytes).decode(),
+        "trimmable": "1" if can_trim_prompt_cache(prompt_cache) else "0",
+        "crc32": "0" * 10,  # the writer fills it in
+    }
+    classes = [type(c).__name__ for c in prompt_cache]
+    header["__metadata__"] = dict(tree_flatten([metadata, classes, scalars]))
+    return arrays, header
+
+
+def runtime_of(model) -> str:
+    """How a loaded model computes, for :func:`model_identity`."""
+    dtypes = sorted({str(v.dtype) for _, v in tree_flatten(model.parameters())})
+    import mlx_lm
+
+    return f"{type(model).__module__}.{type(model).__name__} {dtypes} mlx {mx.__version__} mlx-lm {mlx_lm.__version__} {sys.byteorder}"

@@ -1,0 +1,169 @@
+"""The prompt cache's disk tier, with the real demo model: what is read back gives the same
+tokens as processing the prompt; bad files are removed, never read; the cap holds."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import add, reference_generate, running
+from pensieve_bridge import disk_cache
+from pensieve_bridge.batch import Batcher
+
+SYSTEM = "You are a careful assistant for a coding agent; read the tools first. " * 30
+GREEDY = json.dumps({"max_tokens": 12, "temperature": 0})
+MEMORY = 64 << 20
+DISK = 256 << 20
+
+
+def chat(question):
+    return json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]})
+
+
+def run(batcher):
+    out = {}
+    while running(batcher):
+        for uid, pieces, _ in batcher.step():
+            out[uid] = out.get(uid, "") + "".join(p for _, p in pieces)
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path):
+    yield tmp_path
+    disk_cache._tiers.clear()  # the next batcher starts as a restarted process would
+
+
+def restart():
+    disk_cache._tiers.clear()
+
+
+def batcher(engine, folder, disk=DISK):
+    return Batcher(engine, 4, MEMORY, str(folder), disk)
+
+
+def files(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def stats(b):
+    """The disk tier's counts by name, ``off`` and ``read_seconds``."""
+    folder, off, counts, (read_seconds, _) = b.disk_stats()
+    return dict(zip(disk_cache.DiskTier.COUNTS, counts), off=off, read_seconds=read_seconds)
+
+
+def spill(b):
+    """Memory leaves Safe: every entry goes to disk, and its writes finish."""
+    b.set_caching(False)
+    disk_cache.flush_all(30)
+    b.set_caching(True)
+
+
+def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prompt(engine, folder):
+    reference = "".join(t for t, _ in reference_generate(engine, engine.render(chat("hello")), GREEDY))
+    b = batcher(engine, folder)
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert cached == 0
+    assert run(b)[uid] == reference
+    spill(b)
+    assert b.prompt_cache_stats() == (0, 0)
+    (entry,) = files(folder)
+    assert entry.suffix == ".safetensors" and entry.parent.name == engine.identity[:32]
+    s = stats(b)
+    assert s["entries"] == 1 and s["bytes"] == entry.stat().st_size and s["spills"] == 1 and s["writes"] == 1
+
+    restart()
+    b = batcher(engine, folder)
+    # The same prompt: every token but the last from disk.
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert cached == n - 1
+    assert run(b)[uid] == reference
+    # Another question after the same system prompt: the shared prefix from disk (trimmed).
+    b.drop_prompt_cache()
+    uid, n2, cached2 = add(b, chat("something else"), GREEDY)
+    assert 0.8 * n2 < cached2 < n2
+    reference2 = "".join(t for t, _ in reference_generate(engine, engine.render(chat("something else")), GREEDY))
+    assert run(b)[uid] == reference2
+    s = stats(b)
+    assert s["hits"] == 2 and s["hit_tokens"] == n - 1 + cached2 and s["read_seconds"] > 0
+
+
+def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(engine, folder):
+    b = batcher(engine, folder)
+    for q in ["one", "two", "three"]:
+        add(b, chat(q), GREEDY)
+    run(b)
+    spill(b)
+    one, two, three = files(folder)
+    data = one.read_bytes()
+    one.write_bytes(data[: len(data) - 1000])  # truncated: a crash of another writer, a full disk
+    data = bytearray(two.read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit in the KV data
+    two.write_bytes(bytes(data))
+    # A file written for another model, in this model's folder under a valid name.
+    foreign = disk_cache.DiskTier(folder / "other", "f" * 64, DISK)
+    restart()
+    raw = three.read_bytes()
+    theirs = raw.replace(engine.identity.encode(), foreign.identity.encode())
+    three.write_bytes(theirs)
+
+    restart()
+    b = batcher(engine, folder)
+    # The truncated and the foreign file are found at start-up, from their headers.
+    assert not one.exists() and not three.exists()
+    assert two.exists()
+    reference = {q: "".join(t for t, _ in reference_generate(engine, engine.render(chat(q)), GREEDY)) for q in ["two"]}
+    # The corrupted one is found when it is read: the prompt is processed from memory instead.
+    uid, n, cached = add(b, chat("two"), GREEDY)
+    assert cached == 0
+    assert run(b)[uid] == reference["two"]
+    assert not two.exists()
+    assert stats(b)["removed"] == 3
+
+
+def test_the_cap_holds_and_the_least_recently_used_entry_goes_first(engine, folder):
+    b = batcher(engine, folder)
+    add(b, chat("q0"), GREEDY)
+    run(b)
+    spill(b)
+    (first,) = files(folder)
+    size = first.stat().st_size
+    cap = int(size * 2.5)  # room for two entries
+    restart()
+    b = batcher(engine, folder, cap)
+    for i in range(1, 5):
+        add(b, chat(f"q{i}"), GREEDY)
+        run(b)
+        spill(b)
+        assert sum(p.stat().st_size for p in files(folder)) <= cap
+        assert stats(b)["bytes"] <= cap
+    assert len(files(folder)) == 2
+    # An entry larger than the whole cap is not written.
+    restart()
+    b = batcher(engine, folder, size // 2)
+    assert files(folder) == []  # the cap was lowered: start-up brought the folder under it
+    add(b, chat("q9"), GREEDY)
+    run(b)
+    spill(b)
+    assert files(folder) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_folder_turns_the_tier_off_and_serving_goes_on_unprivileged(engine, folder):
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    b = batcher(engine, folder / "sub")
+    assert stats(b)["off"]
+
+
+def test_a_folder_that_cannot_be_written_turns_the_tier_off_and_serving_goes_on(engine, folder):
+    blocker = folder / "not-a-folder"
+    blocker.write_bytes(b"")  # the tier's folder would be under a file: mkdir fails
+    b = batcher(engine, blocker / "cache")
+    assert "cannot be written" in stats(b)["off"]
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert run(b)[uid]
+    spill(b)
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert cached == 0  # nothing on disk, nothing in memory: served all the same
+    run(b)
