@@ -134,6 +134,8 @@ bench: build policies smollm2
 	MODEL=$(SMOLLM2) TOKENS=64 AGENT_CHARS=2000 ROUNDS=3 $(PY) benches/compare.py
 	$(PY) benches/constrained.py
 	$(PY) benches/constrained.py $(SMOLLM2)
+	$(PY) benches/disk_cache.py
+	ROUNDS=3 $(PY) benches/disk_cache.py $(SMOLLM2)
 
 fmt:
 	cargo fmt

@@ -286,8 +286,11 @@ class DiskTier:
             return None, 0
         want = _tokens_bytes(tokens)
         best, best_len, entry_len = None, at_least + MIN_GAIN, 0
+        head = want[: 4 * MIN_GAIN]
         with self._lock:
             for name, entry in self._index.items():
+                if not entry.tokens.startswith(head):
+                    continue  # fewer than MIN_GAIN tokens in common: never worth a read
                 length = len(entry.tokens) // 4
                 common = min(_common_prefix(entry.tokens, want), len(tokens) - 1)
                 if length > common and not entry.trimmable:
@@ -328,7 +331,10 @@ class DiskTier:
                 gone = self._index.pop(name, None)
                 if gone is not None:
                     self._bytes -= gone.nbytes
-            self._discard(path, str(e))
+            if isinstance(e, FileNotFoundError):
+                log.info("prompt cache file %s is gone (another process sharing the folder removed it)", path)
+            else:
+                self._discard(path, str(e))
             return None
         finally:
             self.read_seconds += time.perf_counter() - started

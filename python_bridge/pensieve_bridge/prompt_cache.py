@@ -71,7 +71,7 @@ class PromptCache:
     """mlx-lm's ``LRUPromptCache`` under one model key, with entries that own their memory.
 
     An entry evicted by the cap, or by :meth:`clear`, goes to ``spill`` (the disk tier) when
-    there is one; :meth:`drop` forgets everything."""
+    there is one."""
 
     def __init__(self, key: str, max_bytes: int, spill: Optional[Spill] = None):
         self._key = key
@@ -103,10 +103,6 @@ class PromptCache:
     def clear(self) -> None:
         """Evicts every entry (to the disk tier, when there is one)."""
         self._evict(0, 0)
-
-    def drop(self) -> None:
-        """Forgets every entry."""
-        self._lru.trim_to(n_sequences=0)
 
     def _evict(self, n_bytes: int, n_sequences: int) -> None:
         """``LRUPromptCache.trim_to``, handing each evicted entry to ``spill``."""

@@ -8,7 +8,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, SCRIPTED, Server
 
 CLAUDE = ROOT / ".cache" / "claude-code" / "node_modules" / ".bin" / "claude"
 
@@ -58,6 +58,28 @@ def test_claude_codes_second_session_reads_its_prompt_from_the_cache(server, tmp
     total = second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"]
     assert total > 1000, second["usage"]
     assert second["usage"]["cache_read_input_tokens"] > 0.8 * total, (first["usage"], second["usage"])
+
+
+def test_after_a_restart_claude_codes_next_session_reads_its_prompt_from_disk(tmp_path):
+    # The prompt cache's disk tier, with Claude Code itself: a session, a stop (the prompt cache
+    # goes to disk), a new server on the same folder, the next session.
+    env = {"PENSIEVE_BACKEND__MODEL": SCRIPTED, "PENSIEVE_BACKEND__PROMPT_CACHE_DIR": str(tmp_path / "cache")}
+    first_server = Server(env)
+    try:
+        run_claude(first_server, tmp_path, "say hi [[script]]Hi.[[/script]]")
+    finally:
+        first_server.stop()
+    assert list((tmp_path / "cache").rglob("*.safetensors")), "the stop wrote nothing"
+    s = Server(env)
+    try:
+        second = run_claude(s, tmp_path, "what is this folder? [[script]]A test folder.[[/script]]")
+        disk = health(s)["backend"]["prompt_cache_disk"]
+    finally:
+        s.stop()
+    assert second["result"] == "A test folder."
+    total = second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"]
+    assert second["usage"]["cache_read_input_tokens"] > 0.8 * total, second["usage"]
+    assert disk["hits"] >= 1 and disk["hit_tokens"] > 0.8 * total, disk
 
 
 # The main model's reply: a call to Claude Code's Agent tool asking for a subagent on the Haiku
