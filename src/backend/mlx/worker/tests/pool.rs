@@ -124,7 +124,10 @@ fn an_idle_model_is_unloaded_after_keep_alive_and_its_memory_released() {
     assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
     let b = state_of(&h, "b");
     assert_eq!((b.unloads_idle, b.unloads_memory, b.bytes), (1, 0, 0), "{b:?}");
-    assert_eq!(h.log().last().map(String::as_str), Some("release"));
+    // Its prompt cache went to its disk tier, then its batch was dropped (clearing MLX's cache)
+    // and what Python held released.
+    let log = h.log();
+    assert_eq!(log[log.len() - 3..], ["caching false", "clear", "release"], "{log:?}");
     // The default model stays; the next request for b loads it again.
     assert!(state_of(&h, "a").loaded);
     events(h.backend.generate(on("b", "x", 3)).unwrap());
