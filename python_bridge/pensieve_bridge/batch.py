@@ -49,6 +49,8 @@ PREFILL_BATCH = 8
 PREFILL_STEP = 2048
 #: A cached prefix shorter than this many tokens is not used.
 MIN_REUSE = 16
+#: Rendered prompts kept for requests waiting for a disk read.
+MAX_READING = 64
 #: mlx-lm's finish reasons, as protocol codes.
 FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH}
 
@@ -97,6 +99,8 @@ class Batcher:
         self._eos = set(self.engine.tokenizer.eos_token_ids)
         self._disk = None
         self._cache = None
+        #: Prompts waiting for a disk read, rendered: ``{chat_json: tokens}``.
+        self._reading = {}
         if self.prompt_cache_bytes > 0:
             if self.disk_bytes > 0 and self.engine.identity:
                 self._disk = disk_cache.open_tier(self.disk_dir, self.engine.identity, self.disk_bytes)
@@ -121,15 +125,28 @@ class Batcher:
         none). Returns ``(added, uid, input_tokens, cached_tokens, message)``; with
         :attr:`Added.TOO_LONG` nothing is queued (the prompt is longer than ``context_length``;
         0: no limit), nor with :attr:`Added.REFUSED` (the constraint cannot be used: ``message``
-        says why).
+        says why), nor with :attr:`Added.READING` (its prompt's cache is being read from disk,
+        off this thread: add it again).
         """
         engine = self.engine
         chat = json.loads(chat_json)
         params = json.loads(params_json)
-        tokens = engine.render_chat(chat)
+        tokens = self._reading.pop(chat_json, None) or engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
             return Added.TOO_LONG, 0, n, 0, ""
+        on_disk = None
+        if self._disk is not None:
+            hit = self._disk.lookup(tokens, self._cache.covered(tokens))
+            if hit is not None:
+                ready, on_disk = self._disk.read(hit)
+                if not ready:
+                    self._reading[chat_json] = tokens
+                    while len(self._reading) > MAX_READING:  # requests that left while waiting
+                        del self._reading[next(iter(self._reading))]
+                    return Added.READING, 0, n, 0, ""
+                if on_disk is not None:
+                    covered = hit.covered
         processors = None
         constraint = params.get("constraint") or {}
         if constraint:
@@ -152,7 +169,9 @@ class Batcher:
             # splitter reads it.
             running.splitter = ConstrainedOutput(call=constraint["type"] == "tool")
         cache, rest = None, tokens
-        if self._cache is not None:
+        if on_disk is not None:
+            cache, rest = on_disk, tokens[covered:]
+        elif self._cache is not None:
             cache, rest = self._cache.fetch(tokens)
             if cache is not None and not rest:
                 # An exact hit: the last prompt token must go through the model again to give
@@ -162,10 +181,6 @@ class Batcher:
                     rest = tokens[-1:]
                 else:
                     cache, rest = None, tokens
-        if self._disk is not None:
-            on_disk, covered = self._disk.fetch(tokens, n - len(rest))
-            if on_disk is not None:
-                cache, rest = on_disk, tokens[covered:]
         if cache is not None and n - len(rest) < MIN_REUSE:
             # Copying a cached prefix this short costs more than processing it again.
             cache, rest = None, tokens

@@ -13,11 +13,13 @@ finds it. Its metadata holds the format, the identity, the tokens and a CRC-32 o
   temporary file that is renamed into place, so that a crash never leaves a half file under an
   entry's name. The written arrays go back to the backend thread, which frees them there
   (:meth:`DiskTier.poll`).
-- **Reads are on a memory miss**, on the backend thread: the longest common prefix among the
-  entries (an entry longer than the prompt is trimmed, as in memory), when it covers
-  :data:`MIN_GAIN` tokens more than memory does. The file is read once, checked (identity,
-  tokens, size, CRC), then handed to ``load_prompt_cache``. A file that fails any check is
-  removed with a warning, and the prompt is processed as if it were not there.
+- **Reads are on a memory miss**, mostly off the batch loop: the longest common prefix among
+  the entries (an entry longer than the prompt is trimmed, as in memory), when it covers
+  :data:`MIN_GAIN` tokens more than memory does. A reader thread reads the file and checks it
+  (identity, tokens, size, CRC) while the request waits and the batch runs on
+  (:meth:`DiskTier.read`); then the backend thread hands the bytes to ``load_prompt_cache``. A
+  file that fails any check is removed with a warning, and the prompt is processed as if it
+  were not there.
 - **Across restarts** the folder is scanned at start-up: headers only, never the data.
   Temporary files of dead processes, truncated files, foreign files are removed.
 - **Bounded.** Files are removed least recently used first (a read counts as a use, kept across
@@ -60,6 +62,8 @@ FORMAT = "pensieve-prompt-cache-1"
 MIN_TOKENS = 64
 #: A disk entry is read only when it covers this many prompt tokens more than memory does.
 MIN_GAIN = 32
+#: Seconds a finished read waits for its request to take it.
+READ_KEPT = 30.0
 #: Bytes of each weight file hashed into a model's identity, at its start, middle and end.
 SAMPLE = 1 << 20
 SUFFIX = ".safetensors"
@@ -157,6 +161,28 @@ class Entry:
 
 
 @dataclass
+class Hit:
+    """An entry worth reading for a prompt."""
+
+    name: str
+    #: Prompt tokens it gives.
+    covered: int
+    #: Tokens it holds (more than ``covered`` when it is trimmed).
+    length: int
+
+
+@dataclass
+class Read:
+    """A file being read by the reader thread."""
+
+    since: float
+    done: bool = False
+    data: Optional[bytes] = None
+    error: Optional[Exception] = None
+    seconds: float = 0.0
+
+
+@dataclass
 class Job:
     name: str
     tokens: bytes
@@ -180,6 +206,9 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()
         self._written: list = []  # arrays written, for the backend thread to free
         self._thread: Optional[threading.Thread] = None
+        self._reads: dict = {}  # name -> Read
+        self._read_queue: queue.Queue = queue.Queue()
+        self._reader: Optional[threading.Thread] = None
         self.hits = self.hit_tokens = self.spills = self.spilled_bytes = 0
         self.writes = self.removed = 0
         self.read_seconds = self.write_seconds = 0.0
@@ -278,14 +307,15 @@ class DiskTier:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def fetch(self, tokens: List[int], at_least: int):
-        """``(cache, cached)`` for the longest prefix of ``tokens`` on disk, when it covers more
-        than ``at_least + MIN_GAIN`` tokens; else ``(None, 0)``. As in memory, an exact match
-        gives up its last token (which must go through the model for the first logits)."""
+    def lookup(self, tokens: List[int], at_least: int) -> Optional["Hit"]:
+        """The entry sharing the longest prefix with ``tokens``, when it covers more than
+        ``at_least + MIN_GAIN`` of them (what memory gives, and what makes a read worth it). As
+        in memory, an exact match gives up its last token (which must go through the model for
+        the first logits). A search of the index only: nothing is read."""
         if self.off is not None or not self._index:
-            return None, 0
+            return None
         want = _tokens_bytes(tokens)
-        best, best_len, entry_len = None, at_least + MIN_GAIN, 0
+        best = None
         head = want[: 4 * MIN_GAIN]
         with self._lock:
             for name, entry in self._index.items():
@@ -295,57 +325,91 @@ class DiskTier:
                 common = min(_common_prefix(entry.tokens, want), len(tokens) - 1)
                 if length > common and not entry.trimmable:
                     continue
-                if common > best_len:
-                    best, best_len, entry_len = name, common, length
-        if best is None:
-            return None, 0
-        cache = self._read(best)
-        if cache is None:
-            return None, 0
-        if entry_len > best_len:
-            trim_prompt_cache(cache, entry_len - best_len)
-        self.hits += 1
-        self.hit_tokens += best_len
-        return cache, best_len
+                if common > (best.covered if best else at_least + MIN_GAIN):
+                    best = Hit(name, common, length)
+        return best
 
-    def _read(self, name: str) -> Optional[List[Any]]:
-        path = self.folder / name
+    def read(self, hit: "Hit"):
+        """``(ready, cache)`` for a :meth:`lookup` hit. The first call starts reading its file
+        on the reader thread (read, header and CRC checked) and says not ready; once the bytes
+        are in, a call loads them into MLX arrays here (the backend thread), trimmed to
+        ``hit.covered``: the cache, or None when the file turned out bad (it is removed)."""
+        with self._lock:
+            pending = self._reads.get(hit.name)
+            if pending is None:
+                self._reads[hit.name] = Read(time.monotonic())
+            elif pending.done:
+                del self._reads[hit.name]
+        if pending is None:
+            self._read_queue.put(hit.name)
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_files, name="pensieve-prompt-cache-reader", daemon=True)
+                self._reader.start()
+            return False, None
+        if not pending.done:
+            return False, None
         started = time.perf_counter()
         try:
-            data = path.read_bytes()
-            entry = self._check_header(name, io.BytesIO(data), len(data))
-            (n,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8 : 8 + n])["__metadata__"]
-            if zlib.crc32(memoryview(data)[8 + n :]) != int(meta["0.crc32"]):
-                raise ValueError("its data does not match its checksum")
-            buffer = io.BytesIO(data)
-            buffer.name = name  # MLX picks the format by the name's suffix
+            if pending.error is not None:
+                raise pending.error
+            buffer = io.BytesIO(pending.data)
+            buffer.name = hit.name  # MLX picks the format by the name's suffix
             cache = load_prompt_cache(buffer, return_metadata=False)
             mx.eval([c.state for c in cache])
-            tokens = len(entry.tokens) // 4
-            offsets = {getattr(c, "offset", tokens) for c in cache}
-            if offsets != {tokens}:
-                raise ValueError(f"its cache covers {sorted(offsets)} tokens, not {tokens}")
+            offsets = {getattr(c, "offset", hit.length) for c in cache}
+            if offsets != {hit.length}:
+                raise ValueError(f"its cache covers {sorted(offsets)} tokens, not {hit.length}")
         except Exception as e:  # whatever is wrong with the file, it is not used
-            with self._lock:
-                gone = self._index.pop(name, None)
-                if gone is not None:
-                    self._bytes -= gone.nbytes
-            if isinstance(e, FileNotFoundError):
-                log.info("prompt cache file %s is gone (another process sharing the folder removed it)", path)
-            else:
-                self._discard(path, str(e))
-            return None
+            self._forget(hit.name, e)
+            return True, None
         finally:
-            self.read_seconds += time.perf_counter() - started
+            self.read_seconds += pending.seconds + time.perf_counter() - started
+        if hit.length > hit.covered:
+            trim_prompt_cache(cache, hit.length - hit.covered)
         with self._lock:
-            if name in self._index:
-                self._index.move_to_end(name)
+            if hit.name in self._index:
+                self._index.move_to_end(hit.name)
+            self.hits += 1
+            self.hit_tokens += hit.covered
         try:
-            os.utime(path)  # least recently used across restarts
+            os.utime(self.folder / hit.name)  # least recently used across restarts
         except OSError:
             pass
-        return cache
+        return True, cache
+
+    def _read_files(self) -> None:
+        """The reader thread: file bytes and their checks, no MLX."""
+        while True:
+            name = self._read_queue.get()
+            with self._lock:
+                pending = self._reads.get(name)
+            if pending is None:
+                continue
+            started = time.perf_counter()
+            try:
+                data = (self.folder / name).read_bytes()
+                self._check_header(name, io.BytesIO(data), len(data))
+                (n,) = struct.unpack("<Q", data[:8])
+                meta = json.loads(data[8 : 8 + n])["__metadata__"]
+                if zlib.crc32(memoryview(data)[8 + n :]) != int(meta["0.crc32"]):
+                    raise ValueError("its data does not match its checksum")
+                pending.data = data
+            except Exception as e:
+                pending.error = e
+            pending.seconds = time.perf_counter() - started
+            pending.done = True
+
+    def _forget(self, name: str, error: Exception) -> None:
+        """A file that could not be used: out of the index, and removed unless it is gone."""
+        with self._lock:
+            gone = self._index.pop(name, None)
+            if gone is not None:
+                self._bytes -= gone.nbytes
+        path = self.folder / name
+        if isinstance(error, FileNotFoundError):
+            log.info("prompt cache file %s is gone (another process sharing the folder removed it)", path)
+        else:
+            self._discard(path, str(error))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -419,9 +483,12 @@ class DiskTier:
     def poll(self) -> int:
         """Frees, on the backend thread, what finished writes held; returns the bytes still
         queued for writing."""
+        now = time.monotonic()
         with self._lock:
             written, self._written = self._written, []
             pending = sum(self._pending.values())
+            for name in [n for n, r in self._reads.items() if r.done and now - r.since > READ_KEPT]:
+                del self._reads[name]  # read for a request that left before taking it
         if written:
             del written
             mx.clear_cache()

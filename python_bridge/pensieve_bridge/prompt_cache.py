@@ -25,7 +25,7 @@ from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.cache import CacheList, KVCache, LRUPromptCache, QuantizedKVCache
+from mlx_lm.models.cache import CacheList, KVCache, LRUPromptCache, QuantizedKVCache, can_trim_prompt_cache
 
 #: How many prompts are kept at most, whatever their size.
 MAX_ENTRIES = 64
@@ -82,6 +82,18 @@ class PromptCache:
         """``(cache, rest)``: a copy of the cache of the longest cached prefix of ``tokens``
         (or None) and the tokens it does not cover."""
         return self._lru.fetch_nearest_cache(self._key, tokens)
+
+    def covered(self, tokens: List[int]) -> int:
+        """How many of ``tokens`` :meth:`fetch` would give, without copying anything."""
+        lru = self._lru
+        result = lru._trie.search(self._key, tokens)
+        if result.exact is not None:
+            return len(tokens)
+        short = len(result.shorter) if result.shorter is not None else 0
+        if result.longer is not None and result.common_prefix > short:
+            if can_trim_prompt_cache(lru._trie.get(result.model, result.longer).prompt_cache):
+                return min(len(tokens) - 1, result.common_prefix)
+        return short
 
     def insert(self, tokens: List[int], prompt_cache: List[Any]) -> None:
         """Keeps ``prompt_cache`` (the KV cache of ``tokens``), owned; may evict older entries."""

@@ -48,6 +48,8 @@ class Added(IntEnum):
     TOO_LONG = 1
     #: Not queued: its constraint (a schema, a forced tool) cannot be used; the message says why.
     REFUSED = 2
+    #: Not queued yet: its prompt's cache is being read from disk; add it again later.
+    READING = 3
 
 
 def codes() -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the bridge's tests (test-only code lives here, not in the package)."""
 
 import json
+import time
 
 from pensieve_bridge import blas
 
@@ -26,8 +27,13 @@ def running(batcher):
 
 
 def add(batcher, chat_json, params_json, context_length=0):
-    """``(uid, input_tokens, cached_tokens)`` of a request that starts (asserts it does)."""
-    added, uid, n, cached, _ = batcher.add(chat_json, params_json, context_length)
+    """``(uid, input_tokens, cached_tokens)`` of a request that starts (asserts it does), added
+    again while its prompt's cache is read from disk, as the server's loop does."""
+    while True:
+        added, uid, n, cached, _ = batcher.add(chat_json, params_json, context_length)
+        if added != 3:  # Added.READING
+            break
+        time.sleep(0.001)
     assert added == 0, "the prompt was refused as too long"
     return uid, n, cached
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import add, reference_generate, running
 from pensieve_bridge import disk_cache
 from pensieve_bridge.batch import Batcher
+from pensieve_bridge.protocol import Added
 
 SYSTEM = "You are a careful assistant for a coding agent; read the tools first. " * 30
 GREEDY = json.dumps({"max_tokens": 12, "temperature": 0})
@@ -75,7 +76,11 @@ def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prom
 
     restart()
     b = batcher(engine, folder)
-    # The same prompt: every token but the last from disk.
+    # The same prompt: its file is read off this thread while the request waits its turn...
+    added, *_ = b.add(chat("hello"), GREEDY, 0)
+    assert added == Added.READING
+    assert running(b) == 0
+    # ...then every token but the last comes from disk.
     uid, n, cached = add(b, chat("hello"), GREEDY)
     assert cached == n - 1
     assert run(b)[uid] == reference

@@ -180,12 +180,21 @@ prompt_cache_disk_mb = 100
         assert!(!small.preload && small.keep_alive_secs == 300 && small.max_concurrent == 2);
         assert_eq!(big.max_concurrent, 8, "backend.max_concurrent by default");
         // The disk tier: one folder for all (from the environment here), a cap per model.
-        assert_eq!((big.prompt_cache_disk_bytes, small.prompt_cache_disk_bytes), (8192 << 20, 100 << 20));
+        assert_eq!(
+            (big.prompt_cache_disk_bytes, small.prompt_cache_disk_bytes),
+            (8192 << 20, 100 << 20)
+        );
         assert!(specs.iter().all(|s| s.prompt_cache_dir == "/var/cache/pensieve"));
         let text = Config::explain(Some(Path::new("m.toml")), &Flags::default()).unwrap();
         assert!(text.contains("models.small.keep_alive_secs = 300  # file"), "{text}");
-        assert!(text.contains("models.small.prompt_cache_disk_mb = 100  # file"), "{text}");
-        assert!(text.contains("backend.prompt_cache_disk_mb = 8192  # default"), "{text}");
+        assert!(
+            text.contains("models.small.prompt_cache_disk_mb = 100  # file"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backend.prompt_cache_disk_mb = 8192  # default"),
+            "{text}"
+        );
         // `--model` is the one-model shortcut: the table is set aside.
         let flags = Flags {
             backend: FlagBackend {

@@ -54,6 +54,8 @@ pub(crate) enum Added {
         /// Why, naming the field.
         message: String,
     },
+    /// Not started yet: its prompt's cache is being read from disk, off the loop; add it again.
+    Reading,
 }
 
 /// One generation's output from one step.
@@ -113,7 +115,7 @@ pub(crate) trait Batcher {
 }
 
 /// Every code, as Python's `protocol.codes()` names them.
-pub(crate) const CODES: [(&str, u8); 12] = [
+pub(crate) const CODES: [(&str, u8); 13] = [
     ("Piece.TEXT", 0),
     ("Piece.THINKING", 1),
     ("Piece.TOOL", 2),
@@ -126,6 +128,7 @@ pub(crate) const CODES: [(&str, u8); 12] = [
     ("Added.STARTED", 0),
     ("Added.TOO_LONG", 1),
     ("Added.REFUSED", 2),
+    ("Added.READING", 3),
 ];
 
 impl Piece {
@@ -168,6 +171,7 @@ impl Added {
             },
             1 => Added::TooLong { input_tokens },
             2 => Added::Refused { message },
+            3 => Added::Reading,
             other => return Err(format!("the bridge sent an unknown add code {other}")),
         })
     }

@@ -100,6 +100,9 @@ pub(crate) struct Worker<'a, B: Batcher> {
     running: HashMap<u64, Running>,
     /// Generations taken off the queue, waiting for a free slot (still counted as queued).
     waiting: VecDeque<Job>,
+    /// Generations waiting for their prompt's cache to be read from disk (counted as queued):
+    /// added again at the next round, ahead of the others.
+    reading: Vec<Job>,
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
@@ -131,6 +134,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
             gate,
             running: HashMap::new(),
             waiting: VecDeque::new(),
+            reading: Vec::new(),
             draining: Vec::new(),
             steps: 0,
             caching: true,
@@ -138,13 +142,21 @@ impl<'a, B: Batcher> Worker<'a, B> {
         }
     }
 
-    /// Generations running or waiting.
+    /// Generations running or waiting (for a slot, or for a disk read).
     fn busy(&self) -> bool {
+        self.computing() || !self.reading.is_empty()
+    }
+
+    /// Generations running or waiting for a slot: the loop has work at once.
+    fn computing(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
     /// Drops waiting requests whose clients left, and starts waiting ones while slots are free.
     fn admit(&mut self) {
+        for job in std::mem::take(&mut self.reading).into_iter().rev() {
+            self.waiting.push_front(job);
+        }
         let queued = &self.shared.global.queued;
         self.waiting.retain(|job| {
             let gone = job.events.is_closed();
@@ -223,6 +235,13 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 cached_tokens,
             })) => (uid, input_tokens, cached_tokens),
             Ok(Ok(Added::Refused { message })) => return fail(BackendError::InvalidRequest(message)),
+            Ok(Ok(Added::Reading)) => {
+                // Its place is kept: it is added again at the next round.
+                drop(_enter);
+                self.shared.global.queued.fetch_add(1, Ordering::SeqCst);
+                self.reading.push(job);
+                return;
+            }
             Ok(Ok(Added::TooLong { input_tokens })) => {
                 let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
                 return fail(BackendError::InvalidRequest(msg));

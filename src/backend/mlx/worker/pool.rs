@@ -131,7 +131,7 @@ impl<'a, L: Loader> Pool<'a, L> {
                 tracing::info!(generations, "the backend is stopping");
                 break;
             }
-            if !self.workers.iter().flatten().any(Worker::busy) {
+            if !self.workers.iter().flatten().any(Worker::computing) {
                 let work = match self.tick() {
                     Some(tick) => match queue.recv_timeout(tick) {
                         Ok(work) => Some(work),
@@ -177,7 +177,7 @@ impl<'a, L: Loader> Pool<'a, L> {
             .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)));
         let mut tick = None;
         for (i, w) in loaded {
-            if !w.draining.is_empty() {
+            if !w.draining.is_empty() || !w.reading.is_empty() {
                 return Some(DRAIN_TICK);
             }
             let watch_cache =

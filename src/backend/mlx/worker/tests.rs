@@ -29,6 +29,8 @@ struct State {
     /// The next step with this many generations running goes over MLX's memory limit: the
     /// last of them ends with `Finish::Memory`, as the bridge ends the largest.
     over_limit_with: Option<usize>,
+    /// A prompt `disk` is reported as waiting for its disk read this many times.
+    reads_left: u32,
 }
 
 /// A batcher whose generation `i` says `w0 w1 … w{max_tokens-1}`, one word a step (prompt
@@ -56,6 +58,15 @@ impl Batcher for Fake {
             "panic" => panic!("add panicked"),
             "template" => return Err("the template refused".into()),
             "long" => return Ok(Added::TooLong { input_tokens: 200_000 }),
+            "disk" => {
+                let mut st = self.state.lock().unwrap();
+                if st.reads_left > 0 {
+                    st.reads_left -= 1;
+                    let at = format!("reading at step {}", st.steps);
+                    st.log.push(at);
+                    return Ok(Added::Reading);
+                }
+            }
             _ => {}
         }
         let uid = self.next;
@@ -328,6 +339,31 @@ fn an_idle_batch_clears_the_cache_before_the_last_event_is_sent() {
         ]
     );
     assert_eq!(h.backend.status().cache_bytes, 0);
+}
+
+fn reads_in(log: &[String]) -> Vec<&String> {
+    log.iter().filter(|l| l.starts_with("reading")).collect()
+}
+
+#[test]
+fn a_request_waiting_for_its_disk_read_keeps_its_place_while_the_batch_runs() {
+    let h = harness(4);
+    {
+        let mut st = h.state.lock().unwrap();
+        st.reads_left = 3;
+        st.step_time = Duration::from_millis(2);
+    }
+    let long = h.generate("hi", 400);
+    let disk = h.generate("disk", 3);
+    let e = events(disk);
+    assert_eq!(text(&e), "w0 w1 w2 ", "{e:?}");
+    let log = h.log();
+    let reads = reads_in(&log);
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    // Added again at each round while the batch went on: the long one was decoding.
+    assert!(reads[0] != reads[2], "no step between the tries: {reads:?}");
+    assert_eq!(text(&events(long)).split_whitespace().count(), 400);
+    assert_eq!(h.backend.status().queued, 0, "no count left behind");
 }
 
 #[test]
