@@ -21,7 +21,9 @@ before the system prompt, so that each round's cold start is cold, and measures 
 
 Before step 4 the session's next turn puts a new entry in memory (for the spill to write), and
 during step 4 a stream of another prompt runs; its inter-token gaps are recorded, and the
-largest gap while the spill is written is compared with the stream's median gap.
+largest gap while the spill is written is compared with the stream's median gap, and with the
+same steps on a server whose disk tier is off (leaving Safe drops the entry instead): the
+control, which separates the spill's cost from the allocation's and the tier change's.
 
 Medians over ``ROUNDS`` rounds (default 5) are printed, with each warm time as a fraction of
 cold (the goal: disk ≤ ¼ of cold).
@@ -44,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "pensieve"
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "demo"
+#: The shortest window whose inter-token gaps are compared.
+WINDOW = 0.5
 CGROUP = Path(f"/sys/fs/cgroup/memory/pensieve-bench-disk-{os.getpid()}")
 LIMIT = int(os.environ.get("LIMIT_MB", "3072")) << 20
 ENV = {
@@ -102,9 +106,11 @@ def request(round_, question="say hi", max_tokens=2):
 
 
 class Server:
-    def __init__(self, folder):
+    def __init__(self, folder, disk=True):
         args = [str(BIN), "serve", "--port", "0", "--model", MODEL]
         env = {**os.environ, **ENV, "PENSIEVE_BACKEND__PROMPT_CACHE_DIR": str(folder)}
+        if not disk:
+            env["PENSIEVE_BACKEND__PROMPT_CACHE_DISK_MB"] = "0"
         self.proc = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *args],
             cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
@@ -158,8 +164,10 @@ def wait_for(what, check, timeout=120):
         time.sleep(0.05)
 
 
-def spill_round(server, round_, gaps):
-    """Takes memory out of Safe while a stream runs, then back; returns the spill's window."""
+def spill_round(server, round_, gaps, disk=True):
+    """Takes memory out of Safe while a stream runs, then back. The largest inter-token gap in
+    the window from the allocation that left Safe to the entry written (``disk``) or dropped
+    (the disk tier off), and at least :data:`WINDOW` long, goes to ``gaps``."""
     alloc = subprocess.Popen(
         ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c", ALLOCATOR],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -179,16 +187,20 @@ def spill_round(server, round_, gaps):
     wait_for("the stream", lambda: len(times) > 20)
     spills = server.health()["backend"]["prompt_cache_disk"]["spills"]
     start = None
+    backend = lambda: server.health()["backend"]  # noqa: E731
     while server.health()["memory"]["status"] == "Safe":
         start = time.perf_counter()  # the tier can change only after this allocation
         alloc.stdin.write("alloc 20\n")
         alloc.stdin.flush()
         alloc.stdout.readline()
-    wait_for("the spill", lambda: server.health()["backend"]["prompt_cache_disk"]["spills"] > spills)
-    wait_for("the write", lambda: server.health()["backend"]["prompt_cache_disk"]["pending_bytes"] == 0)
-    end = time.perf_counter()
-    disk = server.health()["backend"]["prompt_cache_disk"]
-    time.sleep(0.5)
+    if disk:
+        wait_for("the spill", lambda: backend()["prompt_cache_disk"]["spills"] > spills)
+        wait_for("the write", lambda: backend()["prompt_cache_disk"]["pending_bytes"] == 0)
+    else:
+        wait_for("the drop", lambda: backend()["prompt_cache_bytes"] == 0)
+    end = max(time.perf_counter(), start + WINDOW)
+    stats = backend()["prompt_cache_disk"]
+    time.sleep(max(0.0, end - time.perf_counter()) + 0.5)
     done.set()
     stream.join(timeout=30)
     alloc.stdin.write("free\n")
@@ -199,7 +211,7 @@ def spill_round(server, round_, gaps):
     wait_for("Safe", lambda: server.health()["memory"]["status"] == "Safe")
     before = [b - a for a, b in zip(times, times[1:]) if b < start]
     during = [b - a for a, b in zip(times, times[1:]) if start <= b <= end + 0.05]
-    gaps.append((statistics.median(before[-50:]), max(during) if during else 0.0, disk["write_seconds"], disk["spilled_bytes"]))
+    gaps.append((statistics.median(before[-50:]), max(during) if during else 0.0, stats["write_seconds"], stats["spilled_bytes"]))
 
 
 def main():
@@ -211,6 +223,7 @@ def main():
     (CGROUP / "memory.limit_in_bytes").write_text(str(LIMIT))
     results = {k: [] for k in ("cold", "memory", "restart", "left Safe")}
     gaps = []
+    dropped = []
     hits = []
     try:
         for r in range(ROUNDS):
@@ -229,6 +242,12 @@ def main():
                 results["left Safe"].append(t)
                 hits.append(usage["cache_read_input_tokens"])
                 s.stop()
+            with tempfile.TemporaryDirectory() as folder:
+                # The control: the same steps with the disk tier off, the entry dropped.
+                s = Server(folder, disk=False)
+                s.stream(request(r))
+                spill_round(s, r, dropped, disk=False)
+                s.stop()
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in results.items()), flush=True)
     finally:
         for pid in (CGROUP / "cgroup.procs").read_text().split():
@@ -245,9 +264,13 @@ def main():
     worst = statistics.median(g[1] for g in gaps)
     writing = statistics.median(g[2] for g in gaps)
     size = statistics.median(g[3] for g in gaps)
-    print(f"  a running stream's inter-token gap: median {median_gap * 1000:.1f} ms before the spill, "
-          f"largest from the allocation that left Safe to the file written {worst * 1000:.1f} ms "
-          f"({worst / median_gap:.2f}x); the writer took {writing * 1000:.0f} ms for {size / 1e6:.1f} MB")
+    control_gap = statistics.median(g[0] for g in dropped)
+    control = statistics.median(g[1] for g in dropped)
+    print(f"  a running stream's inter-token gap, median before / largest in the window from the allocation "
+          f"that left Safe to the entry written or dropped (≥ {WINDOW:.1f} s):")
+    print(f"    spilled to disk: {median_gap * 1000:.1f} / {worst * 1000:.1f} ms ({worst / median_gap:.2f}x); "
+          f"the writer took {writing * 1000:.0f} ms for {size / 1e6:.1f} MB")
+    print(f"    dropped (disk tier off): {control_gap * 1000:.1f} / {control * 1000:.1f} ms ({control / control_gap:.2f}x)")
 
 
 if __name__ == "__main__":
