@@ -29,14 +29,6 @@ async fn usage(s: &Server, body: &Value) -> Value {
     v["usage"].clone()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 #[tokio::test]
 async fn claude_codes_next_request_reads_its_prompt_from_the_cache_despite_a_new_billing_header() {
     let s = Server::start();

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cgroup::{push_to, tier, Allocator, Cgroup};
+use common::cgroup::{push_to, tier, Allocator, Cgroup, ONE_GIB_TIERS};
 use common::*;
 use serde_json::{json, Value};
 
@@ -66,13 +66,9 @@ async fn written(s: &Server) -> Value {
     }
 }
 
-async fn metric(s: &Server, name: &str) -> f64 {
+async fn metric_of(s: &Server, name: &str) -> f64 {
     let text = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    metric(&text, name)
 }
 
 #[tokio::test]
@@ -123,9 +119,9 @@ async fn after_a_restart_claude_codes_prompt_is_read_from_disk_and_bad_files_are
     assert_eq!(disk(&h)["hits"], 1, "{h}");
     assert_eq!(disk(&h)["hit_tokens"], total - 1, "{h}");
     assert!(disk(&h)["read_seconds"].as_f64().unwrap() > 0.0, "{h}");
-    assert_eq!(metric(&b, "pensieve_prompt_cache_disk_hits_total").await, 1.0);
-    assert_eq!(metric(&b, "pensieve_prompt_cache_disk_removed_total").await, 3.0);
-    assert_eq!(metric(&b, "pensieve_prompt_cache_disk_entries").await, 1.0);
+    assert_eq!(metric_of(&b, "pensieve_prompt_cache_disk_hits_total").await, 1.0);
+    assert_eq!(metric_of(&b, "pensieve_prompt_cache_disk_removed_total").await, 3.0);
+    assert_eq!(metric_of(&b, "pensieve_prompt_cache_disk_entries").await, 1.0);
 }
 
 fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
@@ -142,15 +138,7 @@ fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 async fn the_prompt_cache_goes_to_disk_when_memory_leaves_safe_and_is_read_back_after() {
     const LIMIT: u64 = 1 << 30;
     let cg = Cgroup::create(&format!("pensieve-disk-cache-{}", std::process::id()), LIMIT);
-    let s = Server::start_in_cgroup(
-        &cg.procs(),
-        &[
-            ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
-            ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
-            ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.25"),
-            ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "50"),
-        ],
-    );
+    let s = Server::start_in_cgroup(&cg.procs(), &ONE_GIB_TIERS);
     let (cold, text) = answer(&s, &claude_code("say hi")).await;
     let total = cold["input_tokens"].as_u64().unwrap();
     let h = s.health().await;

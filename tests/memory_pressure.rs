@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cgroup::{push_to, tier, Allocator, Cgroup};
+use common::cgroup::{push_to, tier, Allocator, Cgroup, ONE_GIB_TIERS};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -19,15 +19,7 @@ const LIMIT: u64 = 1 << 30; // 1 GiB for the server and the allocator together
 #[tokio::test]
 async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recovers() {
     let cg = Cgroup::create(&format!("pensieve-test-{}", std::process::id()), LIMIT);
-    let s = Server::start_in_cgroup(
-        &cg.procs(),
-        &[
-            ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
-            ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
-            ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.25"),
-            ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "50"),
-        ],
-    );
+    let s = Server::start_in_cgroup(&cg.procs(), &ONE_GIB_TIERS);
     // The server sees the cgroup: its limit is the total.
     let h = s.health().await;
     assert_eq!(h["memory"]["source"], "cgroup", "{h}");

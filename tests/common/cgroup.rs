@@ -174,3 +174,12 @@ pub async fn push_to(s: &Server, cg: &Cgroup, alloc: &mut Allocator, want: &[&st
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
+
+/// Thresholds for a server in a 1 GiB cgroup, sampled every 50 ms: Warning below 0.6 GB,
+/// Critical below 0.4, Emergency below 0.25.
+pub const ONE_GIB_TIERS: [(&str, &str); 4] = [
+    ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
+    ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
+    ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.25"),
+    ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "50"),
+];

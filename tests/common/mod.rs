@@ -273,3 +273,12 @@ pub fn sparse_gguf(path: &std::path::Path, values: u64) {
     std::io::Write::write_all(&mut f, &b).unwrap();
     f.set_len(b.len() as u64 + values * 2).unwrap();
 }
+
+/// The value of the metric `name` (its full name, with no labels) in `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
