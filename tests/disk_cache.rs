@@ -203,11 +203,8 @@ async fn a_read_only_folder_turns_the_disk_tier_off_and_the_server_serves() {
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
     // A read-only file system where it can be mounted (root); else a folder under a file.
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", ro.to_str().unwrap()])
-        .status()
-        .is_ok_and(|s| s.success());
-    let folder = if mounted {
+    let mounted = Mount::tmpfs(&ro, "ro,size=1m");
+    let folder = if mounted.is_some() {
         ro.clone()
     } else {
         let file = dir.path().join("a-file");
@@ -230,7 +227,58 @@ async fn a_read_only_folder_turns_the_disk_tier_off_and_the_server_serves() {
     assert!(s.log().contains("the prompt cache's disk tier is off"));
     s.signal("TERM");
     assert_eq!(s.wait_exit(Duration::from_secs(30)), Some(0), "{}", s.log());
-    if mounted {
-        let _ = std::process::Command::new("umount").arg(&ro).status();
+}
+
+/// A tmpfs mounted for a test, unmounted when the test ends, whether it passes or not.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs with `options` at `at`; None where mounting is not allowed (not root).
+    fn tmpfs(at: &Path, options: &str) -> Option<Mount> {
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs", at.to_str().unwrap()])
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Mount(at.to_owned()))
     }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_turns_the_disk_tier_off_and_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    // A 1 MiB file system: the first entry (3.7 MB) does not fit. Root only; the test says so.
+    let _mount = Mount::tmpfs(&small, "size=1m").expect("this test mounts a 1 MiB tmpfs: it needs root");
+    let s = Server::start_with(&[
+        ("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", small.to_str().unwrap()),
+        // Smaller than one entry: each finished generation goes straight to disk.
+        ("PENSIEVE_BACKEND__PROMPT_CACHE_MB", "1"),
+    ]);
+    let mut body = claude_code("say hi");
+    body["system"] = json!("A full disk. ".repeat(400));
+    answer(&s, &body).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let h = loop {
+        let h = s.health().await;
+        if disk(&h)["enabled"] == false {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "the tier stayed on: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let why = disk(&h)["off_reason"].as_str().unwrap().to_owned();
+    assert!(why.contains("No space left on device"), "{why}");
+    assert!(s.log().contains("the prompt cache's disk tier is off"));
+    // No half file is left under an entry's name, and serving goes on.
+    assert!(entries(&small).is_empty(), "{:?}", entries(&small));
+    answer(&s, &body).await;
+    assert_eq!(disk(&s.health().await)["pending_bytes"], 0);
+    drop(s); // before the file system goes
 }

@@ -175,6 +175,7 @@ class Hit:
 class Read:
     """A file being read by the reader thread."""
 
+    #: When it was asked for; when it finished, once done.
     since: float
     done: bool = False
     data: Optional[bytes] = None
@@ -397,6 +398,7 @@ class DiskTier:
             except Exception as e:
                 pending.error = e
             pending.seconds = time.perf_counter() - started
+            pending.since = time.monotonic()  # kept READ_KEPT from now for its request
             pending.done = True
 
     def _forget(self, name: str, error: Exception) -> None:

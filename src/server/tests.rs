@@ -372,8 +372,20 @@ async fn layers_memory_headers_off_sends_no_memory_or_static_headers() {
     assert!(a.headers.contains_key("request-id"));
 }
 
+/// A do-nothing global subscriber, once per test binary. tracing caches each callsite's
+/// interest process-wide, resolved on the thread that first reaches it: a test thread with no
+/// subscriber at all would cache "never" for the logging layer's lines and blind the scoped
+/// subscriber below (seen once in CI: an empty capture).
+fn a_global_subscriber() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
 #[tokio::test]
 async fn layers_logging_off_writes_no_request_lines() {
+    a_global_subscriber();
     let logged = |config: Config| async move {
         let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
         let writer = {
@@ -382,6 +394,7 @@ async fn layers_logging_off_writes_no_request_lines() {
         };
         let subscriber = tracing_subscriber::fmt().with_writer(writer).with_ansi(false).finish();
         let _guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
         let a = send(&app(&config, Tier::Safe, false), post("/v1/messages", hello())).await;
         assert_eq!(a.status, 200);
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
