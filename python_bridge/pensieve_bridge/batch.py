@@ -137,7 +137,7 @@ class Batcher:
             return Added.TOO_LONG, 0, n, 0, ""
         on_disk = None
         if self._disk is not None:
-            hit = self._disk.lookup(tokens, self._cache.covered(tokens))
+            hit = self._disk.lookup(tokens, lambda: self._cache.covered(tokens))
             if hit is not None:
                 ready, on_disk = self._disk.read(hit)
                 if not ready:
@@ -145,8 +145,6 @@ class Batcher:
                     while len(self._reading) > MAX_READING:  # requests that left while waiting
                         del self._reading[next(iter(self._reading))]
                     return Added.READING, 0, n, 0, ""
-                if on_disk is not None:
-                    covered = hit.covered
         processors = None
         constraint = params.get("constraint") or {}
         if constraint:
@@ -170,7 +168,7 @@ class Batcher:
             running.splitter = ConstrainedOutput(call=constraint["type"] == "tool")
         cache, rest = None, tokens
         if on_disk is not None:
-            cache, rest = on_disk, tokens[covered:]
+            cache, rest = on_disk, tokens[hit.covered :]
         elif self._cache is not None:
             cache, rest = self._cache.fetch(tokens)
             if cache is not None and not rest:

@@ -48,7 +48,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -155,9 +155,14 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 @dataclass
 class Entry:
+    """An entry on disk, from its file's header."""
+
     tokens: bytes
     nbytes: int
     trimmable: bool
+    #: Where its data starts in the file, and the data's CRC-32.
+    data_start: int
+    crc: int
 
 
 @dataclass
@@ -281,7 +286,7 @@ class DiskTier:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             raise ValueError(f"truncated: {size} bytes where its header says {8 + n + end}")
-        return Entry(tokens, size, meta.get("0.trimmable") == "1")
+        return Entry(tokens, size, meta.get("0.trimmable") == "1", 8 + n, int(meta["0.crc32"]))
 
     def _make_room(self, need: int) -> bool:
         """Removes least recently used entries until ``need`` more bytes fit under the cap."""
@@ -308,11 +313,12 @@ class DiskTier:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def lookup(self, tokens: List[int], at_least: int) -> Optional["Hit"]:
+    def lookup(self, tokens: List[int], in_memory: Callable[[], int]) -> Optional["Hit"]:
         """The entry sharing the longest prefix with ``tokens``, when it covers more than
-        ``at_least + MIN_GAIN`` of them (what memory gives, and what makes a read worth it). As
-        in memory, an exact match gives up its last token (which must go through the model for
-        the first logits). A search of the index only: nothing is read."""
+        ``in_memory() + MIN_GAIN`` of them (what memory gives, asked only when disk has a
+        candidate, and what makes a read worth it). As in memory, an exact match gives up its
+        last token (which must go through the model for the first logits). A search of the
+        index only: nothing is read."""
         if self.off is not None or not self._index:
             return None
         want = _tokens_bytes(tokens)
@@ -326,8 +332,10 @@ class DiskTier:
                 common = min(_common_prefix(entry.tokens, want), len(tokens) - 1)
                 if length > common and not entry.trimmable:
                     continue
-                if common > (best.covered if best else at_least + MIN_GAIN):
+                if common > (best.covered if best else MIN_GAIN):
                     best = Hit(name, common, length)
+        if best is None or best.covered <= in_memory() + MIN_GAIN:
+            return None
         return best
 
     def read(self, hit: "Hit"):
@@ -389,10 +397,8 @@ class DiskTier:
             started = time.perf_counter()
             try:
                 data = (self.folder / name).read_bytes()
-                self._check_header(name, io.BytesIO(data), len(data))
-                (n,) = struct.unpack("<Q", data[:8])
-                meta = json.loads(data[8 : 8 + n])["__metadata__"]
-                if zlib.crc32(memoryview(data)[8 + n :]) != int(meta["0.crc32"]):
+                entry = self._check_header(name, io.BytesIO(data), len(data))
+                if zlib.crc32(memoryview(data)[entry.data_start :]) != entry.crc:
                     raise ValueError("its data does not match its checksum")
                 pending.data = data
             except Exception as e:
@@ -464,9 +470,9 @@ class DiskTier:
             crc = zlib.crc32(a, crc)
         job.header["__metadata__"]["0.crc32"] = f"{crc:010d}"  # as long as the placeholder
         tmp = self.folder / f".{job.name}.{os.getpid()}{TMP}"
+        head = _header_bytes(job.header)
         try:
             with open(tmp, "wb") as f:
-                head = _header_bytes(job.header)
                 f.write(struct.pack("<Q", len(head)))
                 f.write(head)
                 for a in job.arrays:
@@ -477,7 +483,7 @@ class DiskTier:
             raise
         with self._lock:
             trimmable = job.header["__metadata__"]["0.trimmable"] == "1"
-            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable)
+            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable, 8 + len(head), crc)
             self._bytes += job.nbytes
             self.writes += 1
             self.write_seconds += time.perf_counter() - started
