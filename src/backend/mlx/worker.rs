@@ -463,13 +463,15 @@ impl<'a, B: Batcher> Worker<'a, B> {
 
     /// Reads MLX's memory counters and the prompt cache's size into the shared status.
     fn refresh(&mut self) {
-        match self.batcher.memory() {
-            Ok(m) => self.shared.store_memory(&m),
-            Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
-        }
+        // The disk tier first: reading it frees what finished writes held (and clears MLX's
+        // cache after), so that the memory counters read next are the ones that stay.
         match self.batcher.disk_stats() {
             Ok(disk) => self.shared.store_disk(disk),
             Err(e) => tracing::warn!(error = %e, "could not read the prompt cache's disk tier"),
+        }
+        match self.batcher.memory() {
+            Ok(m) => self.shared.store_memory(&m),
+            Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
         }
     }
 }
