@@ -99,9 +99,19 @@ async fn after_a_restart_claude_codes_prompt_is_read_from_disk_and_bad_files_are
     let identity = folder.file_name().unwrap().to_str().unwrap().as_bytes().to_vec();
     let foreign = replace(&bytes, &identity, &[b'f'; 32]);
     std::fs::write(folder.join(format!("{}.safetensors", "3".repeat(40))), foreign).unwrap();
+    // The folder of an earlier identity of the same model (as after an MLX upgrade), marked by
+    // the stopped server: nothing can read it any more.
+    let earlier = dir.path().join("0".repeat(32));
+    std::fs::create_dir(&earlier).unwrap();
+    std::fs::copy(good, earlier.join(good.file_name().unwrap())).unwrap();
+    std::fs::copy(folder.join("model.json"), earlier.join("model.json")).unwrap();
 
     let b = Server::start_with(&env);
     let h = b.health().await;
+    assert!(
+        !earlier.exists(),
+        "the earlier identity's folder is removed at start-up"
+    );
     assert_eq!(disk(&h)["removed"], 3, "{h}");
     assert_eq!(disk(&h)["entries"], 1, "{h}");
     assert_eq!(entries(dir.path()), files, "the bad files are gone, the good one stays");

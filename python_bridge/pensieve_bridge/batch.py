@@ -103,7 +103,9 @@ class Batcher:
         self._reading = {}
         if self.prompt_cache_bytes > 0:
             if self.disk_bytes > 0 and self.engine.identity:
-                self._disk = disk_cache.open_tier(self.disk_dir, self.engine.identity, self.disk_bytes)
+                self._disk = disk_cache.open_tier(
+                    self.disk_dir, self.engine.identity, self.disk_bytes, self.engine.source
+                )
             spill = self._disk.spill if self._disk is not None else None
             self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes, spill)
         self._grammars = Grammars(self.engine.tokenizer)

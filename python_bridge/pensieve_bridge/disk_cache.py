@@ -24,8 +24,10 @@ finds it. Its metadata holds the format, the identity, the tokens and a CRC-32 o
   Temporary files of dead processes, truncated files, foreign files are removed.
 - **Bounded.** Files are removed least recently used first (a read counts as a use, kept across
   restarts as the file's mtime) so that the folder never holds more than its cap, counting the
-  file being written. A full disk or a folder that cannot be written turns the tier off with a
-  warning; serving goes on with memory alone.
+  file being written; the folders of a model's earlier identities (its files changed, MLX was
+  upgraded) are removed when it opens (:mod:`~pensieve_bridge.disk_sweep`). A full disk or a
+  folder that cannot be written turns the tier off with a warning; serving goes on with memory
+  alone.
 
 Tiers live in this module (:func:`open_tier`), one per folder, so that a model unloaded and
 loaded again finds its index and its counters as they were.
@@ -53,6 +55,8 @@ from typing import Any, Callable, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, trim_prompt_cache
+
+from . import disk_sweep
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +114,31 @@ def model_identity(files: List[Path], runtime: str) -> str:
     return h.hexdigest()
 
 
-def open_tier(root: str, identity: str, max_bytes: int) -> "DiskTier":
+def open_tier(root: str, identity: str, max_bytes: int, source: str = "") -> "DiskTier":
     """The tier of this model identity under ``root`` (``""``: :func:`default_root`), made once
-    per process."""
+    per process. With ``source`` (the model's resolved path, or its Hugging Face id), the folder
+    is marked as that model's, and the folders of its earlier identities are removed
+    (:mod:`~pensieve_bridge.disk_sweep`)."""
     folder = (Path(root) if root else default_root()) / identity[:32]
     with _tiers_lock:
         tier = _tiers.get(folder)
         if tier is None:
             tier = _tiers[folder] = DiskTier(folder, identity, max_bytes)
+            if source and tier.off is None:
+                _mark_and_sweep(tier, source)
         tier.max_bytes = max_bytes
         return tier
+
+
+def _mark_and_sweep(tier: "DiskTier", source: str) -> None:
+    try:
+        disk_sweep.mark(tier.folder, source)
+    except OSError as e:
+        log.warning("could not mark the prompt cache folder %s as %s's: %s", tier.folder, source, e)
+        return
+    files, nbytes = disk_sweep.sweep(tier.folder.parent, tier.folder, source, _tiers, (SUFFIX, TMP))
+    if files:
+        log.info("prompt cache on disk: %d files, %.1f MB of %s's earlier identities removed", files, nbytes / 1e6, source)
 
 
 def flush_all(timeout: float) -> None:
@@ -235,7 +254,8 @@ class DiskTier:
         found = []
         for path in self.folder.iterdir():
             if path.name.endswith(TMP):
-                self._remove_stale_tmp(path)
+                if disk_sweep.writer_gone(path):  # a crash mid-write
+                    path.unlink(missing_ok=True)
                 continue
             if not path.name.endswith(SUFFIX):
                 continue
@@ -252,19 +272,6 @@ class DiskTier:
         self._make_room(0)
         if self._index:
             log.info("prompt cache on disk: %d entries, %.1f MB in %s", len(self._index), self._bytes / 1e6, self.folder)
-
-    def _remove_stale_tmp(self, path: Path) -> None:
-        """A temporary file whose writer is gone (a crash mid-write)."""
-        try:
-            pid = int(path.name.split(".")[-2])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                return  # another live process is writing it
-        except (ValueError, IndexError, ProcessLookupError):
-            pass
-        except PermissionError:
-            return
-        path.unlink(missing_ok=True)
 
     def _check_header(self, name: str, f, size: int) -> Entry:
         """The entry a file holds, from its header; ValueError says what is wrong with it."""

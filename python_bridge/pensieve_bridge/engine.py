@@ -71,8 +71,10 @@ class Engine:
     def _identity(self, gguf_file) -> Optional[str]:
         """What the prompt cache's disk tier files this model's entries under
         (:func:`~pensieve_bridge.disk_cache.model_identity`); None when its files are not found
-        (the disk tier is then off for it)."""
+        (the disk tier is then off for it). Sets :attr:`source`, the model as its tier's folder
+        is marked: its resolved path, or its Hugging Face id (whose snapshots change)."""
         where = Path(gguf_file or self.path)
+        self.source = str(where.resolve()) if where.exists() else self.path
         if not where.exists():
             try:
                 from huggingface_hub import snapshot_download

@@ -2,11 +2,14 @@
 tokens as processing the prompt; bad files are removed, never read; the cap holds."""
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
 from conftest import add, reference_generate, running
-from pensieve_bridge import disk_cache
+from pensieve_bridge import disk_cache, disk_sweep
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added
 
@@ -43,7 +46,8 @@ def batcher(engine, folder, disk=DISK):
 
 
 def files(folder):
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """The entry files under ``folder``, every model's."""
+    return sorted(folder.rglob("*" + disk_cache.SUFFIX))
 
 
 def stats(b):
@@ -162,4 +166,48 @@ def test_a_folder_that_cannot_be_written_turns_the_tier_off_and_serving_goes_on(
     spill(b)
     uid, n, cached = add(b, chat("hello"), GREEDY)
     assert cached == 0  # nothing on disk, nothing in memory: served all the same
+    run(b)
+
+
+def test_folders_of_the_models_earlier_identities_are_removed_when_it_opens(engine, folder):
+    """A changed model file or an MLX upgrade gives the model a new identity: its old folder
+    could never be read again, so it goes, unless a live process uses it. Other models' folders,
+    folders without a marker and files that are not the tier's stay."""
+    b = batcher(engine, folder)
+    add(b, chat("hello"), GREEDY)
+    run(b)
+    spill(b)
+    (entry,) = files(folder)
+    mine = entry.parent
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+
+    def old(name, source, pid, extra=()):
+        d = folder / name
+        d.mkdir()
+        shutil.copy(entry, d / entry.name)
+        (d / f".{entry.name}.{dead.pid}.tmp").write_bytes(b"half")  # a crash mid-write
+        for f in extra:
+            (d / f).write_bytes(b"not the tier's")
+        (d / disk_sweep.MARK).write_text(json.dumps({"source": source, "pid": pid}))
+        return d
+
+    earlier = old("a" * 32, engine.source, dead.pid)
+    with_notes = old("b" * 32, engine.source, dead.pid, ["notes.txt"])
+    other_model = old("c" * 32, "/models/other.gguf", dead.pid)
+    in_use = old("d" * 32, engine.source, os.getppid())  # another live server, on an older MLX
+    unmarked = folder / ("e" * 32)
+    unmarked.mkdir()
+    shutil.copy(entry, unmarked / entry.name)
+
+    restart()
+    b = batcher(engine, folder)
+    assert not earlier.exists()
+    assert [p.name for p in with_notes.iterdir()] == ["notes.txt"]
+    for kept in (other_model, in_use, unmarked):
+        assert (kept / entry.name).exists(), kept
+    assert json.loads((mine / disk_sweep.MARK).read_text()) == {"source": engine.source, "pid": os.getpid()}
+    # The model's own folder is untouched: its entry is read.
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert cached == n - 1
     run(b)
