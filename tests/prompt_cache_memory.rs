@@ -48,10 +48,11 @@ async fn soak(s: &Server) -> (f64, f64, u64) {
             async move { one(s, client, i).await }
         })
         .await;
-    // Cut streams leave the batch on the backend's next turn.
+    // Cut streams leave the batch on the backend's next turn; entries the cap evicted are
+    // written to the disk tier, and held until written.
     let mut b = s.idle_backend().await;
     for _ in 0..50 {
-        if b["active_generations"] == 0 && b["queued"] == 0 {
+        if b["active_generations"] == 0 && b["queued"] == 0 && b["prompt_cache_disk"]["pending_bytes"] == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -467,7 +467,11 @@ class DiskTier:
             finally:
                 with self._lock:
                     self._pending.pop(job.name, None)
+                    # Handed over whole: this thread keeps no reference, or the last one
+                    # dropped here would free MLX memory off the backend thread, into MLX's
+                    # cache after its last clearing.
                     self._written.append(job.arrays)
+                    job.arrays = []
                 self._queue.task_done()
 
     def _write(self, job: Job) -> None:
