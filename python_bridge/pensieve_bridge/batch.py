@@ -15,7 +15,9 @@ the two diverge. Entries own exactly the memory they count. It is capped in byte
 with the caches of the running generations, and :meth:`Batcher.drop_prompt_cache` releases all
 of it, to the disk tier (:mod:`~pensieve_bridge.disk_cache`) when there is one: an entry
 evicted from memory, or released when memory leaves Safe, is written to disk off this thread,
-and a prompt that memory does not cover is read from disk when disk covers more.
+and a prompt that memory does not cover is read from disk when disk covers more. At Warning,
+finished generations go straight to disk (:class:`~pensieve_bridge.protocol.Caching`), so that
+a session's next turn reads its prefix from disk even while memory stays short.
 
 A request's stop sequences go to mlx-lm too, as token sequences, so that a sequence whose
 tokens match stops inside the batch at once; Rust still matches the text (a stop string can be
@@ -37,8 +39,8 @@ from mlx_lm.sample_utils import make_sampler
 from . import disk_cache
 from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
-from .prompt_cache import PromptCache
-from .protocol import Added, Finish, Piece
+from .prompt_cache import PromptCache, own
+from .protocol import Added, Caching, Finish, Piece
 from .response import ResponseSplitter, initial_state
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ class Batcher:
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
-    _caching: bool = field(init=False, default=True)
+    _caching: Caching = field(init=False, default=Caching.MEMORY)
     #: MLX's memory limit in bytes (0: none); see :meth:`set_memory_limit`.
     _limit: int = field(init=False, default=0)
 
@@ -285,8 +287,17 @@ class Batcher:
             self._keep(r.all_tokens, r.prompt_cache)
 
     def _keep(self, tokens, prompt_cache) -> None:
-        if self._cache is not None and self._caching:
+        """A finished (or kept cancelled) generation's cache, where :attr:`_caching` says."""
+        if self._caching == Caching.MEMORY and self._cache is not None:
             self._cache.insert(tokens, prompt_cache)
+        elif self._caching == Caching.DISK and self._disk is not None:
+            own(prompt_cache)  # evaluated, contiguous: what the writer thread writes as it is
+            self._disk.spill(list(tokens), prompt_cache)
+
+    def _keeping(self) -> bool:
+        return (self._caching == Caching.MEMORY and self._cache is not None) or (
+            self._caching == Caching.DISK and self._disk is not None
+        )
 
     def _emit(self, out: list, uid: int, running: Running, text: str, finish: Optional[Finish]) -> None:
         try:
@@ -319,11 +330,11 @@ class Batcher:
             self._running.pop(uid, None)
         if not uids:
             return
-        keep = keep and self._cache is not None and self._caching
+        keep = keep and self._keeping()
         caches = self._gen.remove(list(uids), return_prompt_caches=keep)
         for cache, tokens in caches.values():
             if len(tokens) >= MIN_REUSE:
-                self._cache.insert(tokens, cache)
+                self._keep(tokens, cache)
         if caches:
             self._fit_cache()
         self._release_if_idle()
@@ -345,12 +356,13 @@ class Batcher:
             self._cache.clear()
         mx.clear_cache()
 
-    def set_caching(self, on: bool) -> None:
-        """Whether finished generations are kept in the prompt cache; off also releases it all
-        (memory has left Safe, the model unloads, the server stops), to disk when there is a
-        disk tier."""
-        self._caching = on
-        if not on:
+    def set_caching(self, mode: int) -> None:
+        """Where finished generations go (a :class:`~pensieve_bridge.protocol.Caching`): the
+        prompt cache in memory (Safe), the disk tier (Warning) or nowhere (Critical, Emergency;
+        an unload, a stop). Out of memory, the prompt cache is released, to disk when there
+        is a disk tier."""
+        self._caching = Caching(mode)
+        if self._caching != Caching.MEMORY:
             self.drop_prompt_cache()
 
     def prompt_cache_stats(self) -> tuple[int, int]:

@@ -52,6 +52,19 @@ class Added(IntEnum):
     READING = 3
 
 
+class Caching(IntEnum):
+    """Where finished generations' KV caches go (:meth:`Batcher.set_caching
+    <pensieve_bridge.batch.Batcher.set_caching>`), by memory tier."""
+
+    #: Dropped, and the prompt cache released (Critical, Emergency; an unload, a stop).
+    OFF = 0
+    #: Into the prompt cache in memory (Safe).
+    MEMORY = 1
+    #: Written to the disk tier, the prompt cache released (Warning): the next turn of a session
+    #: reads its prefix from disk instead of processing it again.
+    DISK = 2
+
+
 def codes() -> dict[str, int]:
     """Every code, as ``{"Piece.TEXT": 0, ...}``: what Rust checks at load time."""
-    return {f"{cls.__name__}.{m.name}": int(m) for cls in (Piece, Finish, Added) for m in cls}
+    return {f"{cls.__name__}.{m.name}": int(m) for cls in (Piece, Finish, Added, Caching) for m in cls}

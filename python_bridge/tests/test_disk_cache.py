@@ -12,7 +12,7 @@ import pytest
 from conftest import add, reference_generate, running
 from pensieve_bridge import disk_cache, disk_sweep
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.protocol import Added
+from pensieve_bridge.protocol import Added, Caching
 
 SYSTEM = "You are a careful assistant for a coding agent; read the tools first. " * 30
 GREEDY = json.dumps({"max_tokens": 12, "temperature": 0})
@@ -59,9 +59,9 @@ def stats(b):
 
 def spill(b):
     """Memory leaves Safe: every entry goes to disk, and its writes finish."""
-    b.set_caching(False)
+    b.set_caching(Caching.OFF)
     disk_cache.flush_all(30)
-    b.set_caching(True)
+    b.set_caching(Caching.MEMORY)
 
 
 def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prompt(engine, folder):
@@ -232,3 +232,33 @@ def test_a_written_entry_is_freed_on_the_backend_thread_and_nothing_is_left_in_m
         assert mx.get_active_memory() <= before + 16_384, (q, mx.get_active_memory() - before, held)
         assert mx.get_cache_memory() == 0
     assert stats(b)["writes"] == 2
+
+
+def test_at_warning_finished_generations_go_straight_to_disk_and_beyond_it_nowhere(engine, folder):
+    """Memory at Warning keeps no prompt cache, but a session's next turn should not process
+    its whole prompt again: each finished generation (or one whose client left) is written to
+    disk, and read back when the next turn comes. At Critical nothing is written."""
+    b = batcher(engine, folder)
+    b.set_caching(Caching.DISK)
+    uid, n, _ = add(b, chat("hello"), GREEDY)
+    reference = run(b)[uid]
+    disk_cache.flush_all(30)
+    assert b.prompt_cache_stats() == (0, 0)
+    assert len(files(folder)) == 1 and stats(b)["writes"] == 1
+    # A client that leaves mid-answer: what was computed goes to disk too.
+    uid, *_ = add(b, chat("a question whose answer is cut"), GREEDY)
+    b.step()
+    b.cancel([uid], keep=True)
+    disk_cache.flush_all(30)
+    assert len(files(folder)) == 2 and b.prompt_cache_stats() == (0, 0)
+    # Critical: nothing is kept anywhere.
+    b.set_caching(Caching.OFF)
+    add(b, chat("at critical"), GREEDY)
+    run(b)
+    disk_cache.flush_all(30)
+    assert len(files(folder)) == 2 and b.prompt_cache_stats() == (0, 0)
+    # The next turn reads every token but the last from disk, and answers the same.
+    b.set_caching(Caching.MEMORY)
+    uid, n, cached = add(b, chat("hello"), GREEDY)
+    assert cached == n - 1
+    assert run(b)[uid] == reference

@@ -3,6 +3,7 @@
 //! ones; [`CODES`] is compared with Python's when the model loads).
 
 use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
+use crate::memory::Tier;
 
 /// What a piece of a step's output is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,9 +97,9 @@ pub(crate) trait Batcher {
     fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String>;
     /// Forgets every generation and starts a new batch (after a failure of the model).
     fn reset(&mut self) -> Result<(), String>;
-    /// Whether finished generations go into the prompt cache; off releases it (to the disk
-    /// tier, when there is one).
-    fn set_caching(&mut self, on: bool) -> Result<(), String>;
+    /// Where finished generations go; anything but [`Caching::Memory`] releases the prompt
+    /// cache (to the disk tier, when there is one).
+    fn set_caching(&mut self, caching: Caching) -> Result<(), String>;
     /// The prompt cache's disk tier (`None`: none); frees what its finished writes held.
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
         Ok(None)
@@ -115,7 +116,30 @@ pub(crate) trait Batcher {
 }
 
 /// Every code, as Python's `protocol.codes()` names them.
-pub(crate) const CODES: [(&str, u8); 13] = [
+/// Where finished generations' KV caches go, by memory tier ([`Batcher::set_caching`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caching {
+    /// Dropped, and the prompt cache released (Critical, Emergency; an unload, a stop).
+    Off = 0,
+    /// Into the prompt cache in memory (Safe).
+    Memory = 1,
+    /// Written to the disk tier, the prompt cache released (Warning): a session's next turn
+    /// reads its prefix from disk instead of processing it again.
+    Disk = 2,
+}
+
+impl Caching {
+    /// What memory tier `tier` allows.
+    pub fn for_tier(tier: Tier) -> Caching {
+        match tier {
+            Tier::Safe => Caching::Memory,
+            Tier::Warning => Caching::Disk,
+            Tier::Critical | Tier::Emergency => Caching::Off,
+        }
+    }
+}
+
+pub(crate) const CODES: [(&str, u8); 16] = [
     ("Piece.TEXT", 0),
     ("Piece.THINKING", 1),
     ("Piece.TOOL", 2),
@@ -129,6 +153,9 @@ pub(crate) const CODES: [(&str, u8); 13] = [
     ("Added.TOO_LONG", 1),
     ("Added.REFUSED", 2),
     ("Added.READING", 3),
+    ("Caching.OFF", 0),
+    ("Caching.MEMORY", 1),
+    ("Caching.DISK", 2),
 ];
 
 impl Piece {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 
-use super::protocol::{check_codes, Added, Batcher, Finish, Memory, Piece, Stepped};
+use super::protocol::{check_codes, Added, Batcher, Caching, Finish, Memory, Piece, Stepped};
 use super::worker::pool::Loader;
 use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
 use crate::config::ModelSpec;
@@ -213,8 +213,8 @@ impl Batcher for PyBatcher {
         self.call(|_, _, b| b.call_method0("reset").map(drop))
     }
 
-    fn set_caching(&mut self, on: bool) -> Result<(), String> {
-        self.call(|_, _, b| b.call_method1("set_caching", (on,)).map(drop))
+    fn set_caching(&mut self, caching: Caching) -> Result<(), String> {
+        self.call(|_, _, b| b.call_method1("set_caching", (caching as u8,)).map(drop))
     }
 
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::outbox::{Flow, Outbox};
-use super::protocol::{Added, Batcher, Finish, Piece};
+use super::protocol::{Added, Batcher, Caching, Finish, Piece};
 use super::Shared;
 use crate::backend::{BackendError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
 use crate::memory::{Gate, Tier};
@@ -106,8 +106,8 @@ pub(crate) struct Worker<'a, B: Batcher> {
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
-    /// Whether the prompt cache keeps finished generations (memory is Safe).
-    caching: bool,
+    /// Where finished generations' caches go (by memory tier).
+    caching: Caching,
     /// The memory limit MLX was last given (0: none yet).
     mlx_limit: u64,
 }
@@ -137,7 +137,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
             reading: Vec::new(),
             draining: Vec::new(),
             steps: 0,
-            caching: true,
+            caching: Caching::Memory,
             mlx_limit: 0,
         }
     }
@@ -297,18 +297,21 @@ impl<'a, B: Batcher> Worker<'a, B> {
     fn turn(&mut self) {
         let snapshot = self.gate.snapshot().load();
         self.update_mlx_limit(&snapshot);
-        let safe = snapshot.tier == Tier::Safe;
-        if safe != self.caching {
-            // Out of Safe, the prompt cache is the first thing given back, and stays empty.
-            if safe {
-                tracing::info!("memory is Safe again: the prompt cache is back on");
-            } else {
-                tracing::info!(tier = ?snapshot.tier, "memory left Safe: releasing the prompt cache");
+        let caching = Caching::for_tier(snapshot.tier);
+        if caching != self.caching {
+            // Out of Safe, the prompt cache is the first thing given back, and stays empty; at
+            // Warning, finished generations still go to disk.
+            let tier = snapshot.tier;
+            match (self.caching, caching) {
+                (_, Caching::Memory) => tracing::info!("memory is Safe again: the prompt cache is back on"),
+                (Caching::Memory, _) => tracing::info!(?tier, ?caching, "memory left Safe: releasing the prompt cache"),
+                (_, Caching::Disk) => tracing::info!(?tier, "finished generations are written to disk again"),
+                _ => tracing::info!(?tier, "finished generations are no longer written to disk"),
             }
-            if let Err(e) = self.batcher.set_caching(safe) {
+            if let Err(e) = self.batcher.set_caching(caching) {
                 tracing::error!(error = %e, "switching the prompt cache failed");
             }
-            self.caching = safe;
+            self.caching = caching;
             self.refresh();
         } else if self.shared.disk_pending() > 0 {
             // The disk tier's writer finished some: what they held is freed on this thread.
@@ -454,10 +457,10 @@ impl<'a, B: Batcher> Worker<'a, B> {
     /// The prompt cache leaves memory, to its disk tier when there is one (the model unloads, or
     /// the server stops).
     fn spill(&mut self) {
-        if let Err(e) = self.batcher.set_caching(false) {
+        if let Err(e) = self.batcher.set_caching(Caching::Off) {
             tracing::error!(error = %e, "releasing the prompt cache failed");
         }
-        self.caching = false;
+        self.caching = Caching::Off;
         self.refresh();
     }
 

@@ -23,7 +23,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::{Job, Work, Worker, DRAIN_TICK, IDLE_TICK};
-use crate::backend::mlx::protocol::Batcher;
+use crate::backend::mlx::protocol::{Batcher, Caching};
 use crate::backend::mlx::{Global, Slot, STATE_LOADED, STATE_LOADING, STATE_UNLOADED};
 use crate::backend::{estimate, BackendError, Event};
 use crate::config::ModelSpec;
@@ -180,8 +180,8 @@ impl<'a, L: Loader> Pool<'a, L> {
             if !w.draining.is_empty() || !w.reading.is_empty() {
                 return Some(DRAIN_TICK);
             }
-            let watch_cache =
-                (w.caching && w.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0) || w.shared.disk_pending() > 0;
+            let watch_cache = (w.caching == Caching::Memory && w.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0)
+                || w.shared.disk_pending() > 0;
             if watch_cache || self.slots[i].spec.keep_alive_secs > 0 || i != self.rules.default {
                 tick = Some(IDLE_TICK);
             }

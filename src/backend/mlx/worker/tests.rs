@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::super::protocol::{Added, Batcher, Finish, Memory, Piece, Stepped};
+use super::super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped};
 use super::super::MlxBackend;
 use crate::backend::{
     Backend, BackendError, Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason,
@@ -139,8 +139,8 @@ impl Batcher for Fake {
         Ok(())
     }
 
-    fn set_caching(&mut self, on: bool) -> Result<(), String> {
-        self.state.lock().unwrap().log.push(format!("caching {on}"));
+    fn set_caching(&mut self, caching: Caching) -> Result<(), String> {
+        self.state.lock().unwrap().log.push(format!("caching {caching:?}"));
         Ok(())
     }
 
@@ -504,7 +504,38 @@ fn emergency_aborts_running_generations_and_clears_the_cache() {
     );
     assert_eq!(h.state.lock().unwrap().cache, 0);
     // The prompt cache was released when memory left Safe.
-    assert!(h.log().contains(&"caching false".to_string()));
+    assert!(h.log().contains(&"caching Off".to_string()));
+}
+
+#[test]
+fn finished_generations_go_to_memory_when_safe_to_disk_at_warning_and_nowhere_beyond() {
+    let h = harness(4);
+    h.state.lock().unwrap().step_time = Duration::from_millis(1);
+    let g = h.generate("a", 1_000_000); // keeps the loop turning
+    h.wait_for("a step", |s| s.steps > 0);
+    let caching = |s: &State| {
+        s.log
+            .iter()
+            .filter(|l| l.starts_with("caching"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let mut want = Vec::new();
+    for (tier, gb, mode) in [
+        (Tier::Warning, 3.0, "Disk"),
+        (Tier::Critical, 0.8, "Off"),
+        (Tier::Warning, 3.0, "Disk"),
+        (Tier::Safe, 8.0, "Memory"),
+    ] {
+        h.snapshot.store(memory(tier, gb));
+        want.push(format!("caching {mode}"));
+        h.wait_for(&format!("{want:?}"), |s| caching(s) == want);
+        let steps = h.steps();
+        h.wait_for("steps at this tier", |s| s.steps > steps + 3);
+    }
+    // Told once per change, not at every step.
+    assert_eq!(caching(&h.state.lock().unwrap()), want);
+    drop(g);
 }
 
 #[test]
