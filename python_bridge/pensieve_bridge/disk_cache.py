@@ -10,9 +10,9 @@ finds it. Its metadata holds the format, the identity, the tokens and a CRC-32 o
 - **Writes are off the batch loop.** :meth:`DiskTier.spill` runs on the backend thread and costs
   no copy: it takes the entry's arrays (already evaluated, owned) and queues them. One writer
   thread per tier writes them with plain file I/O (no MLX call off the backend thread), to a
-  temporary file that is renamed into place, so that a crash never leaves a half file under an
-  entry's name. The written arrays go back to the backend thread, which frees them there
-  (:meth:`DiskTier.poll`).
+  temporary file that is synced and renamed into place, so that a crash never leaves a half
+  file under an entry's name; its pages leave the page cache, after writes and reads alike. The
+  written arrays go back to the backend thread, which frees them there (:meth:`DiskTier.poll`).
 - **Reads are on a memory miss**, mostly off the batch loop: the longest common prefix among
   the entries (an entry longer than the prompt is trimmed, as in memory), when it covers
   :data:`MIN_GAIN` tokens more than memory does. A reader thread reads the file and checks it
@@ -74,19 +74,10 @@ SUFFIX = ".safetensors"
 TMP = ".tmp"
 
 _DTYPES = {
-    mx.bool_: "BOOL",
-    mx.uint8: "U8",
-    mx.uint16: "U16",
-    mx.uint32: "U32",
-    mx.uint64: "U64",
-    mx.int8: "I8",
-    mx.int16: "I16",
-    mx.int32: "I32",
-    mx.int64: "I64",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.float32: "F32",
-}
+    mx.bool_: "BOOL", mx.uint8: "U8", mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64",
+    mx.int8: "I8", mx.int16: "I16", mx.int32: "I32", mx.int64: "I64",
+    mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32",
+}  # fmt: skip
 
 _tiers: dict = {}
 _tiers_lock = threading.Lock()
@@ -147,6 +138,15 @@ def flush_all(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for tier in list(_tiers.values()):
         tier.flush(max(0.0, deadline - time.monotonic()))
+
+
+def _out_of_page_cache(fd: int, sync: bool) -> None:
+    """Drops a file's pages from the page cache (Linux), which a memory cgroup charges to the
+    server; ``sync`` writes them first (only clean pages leave), durable before the rename."""
+    if sync:
+        os.fdatasync(fd)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _tokens_bytes(tokens: List[int]) -> bytes:
@@ -403,7 +403,9 @@ class DiskTier:
                 continue
             started = time.perf_counter()
             try:
-                data = (self.folder / name).read_bytes()
+                with open(self.folder / name, "rb") as f:
+                    data = f.read()
+                    _out_of_page_cache(f.fileno(), sync=False)
                 entry = self._check_header(name, io.BytesIO(data), len(data))
                 if zlib.crc32(memoryview(data)[entry.data_start :]) != entry.crc:
                     raise ValueError("its data does not match its checksum")
@@ -488,6 +490,8 @@ class DiskTier:
                 f.write(head)
                 for a in job.arrays:
                     f.write(a)
+                f.flush()
+                _out_of_page_cache(f.fileno(), sync=True)
             os.replace(tmp, self.folder / job.name)
         except BaseException:
             tmp.unlink(missing_ok=True)

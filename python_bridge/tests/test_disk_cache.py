@@ -1,10 +1,13 @@
 """The prompt cache's disk tier, with the real demo model: what is read back gives the same
 tokens as processing the prompt; bad files are removed, never read; the cap holds."""
 
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -262,3 +265,52 @@ def test_at_warning_finished_generations_go_straight_to_disk_and_beyond_it_nowhe
     uid, n, cached = add(b, chat("hello"), GREEDY)
     assert cached == n - 1
     assert run(b)[uid] == reference
+
+
+def resident(path):
+    """Pages of ``path`` in the page cache (``mincore``, which faults nothing in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    try:
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    return sum(v & 1 for v in vec), pages
+
+
+@pytest.fixture
+def disk_folder():
+    """A folder on a disk (under the repository), not on tmpfs, whose pages are memory itself."""
+    path = Path(__file__).resolve().parents[2] / ".cache" / f"test-page-cache-{os.getpid()}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path)
+    disk_cache._tiers.clear()
+
+
+def test_the_tiers_files_leave_the_page_cache_once_written_and_once_read(engine, disk_folder):
+    """The tier moves bytes out of memory: a file's pages are not left in the page cache (which
+    a memory cgroup charges to the server, and counts as in use once a page is read twice)."""
+    folder = disk_folder
+    b = batcher(engine, folder)
+    add(b, chat("hello"), GREEDY)
+    run(b)
+    spill(b)
+    (entry,) = files(folder)
+    n, pages = resident(entry)
+    assert pages > 100 and n <= 1, (n, pages)  # written, synced, dropped
+    entry.read_bytes()  # as a backup tool or a grep would
+    assert resident(entry)[0] == pages
+    restart()
+    b = batcher(engine, folder)
+    uid, n_tokens, cached = add(b, chat("hello"), GREEDY)
+    assert cached == n_tokens - 1
+    run(b)
+    assert resident(entry)[0] <= 1, resident(entry)
