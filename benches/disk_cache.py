@@ -25,6 +25,13 @@ largest gap while the spill is written is compared with the stream's median gap,
 same steps on a server whose disk tier is off (leaving Safe drops the entry instead): the
 control, which separates the spill's cost from the allocation's and the tier change's.
 
+5. **the next turn at Warning**: while memory is still at Warning (after the stream of step 4),
+   a turn that brings a tool result of :data:`TOOL_RESULT_WORDS` words (turn A), then the turn
+   after it (turn B). At Warning each finished generation is written to disk, so B reads A's
+   whole prompt from disk; the control is B after a variant of A that was never sent, which
+   reads only the prefix that memory spilled when it left Safe and processes the tool result
+   again: what every turn at Warning cost before finished generations were written there.
+
 Medians over ``ROUNDS`` rounds (default 5) are printed, with each warm time as a fraction of
 cold (the goal: disk ≤ ¼ of cold).
 """
@@ -39,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,7 +59,7 @@ WINDOW = 0.5
 CGROUP = Path(f"/sys/fs/cgroup/memory/pensieve-bench-disk-{os.getpid()}")
 LIMIT = int(os.environ.get("LIMIT_MB", "3072")) << 20
 ENV = {
-    "PENSIEVE_MEMORY__WARNING_GB": "1.0",
+    "PENSIEVE_MEMORY__WARNING_GB": "1.4",
     "PENSIEVE_MEMORY__CRITICAL_GB": "0.6",
     "PENSIEVE_MEMORY__EMERGENCY_GB": "0.3",
     "PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS": "50",
@@ -73,6 +81,8 @@ for line in sys.stdin:
 
 
 FULL = os.environ.get("FULL", "1") == "1"
+#: The words of the tool result in step 5's turn A.
+TOOL_RESULT_WORDS = 1500
 WORDS = "file read write edit tool call shell command test build commit branch merge diff patch".split()
 
 
@@ -103,6 +113,48 @@ def request(round_, question="say hi", max_tokens=2):
     body["system"][1]["text"] = f"Round {round_}. " + body["system"][1]["text"]
     body["messages"][0]["content"][1]["text"] = question
     return body
+
+
+def with_tool_result(round_, seed, more=()):
+    """Claude Code's request after a file was read: the question, an answer, the file's text
+    (``seed`` picks its words), and ``more`` messages."""
+    body = request(round_, "read src/main.rs and tell me what it does")
+    rnd = random.Random(seed)
+    text = " ".join(rnd.choice(WORDS) for _ in range(TOOL_RESULT_WORDS))
+    body["messages"] += [
+        {"role": "assistant", "content": "Reading it."},
+        {"role": "user", "content": f"src/main.rs:\n{text}"},
+        *more,
+    ]
+    return body
+
+
+def warning_turns(server, round_, turns, hold):
+    """Step 5, at Warning: ``(TTFT, tokens read)`` of turn B after turn A was written, and of
+    the control (B after a turn A that was never sent), go to ``turns``. ``hold()`` takes
+    memory back to Warning before each turn (a spill frees memory) and returns the tier."""
+    more = [{"role": "assistant", "content": "It starts the server."}, {"role": "user", "content": "now run the tests"}]
+    disk = lambda: server.health()["backend"]["prompt_cache_disk"]  # noqa: E731
+
+    def settle():
+        # A write holds its entry's bytes until it is done; the load check counts them.
+        wait_for("the writes", lambda: disk()["pending_bytes"] == 0)
+        time.sleep(0.3)
+
+    def turn(body):
+        tier = hold()
+        assert tier == "Warning", f"step 5 needs Warning, not {tier}"
+        out = server.stream(body)
+        settle()
+        return out
+
+    writes = disk()["writes"]
+    turn(with_tool_result(round_, "a"))
+    assert disk()["writes"] > writes, "turn A was not written"
+    t, usage = turn(with_tool_result(round_, "a", more))
+    c, control = turn(with_tool_result(round_, "b", more))
+    turns.append((t, usage["cache_read_input_tokens"], c, control["cache_read_input_tokens"],
+                  usage["input_tokens"] + usage["cache_read_input_tokens"]))
 
 
 class Server:
@@ -136,7 +188,11 @@ class Server:
         started = time.perf_counter()
         first = None
         usage = None
-        with urllib.request.urlopen(req) as res:
+        try:
+            res = urllib.request.urlopen(req)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{e.code}: {e.read().decode()}") from None
+        with res:
             for raw in res:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
@@ -164,10 +220,11 @@ def wait_for(what, check, timeout=120):
         time.sleep(0.05)
 
 
-def spill_round(server, round_, gaps, disk=True):
+def spill_round(server, round_, gaps, disk=True, at_warning=lambda hold: None):
     """Takes memory out of Safe while a stream runs, then back. The largest inter-token gap in
     the window from the allocation that left Safe to the entry written (``disk``) or dropped
-    (the disk tier off), and at least :data:`WINDOW` long, goes to ``gaps``."""
+    (the disk tier off), and at least :data:`WINDOW` long, goes to ``gaps``; ``at_warning(hold)``
+    runs after the stream, before memory is freed."""
     alloc = subprocess.Popen(
         ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c", ALLOCATOR],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -203,6 +260,16 @@ def spill_round(server, round_, gaps, disk=True):
     time.sleep(max(0.0, end - time.perf_counter()) + 0.5)
     done.set()
     stream.join(timeout=30)
+
+    def hold():
+        while server.health()["memory"]["status"] == "Safe":
+            alloc.stdin.write("alloc 20\n")
+            alloc.stdin.flush()
+            alloc.stdout.readline()
+            time.sleep(0.2)
+        return server.health()["memory"]["status"]
+
+    at_warning(hold)
     alloc.stdin.write("free\n")
     alloc.stdin.flush()
     alloc.stdout.readline()
@@ -223,6 +290,7 @@ def main():
     (CGROUP / "memory.limit_in_bytes").write_text(str(LIMIT))
     results = {k: [] for k in ("cold", "memory", "restart", "left Safe")}
     gaps = []
+    turns = []
     dropped = []
     hits = []
     try:
@@ -237,7 +305,7 @@ def main():
                 t, usage = s.stream(request(r))
                 results["restart"].append(t)
                 hits.append(usage["cache_read_input_tokens"])
-                spill_round(s, r, gaps)
+                spill_round(s, r, gaps, at_warning=lambda hold: warning_turns(s, r, turns, hold))
                 t, usage = s.stream(request(r))
                 results["left Safe"].append(t)
                 hits.append(usage["cache_read_input_tokens"])
@@ -271,6 +339,11 @@ def main():
     print(f"    spilled to disk: {median_gap * 1000:.1f} / {worst * 1000:.1f} ms ({worst / median_gap:.2f}x); "
           f"the writer took {writing * 1000:.0f} ms for {size / 1e6:.1f} MB")
     print(f"    dropped (disk tier off): {control_gap * 1000:.1f} / {control * 1000:.1f} ms ({control / control_gap:.2f}x)")
+    med = [statistics.median(t[i] for t in turns) for i in range(5)]
+    print(f"  the next turn at Warning ({med[4]:.0f} tokens, after a turn with a {TOOL_RESULT_WORDS}-word tool result):")
+    print(f"    its previous turn written to disk at Warning: {med[0] * 1000:.1f} ms, {med[1]:.0f} tokens read from disk")
+    print(f"    only the prefix spilled on leaving Safe:      {med[2] * 1000:.1f} ms, {med[3]:.0f} tokens read "
+          f"({med[2] / med[0]:.1f}x the time)")
 
 
 if __name__ == "__main__":
