@@ -288,16 +288,19 @@ class Batcher:
 
     def _keep(self, tokens, prompt_cache) -> None:
         """A finished (or kept cancelled) generation's cache, where :attr:`_caching` says."""
-        if self._caching == Caching.MEMORY and self._cache is not None:
+        if not self._keeping():
+            return
+        if self._caching == Caching.MEMORY:
             self._cache.insert(tokens, prompt_cache)
-        elif self._caching == Caching.DISK and self._disk is not None:
+        else:
             own(prompt_cache)  # evaluated, contiguous: what the writer thread writes as it is
             self._disk.spill(list(tokens), prompt_cache)
 
     def _keeping(self) -> bool:
-        return (self._caching == Caching.MEMORY and self._cache is not None) or (
-            self._caching == Caching.DISK and self._disk is not None
-        )
+        """Whether finished generations' caches are kept anywhere now."""
+        if self._caching == Caching.MEMORY:
+            return self._cache is not None
+        return self._caching == Caching.DISK and self._disk is not None
 
     def _emit(self, out: list, uid: int, running: Running, text: str, finish: Optional[Finish]) -> None:
         try:

@@ -115,7 +115,6 @@ pub(crate) trait Batcher {
     fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String>;
 }
 
-/// Every code, as Python's `protocol.codes()` names them.
 /// Where finished generations' KV caches go, by memory tier ([`Batcher::set_caching`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Caching {
@@ -139,6 +138,7 @@ impl Caching {
     }
 }
 
+/// Every code, as Python's `protocol.codes()` names them.
 pub(crate) const CODES: [(&str, u8); 16] = [
     ("Piece.TEXT", 0),
     ("Piece.THINKING", 1),
