@@ -20,7 +20,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: lint package policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -59,7 +59,22 @@ run: build
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build policies smollm2 check-macos test-python test-rust test-clients test-deploy test-e2e
+test: build policies smollm2 lint package check-macos test-python test-rust test-clients test-deploy test-e2e
+
+# The codebase's own checks: formatting, clippy with warnings as errors, the import check (no
+# module imports a higher one, no circles: scripts/check-imports.py), ruff on every Python file.
+lint: venv
+	cargo fmt --all --check
+	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+	cargo clippy --release --locked -p pensieve-layers --no-default-features -- -D warnings
+	$(PY) scripts/check-imports.py
+	$(PY) -m ruff check python_bridge tests benches scripts
+
+# The layers' crate could go to crates.io as it is (a publish dry run), and links no Python.
+package:
+	cargo package --locked --allow-dirty --no-verify -p pensieve-layers --quiet
+	@! cargo tree --locked -e normal -p pensieve-layers | grep -E 'pyo3|python' || \
+	  { echo "pensieve-layers depends on Python"; exit 1; }
 
 # The macOS memory probe (src/memory/macos.rs) compiles on macOS only: checked here for Apple
 # silicon. cargo check does not link, and there is no macOS SDK on Linux, so the C files of
@@ -126,10 +141,10 @@ codex: $(CODEX)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build smollm2 haproxy
-	cargo test --release --locked -- --test-threads=2
+	cargo test --release --locked --workspace -- --test-threads=2
 
 bench: build policies smollm2
-	cargo bench --locked --bench admission --bench policy
+	cargo bench --locked -p pensieve-layers --bench admission --bench policy
 	$(PY) benches/compare.py
 	MODEL=$(SMOLLM2) TOKENS=64 AGENT_CHARS=2000 ROUNDS=3 $(PY) benches/compare.py
 	$(PY) benches/constrained.py

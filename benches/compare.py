@@ -269,8 +269,8 @@ def main():
     rows = [
         (f"single stream, tokens/s ({TOKENS} tok)", "single", "{:12.0f}"),
         (f"{STREAMS} streams, aggregate tokens/s", "concurrent", "{:12.0f}"),
-        (f"agent prompt cold, first token s", "cold", "{:12.3f}"),
-        (f"agent prompt warm, first token s", "warm", "{:12.3f}"),
+        ("agent prompt cold, first token s", "cold", "{:12.3f}"),
+        ("agent prompt warm, first token s", "warm", "{:12.3f}"),
     ]
     for label, key, fmt in rows:
         print(f"{label:34}{fmt.format(p[key])}{fmt.format(m[key])}{p[key] / m[key]:9.2f}")

@@ -305,7 +305,7 @@ def main():
                 t, usage = s.stream(request(r))
                 results["restart"].append(t)
                 hits.append(usage["cache_read_input_tokens"])
-                spill_round(s, r, gaps, at_warning=lambda hold: warning_turns(s, r, turns, hold))
+                spill_round(s, r, gaps, at_warning=lambda hold, s=s, r=r: warning_turns(s, r, turns, hold))
                 t, usage = s.stream(request(r))
                 results["left Safe"].append(t)
                 hits.append(usage["cache_read_input_tokens"])

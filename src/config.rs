@@ -14,14 +14,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The file read when `--config` is not given (when it exists).
 pub const DEFAULT_FILE: &str = "config/pensieve.toml";
-/// Prefix of the environment variables that override the file.
-pub const ENV_PREFIX: &str = "PENSIEVE_";
 const SECTIONS: [&str; 7] = ["server", "memory", "backend", "models", "layers", "policies", "log"];
 
 /// The whole configuration.
@@ -85,42 +83,11 @@ impl Default for ServerConfig {
     }
 }
 
-pub use crate::layers::HeaderMode;
-pub use models::{Fallback, ModelConfig, ModelSpec};
-
-/// `[memory]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MemoryConfig {
-    /// How often the background sampler reads memory.
-    pub sample_interval_ms: u64,
-    /// Below this many GB available: Warning.
-    pub warning_gb: f64,
-    /// Below this: Critical (new generations refused).
-    pub critical_gb: f64,
-    /// Below this: Emergency (running generations aborted too).
-    pub emergency_gb: f64,
-    /// A tier is left only when memory is this fraction above the threshold that raised it.
-    pub hysteresis: f64,
-    /// `retry-after` on memory refusals.
-    pub retry_after_secs: u32,
-    /// When the memory headers are sent.
-    pub headers: HeaderMode,
-}
-
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        Self {
-            sample_interval_ms: 250,
-            warning_gb: 2.0,
-            critical_gb: 1.0,
-            emergency_gb: 0.5,
-            hysteresis: 0.1,
-            retry_after_secs: 5,
-            headers: HeaderMode::Always,
-        }
-    }
-}
+pub use models::{model_path, Fallback, ModelConfig, ModelSpec};
+use pensieve_layers::config::{describe_source, env};
+pub use pensieve_layers::config::{
+    ConfigError, GuardConfig, HeaderMode, HttpConfig, LayersConfig, MemoryConfig, OnError, PoliciesConfig, ENV_PREFIX,
+};
 
 /// `[backend]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -128,7 +95,8 @@ impl Default for MemoryConfig {
 pub struct BackendConfig {
     /// A Hugging Face id, a local folder, a `.gguf` file (or a folder holding one), or `demo`.
     pub model: String,
-    /// The virtual environment holding mlx and mlx-lm.
+    /// The virtual environment holding mlx and mlx-lm (a folder, or an interpreter in it);
+    /// empty: `$PENSIEVE_PYTHON`, else `$VIRTUAL_ENV`, else `.venv` here (see [`paths`]).
     pub python: PathBuf,
     /// Generations decoded together (continuous batching).
     pub max_concurrent: usize,
@@ -140,7 +108,7 @@ pub struct BackendConfig {
     /// generations, in MiB; 0 turns the prompt cache off.
     pub prompt_cache_mb: u64,
     /// The prompt cache's disk tier: where its files go (empty: `prompt-cache` in pensieve's
-    /// cache folder, `$PENSIEVE_CACHE_DIR` or `~/.cache/pensieve`), one folder per model.
+    /// state folder, see [`paths`]), one folder per model.
     pub prompt_cache_dir: String,
     /// The most each model's disk tier holds, in MiB; 0 turns the disk tier off.
     pub prompt_cache_disk_mb: u64,
@@ -165,7 +133,7 @@ impl Default for BackendConfig {
     fn default() -> Self {
         Self {
             model: "demo".into(),
-            python: PathBuf::from(".venv"),
+            python: PathBuf::new(),
             max_concurrent: 8,
             max_queue: 16,
             queue_timeout_ms: 120_000,
@@ -177,73 +145,6 @@ impl Default for BackendConfig {
             kv_context_tokens: 4096,
             force_load: false,
             mlx_memory_limit_mb: 0,
-        }
-    }
-}
-
-/// `[layers]`: which layers of the `/v1` stack run (all by default). Request ids, the body
-/// limit and metrics always run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LayersConfig {
-    /// One tracing span and one log line per request.
-    pub logging: bool,
-    /// `x-memory-status`, `x-available-memory-gb` and `server.headers` on every response.
-    pub memory_headers: bool,
-    /// `server.api_keys` (does nothing while the list is empty).
-    pub auth: bool,
-    /// Memory admission: 503 while the tier is Critical or Emergency.
-    pub admission: bool,
-    /// The WASM policies in `policies.dir`.
-    pub policies: bool,
-}
-
-impl Default for LayersConfig {
-    fn default() -> Self {
-        Self {
-            logging: true,
-            memory_headers: true,
-            auth: true,
-            admission: true,
-            policies: true,
-        }
-    }
-}
-
-/// What a policy failure does to the request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnError {
-    /// Admit: the host's own tiers still protect the machine.
-    Admit,
-    /// Refuse with 503 (fail closed), also while a configured policy is not loaded.
-    Reject,
-}
-
-/// `[policies]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PoliciesConfig {
-    /// Every `*.wasm` and `*.wat` here is loaded, and reloaded on change.
-    pub dir: PathBuf,
-    /// Longest a policy call may run.
-    pub timeout_ms: u64,
-    /// Largest linear memory a policy may have.
-    pub memory_limit_mb: u64,
-    /// What a failing policy does.
-    pub on_error: OnError,
-    /// `[policies.settings.<name>]`: JSON handed to that policy's `configure`.
-    pub settings: BTreeMap<String, serde_json::Value>,
-}
-
-impl Default for PoliciesConfig {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("policies"),
-            timeout_ms: 10,
-            memory_limit_mb: 16,
-            on_error: OnError::Admit,
-            settings: BTreeMap::new(),
         }
     }
 }
@@ -322,36 +223,12 @@ impl FlagBackend {
     }
 }
 
-/// Why the configuration cannot be used; the message names the file and the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Figment's own error: it names the key, the expected value and the source.
-    #[error("invalid configuration: {0}")]
-    Figment(#[from] Box<figment::Error>),
-    /// A value that parses but makes no sense.
-    #[error("invalid configuration: `{key}` {problem} (set in {source_name})")]
-    Invalid {
-        /// Dotted key, e.g. `memory.critical_gb`.
-        key: String,
-        /// What is wrong with it.
-        problem: String,
-        /// Where the value came from.
-        source_name: String,
-    },
-    /// `--config` names a file that does not exist.
-    #[error("invalid configuration: the file {0} given with --config does not exist")]
-    MissingFile(PathBuf),
-}
-
 /// Builds the layered figment: defaults, the TOML file, the environment, the flags.
 pub fn figment(file: Option<&Path>, flags: &Flags) -> Figment {
     let file = file.unwrap_or(Path::new(DEFAULT_FILE));
     Figment::from(Serialized::defaults(Config::default()))
         .merge(Toml::file(file))
-        .merge(Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            SECTIONS.iter().any(|s| key.starts_with(&format!("{s}.")))
-        }))
+        .merge(env(&SECTIONS))
         .merge(Serialized::defaults(flags.clone()))
 }
 
@@ -375,68 +252,11 @@ impl Config {
     }
 
     fn validate(&self, fig: &Figment) -> Result<(), ConfigError> {
-        let m = &self.memory;
-        let invalid = |key: &str, problem: String| ConfigError::Invalid {
-            key: key.to_owned(),
-            problem,
-            source_name: describe_source(fig, key),
-        };
-        for (key, v) in [
-            ("memory.warning_gb", m.warning_gb),
-            ("memory.critical_gb", m.critical_gb),
-            ("memory.emergency_gb", m.emergency_gb),
-        ] {
-            if !v.is_finite() || v < 0.0 {
-                return Err(invalid(key, format!("must be a number of GB ≥ 0, got {v}")));
-            }
-        }
-        if m.warning_gb <= m.critical_gb {
-            return Err(invalid(
-                "memory.warning_gb",
-                format!(
-                    "({}) must be greater than memory.critical_gb ({})",
-                    m.warning_gb, m.critical_gb
-                ),
-            ));
-        }
-        if m.critical_gb <= m.emergency_gb {
-            return Err(invalid(
-                "memory.critical_gb",
-                format!(
-                    "({}) must be greater than memory.emergency_gb ({})",
-                    m.critical_gb, m.emergency_gb
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&m.hysteresis) {
-            return Err(invalid(
-                "memory.hysteresis",
-                format!("must be in [0, 1), got {}", m.hysteresis),
-            ));
-        }
-        if m.sample_interval_ms == 0 || m.sample_interval_ms > 60_000 {
-            return Err(invalid(
-                "memory.sample_interval_ms",
-                format!("must be between 1 and 60000, got {}", m.sample_interval_ms),
-            ));
-        }
+        let invalid = |key: &str, problem: String| ConfigError::invalid(fig, key, problem);
+        // The layers' own sections, checked by the layers' crate.
+        self.guard().check().map_err(|(key, problem)| invalid(key, problem))?;
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1".into()));
-        }
-        if self.server.max_body_mb == 0 {
-            return Err(invalid("server.max_body_mb", "must be at least 1".into()));
-        }
-        if self.policies.timeout_ms == 0 || self.policies.timeout_ms > 10_000 {
-            return Err(invalid(
-                "policies.timeout_ms",
-                format!("must be between 1 and 10000, got {}", self.policies.timeout_ms),
-            ));
-        }
-        if self.policies.memory_limit_mb == 0 || self.policies.memory_limit_mb > 4096 {
-            return Err(invalid(
-                "policies.memory_limit_mb",
-                format!("must be between 1 and 4096, got {}", self.policies.memory_limit_mb),
-            ));
         }
         if self.backend.max_concurrent == 0 || self.backend.max_concurrent > 256 {
             return Err(invalid(
@@ -458,16 +278,6 @@ impl Config {
             return Err(invalid("backend.model", "must not be empty".into()));
         }
         self.check_models().map_err(|(key, problem)| invalid(&key, problem))?;
-        for (name, value) in &self.server.headers {
-            if http::HeaderName::try_from(name.as_str()).is_err()
-                || http::HeaderValue::try_from(value.as_str()).is_err()
-            {
-                return Err(invalid(
-                    "server.headers",
-                    format!("`{name}: {value}` is not a valid header"),
-                ));
-            }
-        }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(invalid(
                 "log.level",
@@ -475,6 +285,20 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The sections the layers read, for their [`Guard`](pensieve_layers::guard::Guard) and stack.
+    pub fn guard(&self) -> GuardConfig {
+        GuardConfig {
+            server: HttpConfig {
+                api_keys: self.server.api_keys.clone(),
+                max_body_mb: self.server.max_body_mb,
+                headers: self.server.headers.clone(),
+            },
+            memory: self.memory.clone(),
+            layers: self.layers,
+            policies: self.policies.clone(),
+        }
     }
 
     /// Every effective value with where it came from, one `key = value  # source` per line.
@@ -488,6 +312,29 @@ impl Config {
         for (key, v) in leaves {
             out.push_str(&format!("{key} = {v}  # {}\n", describe_source(&fig, &key)));
         }
+        // What the defaults resolve to on this machine, now.
+        let q = |p: &Path| serde_json::Value::from(p.display().to_string());
+        let python = match paths::find_python(&config.backend.python) {
+            Ok(env) => format!("{}  # from {}", q(&env.dir), env.from),
+            Err(e) => format!("\"\"  # not found: {e}"),
+        };
+        out.push_str(&format!(
+            "resolved.state_dir = {}  # PENSIEVE_CACHE_DIR, XDG_CACHE_HOME or ~/.cache\n",
+            q(&paths::state_dir())
+        ));
+        out.push_str(&format!(
+            "resolved.models_dir = {}  # the demo model is built here\n",
+            q(&paths::models_dir())
+        ));
+        out.push_str(&format!(
+            "resolved.prompt_cache_dir = {}  # backend.prompt_cache_dir, or the state folder's\n",
+            q(&paths::prompt_cache_dir(&config.backend.prompt_cache_dir))
+        ));
+        out.push_str(&format!("resolved.python = {python}\n"));
+        out.push_str(&format!(
+            "resolved.policies_dir = {}\n",
+            q(&std::path::absolute(&config.policies.dir).unwrap_or(config.policies.dir.clone()))
+        ));
         Ok(out)
     }
 }
@@ -508,24 +355,7 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
     }
 }
 
-/// Where the value of `key` came from: a default, a file, an environment variable or a flag.
-fn describe_source(fig: &Figment, key: &str) -> String {
-    let Some(meta) = fig.find_metadata(key) else {
-        return "default".into();
-    };
-    if let Some(figment::Source::File(path)) = &meta.source {
-        return format!("file {}", path.display());
-    }
-    let name = meta.name.as_ref();
-    if name.contains("nvironment") {
-        return format!("environment {ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
-    }
-    if name.ends_with("Flags") {
-        return "command-line flag".into();
-    }
-    "default".into()
-}
-
 mod models;
+pub mod paths;
 #[cfg(test)]
 mod tests;

@@ -1,19 +1,19 @@
 //! pensieve: a local LLM server that speaks the Anthropic Messages API on MLX, and never lets a
 //! request push the machine into swap or the OOM killer.
 //!
-//! The public face is the tower layers ([`layers`]), the configuration ([`config`]), the memory
-//! sampler, snapshot and gate ([`memory`]) and the backend trait ([`backend`]). [`stack::Stack`]
-//! builds the `/v1` layer stack from the configuration, for the server ([`server::router`]) and
-//! for an app of your own (`examples/embed_hyper.rs`, `examples/embed_axum.rs`).
+//! This crate is the server: the APIs ([`api`]: Anthropic Messages, OpenAI Chat Completions and
+//! Responses), the MLX backend and its Python bridge ([`backend`]), the configuration
+//! ([`config`]) and the process ([`server`]). The tower layers, the memory sampler and gate, the
+//! policy engine, the stack builder and the HTTP seam under both APIs live in the
+//! `pensieve-layers` crate (no Python), re-exported here under the same names; an app that
+//! embeds the layers depends on that crate alone (`crates/pensieve-layers/examples`).
 
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod backend;
 pub mod config;
-pub mod layers;
-pub mod memory;
 pub mod metrics;
-pub mod policy;
 pub mod server;
-pub mod stack;
+
+pub use pensieve_layers::{guard, layers, memory, policy, stack, wire};

@@ -1,11 +1,14 @@
 //! `GET /metrics`: Prometheus (OpenMetrics) text, with the `prometheus-client` crate.
 //!
-//! Counters and histograms are recorded where things happen (requests, refusals, generations);
-//! gauges that mirror state held elsewhere (memory, the backend's queue, policy errors) are set
-//! from that state when scraped, so that nothing on the request path keeps them up to date.
+//! The layers' metrics (requests, refusals, policy errors, memory) are the layers' crate's
+//! ([`pensieve_layers::metrics`]); the backend's (models, generations, prompt cache, disk
+//! tier) are added to the same registry here. Counters and histograms are recorded where
+//! things happen; gauges that mirror state held elsewhere (memory, the backend's queue, policy
+//! errors) are set from that state when scraped, so that nothing on the request path keeps them
+//! up to date.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,22 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::backend::PromptCacheDisk;
-
-/// `route` and `status` of a request.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// One of the server's routes, or `other`.
-    pub route: &'static str,
-    /// HTTP status.
-    pub status: u16,
-}
-
-/// One label: a tier, a policy.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NameLabel {
-    /// The value.
-    pub name: String,
-}
+pub use pensieve_layers::metrics::{route_of, Metrics as HttpMetrics};
 
 /// A model.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,17 +128,11 @@ struct ModelMetrics {
     generations: Family<ModelLabel, Counter>,
 }
 
-/// The server's metrics.
+/// The server's metrics: the layers' and the backend's, in one registry.
 pub struct Metrics {
+    http: Arc<HttpMetrics>,
     models: ModelMetrics,
     disk: DiskMetrics,
-    registry: Mutex<Registry>,
-    requests: Family<RequestLabels, Counter>,
-    memory_refusals: Family<NameLabel, Counter>,
-    policy_refusals: Family<NameLabel, Counter>,
-    policy_errors: Family<NameLabel, Gauge>,
-    memory_available: Gauge<f64, AtomicU64>,
-    memory_tier: Gauge,
     generations_running: Gauge,
     generations_queued: Gauge,
     cache_bytes: Gauge,
@@ -172,16 +154,17 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(Arc::default())
+    }
+}
+
+impl Metrics {
+    /// The backend's metrics, added to the registry of the layers' `http` metrics.
+    pub fn new(http: Arc<HttpMetrics>) -> Self {
         let m = Metrics {
-            registry: Mutex::new(Registry::with_prefix("pensieve")),
+            http,
             models: ModelMetrics::default(),
             disk: DiskMetrics::default(),
-            requests: Family::default(),
-            memory_refusals: Family::default(),
-            policy_refusals: Family::default(),
-            policy_errors: Family::default(),
-            memory_available: Gauge::default(),
-            memory_tier: Gauge::default(),
             generations_running: Gauge::default(),
             generations_queued: Gauge::default(),
             cache_bytes: Gauge::default(),
@@ -194,9 +177,7 @@ impl Default for Metrics {
             prompt_cache_bytes: Gauge::default(),
             prompt_cache_entries: Gauge::default(),
         };
-        {
-            let mut r = m.registry.lock().unwrap();
-            r.register("requests", "HTTP requests by route and status", m.requests.clone());
+        m.http.register(|r| {
             let mm = &m.models;
             r.register("model_loaded", "1 while the model is loaded", mm.loaded.clone());
             r.register(
@@ -220,32 +201,7 @@ impl Default for Metrics {
                 "Generations started on the model",
                 mm.generations.clone(),
             );
-            m.disk.register(&mut r);
-            r.register(
-                "memory_refusals",
-                "Requests refused for memory, by tier",
-                m.memory_refusals.clone(),
-            );
-            r.register(
-                "policy_refusals",
-                "Requests refused by an admission policy",
-                m.policy_refusals.clone(),
-            );
-            r.register(
-                "policy_errors",
-                "Failed policy calls and loads since the policy was loaded",
-                m.policy_errors.clone(),
-            );
-            r.register(
-                "memory_available_bytes",
-                "Memory new work can still use",
-                m.memory_available.clone(),
-            );
-            r.register(
-                "memory_tier",
-                "0 Safe, 1 Warning, 2 Critical, 3 Emergency",
-                m.memory_tier.clone(),
-            );
+            m.disk.register(r);
             r.register(
                 "generations_running",
                 "Generations running",
@@ -297,31 +253,13 @@ impl Default for Metrics {
                 "Prompts in the prompt cache",
                 m.prompt_cache_entries.clone(),
             );
-        }
+        });
         m
     }
-}
 
-impl Metrics {
-    /// Counts a finished request.
-    pub fn request(&self, route: &'static str, status: u16) {
-        self.requests.get_or_create(&RequestLabels { route, status }).inc();
-    }
-
-    /// Counts a memory refusal.
-    pub fn memory_refusal(&self, tier: &str) {
-        self.memory_refusals
-            .get_or_create(&NameLabel { name: tier.to_owned() })
-            .inc();
-    }
-
-    /// Counts a policy refusal.
-    pub fn policy_refusal(&self, policy: &str) {
-        self.policy_refusals
-            .get_or_create(&NameLabel {
-                name: policy.to_owned(),
-            })
-            .inc();
+    /// The layers' metrics (what the stack's metrics layer counts into).
+    pub fn http(&self) -> &Arc<HttpMetrics> {
+        &self.http
     }
 
     /// Counts a started generation's prompt and what of it came from the prompt cache.
@@ -352,8 +290,6 @@ impl Metrics {
         backend: &crate::backend::BackendStatus,
         policies: &[crate::policy::PolicyStatus],
     ) -> String {
-        self.memory_available.set(snapshot.available_bytes as f64);
-        self.memory_tier.set(snapshot.tier as i64);
         self.generations_running.set(backend.active_generations as i64);
         self.generations_queued.set(backend.queued as i64);
         self.cache_bytes.set(backend.cache_bytes as i64);
@@ -384,30 +320,8 @@ impl Metrics {
             }
         }
         for p in policies {
-            self.policy_errors
-                .get_or_create(&NameLabel { name: p.name.clone() })
-                .set(p.errors as i64);
+            self.http.policy_errors(&p.name, p.errors);
         }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
-            .expect("writing to a String");
-        out
-    }
-}
-
-/// The route label of a path: one of the server's routes, so that label values stay few.
-pub fn route_of(path: &str) -> &'static str {
-    match path {
-        "/v1/messages" => "/v1/messages",
-        "/v1/messages/count_tokens" => "/v1/messages/count_tokens",
-        "/v1/chat/completions" => "/v1/chat/completions",
-        "/v1/responses" => "/v1/responses",
-        "/v1/models" => "/v1/models",
-        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
-        "/health" => "/health",
-        "/health/ready" => "/health/ready",
-        "/health/live" => "/health/live",
-        "/metrics" => "/metrics",
-        _ => "other",
+        self.http.render(snapshot)
     }
 }

@@ -20,30 +20,32 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use crate::api::{self, AppState};
 use crate::backend::{Backend, MlxBackend};
 use crate::config::Config;
-use crate::layers::{LoggingLayer, MakeRequestId, MetricsLayer, REQUEST_ID};
-use crate::memory::{Gate, Hooks, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use crate::guard::Guard;
+use crate::layers::{LoggingLayer, MetricsLayer};
 use crate::metrics::Metrics;
-use crate::policy::{PolicyEngine, Watcher};
 use crate::stack::{panic_response, PanicResponse, Stack};
+use crate::wire::{MakeRequestId, REQUEST_ID};
 
-/// The whole application: routes and layers, ready for `axum::serve`.
-pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: Option<Arc<PolicyEngine>>) -> Router {
-    let metrics = Arc::new(Metrics::default());
+/// The whole application: routes and layers, ready for `axum::serve`. `stack` is the `/v1`
+/// stack of a [`Guard`] (its gate, policies and metrics); the server adds what only it knows
+/// (how many generations run, how a Messages body is parsed).
+pub fn router(config: &Config, backend: Arc<dyn Backend>, stack: Stack) -> Router {
+    let http = stack.http_metrics().cloned().unwrap_or_default();
+    let metrics = Arc::new(Metrics::new(http.clone()));
+    let policies = stack.policy_engine().cloned();
     let state = AppState {
         backend: backend.clone(),
-        gate: gate.clone(),
+        gate: stack.gate().clone(),
         queue_timeout: Duration::from_millis(config.backend.queue_timeout_ms),
-        policies: policies.clone(),
+        policies,
         metrics: metrics.clone(),
         threads: Arc::default(),
         responses: Arc::default(),
     };
-    let mut stack = Stack::new(config, gate)
-        .metrics(metrics.clone())
-        .in_flight(Arc::new(move || backend.active_generations()));
-    if let Some(engine) = policies {
-        stack = stack.policies(engine);
-    }
+    let stack = stack
+        .metrics(http.clone())
+        .in_flight(Arc::new(move || backend.active_generations()))
+        .describe(Arc::new(api::describe));
     let v1 = Router::new()
         .route("/v1/messages", post(api::messages).fallback(api::method_not_allowed))
         .route(
@@ -61,14 +63,12 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
         .route("/v1/models", get(api::list_models).fallback(api::method_not_allowed))
         .route("/v1/models/{id}", get(api::get_model).fallback(api::method_not_allowed))
         .route("/v1/{*rest}", any(api::not_found))
-        .layer(stack)
-        // Outside the stack: every error on OpenAI's routes in OpenAI's shape, a layer's too.
-        .layer(axum::middleware::from_fn(api::openai::error_shape));
+        .layer(stack);
     let plain = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId))
         .layer(LoggingLayer)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(MetricsLayer::new(metrics))
+        .layer(MetricsLayer::new(http))
         .layer(CatchPanicLayer::custom(panic_response as PanicResponse));
     Router::new()
         .route("/health", get(api::health).fallback(api::method_not_allowed))
@@ -83,49 +83,21 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, gate: Gate, policies: 
 
 /// Loads the model, starts the sampler, binds and serves until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> Result<(), String> {
-    let thresholds = Thresholds::from_config(&config.memory);
-    let snapshot = SnapshotHandle::new(crate::memory::MemorySnapshot::unknown());
-    let gate = Gate::new(snapshot.clone(), thresholds, config.memory.retry_after_secs);
-    let mut probe = SystemProbe::new().map_err(|e| format!("cannot read this machine's memory: {e}"))?;
-    // One reading now, so that the model loads knowing the memory it may use.
-    snapshot.store(Sampler::sample(
-        &mut probe,
-        &thresholds,
-        &crate::memory::MemorySnapshot::unknown(),
-        &Hooks::default(),
-    ));
-    if let Some(cg) = probe.cgroup() {
-        tracing::info!(dir = %cg.dir.display(), version = ?cg.version, "memory cgroup found");
-    }
+    // Memory, policies, the sampler, the gate and the metrics: started once, as an app that
+    // embeds the layers starts them.
+    let guard = Guard::start(&config.guard()).map_err(|e| e.to_string())?;
+    let snapshot = guard.snapshot();
     for spec in config.model_specs().iter().filter(|s| s.preload) {
-        check_model_fits(&config, spec, &snapshot.load(), &thresholds)?;
+        check_model_fits(&config, spec, &snapshot.load(), &guard.thresholds())?;
     }
     let backend_config = config.clone();
-    let backend_gate = gate.clone();
+    let backend_gate = guard.gate().clone();
     let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, backend_gate))
         .await
         .map_err(|e| format!("the model loader panicked: {e}"))??;
-    let policies = Arc::new(PolicyEngine::new(&config.policies)?);
-    for p in policies.load_dir() {
-        if !p.loaded {
-            tracing::error!(policy = %p.name, error = ?p.last_error, "policy not loaded; serving without it");
-        }
-    }
-    let _watcher = Watcher::spawn(policies.clone()).map_err(|e| format!("cannot watch policies.dir: {e}"))?;
-    let hooks = Hooks {
-        backend: Some(backend.memory_reporter()),
-        proposer: Some(policies.clone()),
-    };
-    let _sampler = Sampler::spawn(
-        Box::new(probe),
-        thresholds,
-        Duration::from_millis(config.memory.sample_interval_ms),
-        snapshot.clone(),
-        hooks,
-    )
-    .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
+    guard.attach_backend(backend.memory_reporter());
     let backend: Arc<dyn Backend> = Arc::new(backend);
-    let app = router(&config, backend, gate, Some(policies));
+    let app = router(&config, backend, guard.stack());
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -162,7 +134,7 @@ fn check_model_fits(
     config: &Config,
     spec: &crate::config::ModelSpec,
     snapshot: &crate::memory::MemorySnapshot,
-    thresholds: &Thresholds,
+    thresholds: &crate::memory::Thresholds,
 ) -> Result<(), String> {
     use crate::backend::estimate;
     let b = &config.backend;

@@ -1,4 +1,5 @@
-from .demo import main
 import sys
+
+from .demo import main
 
 sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corpus
+from . import corpus, paths
 
 #: Bump when anything below changes what is written, so that cached copies are rebuilt.
 VERSION = 1
@@ -149,26 +149,44 @@ def digest(folder: str | os.PathLike) -> str:
 
 
 def cache_dir() -> Path:
-    """Where ``ensure`` keeps the built model: ``$PENSIEVE_CACHE_DIR`` or ``~/.cache/pensieve``."""
-    base = os.environ.get("PENSIEVE_CACHE_DIR") or Path.home() / ".cache" / "pensieve"
-    return Path(base) / f"demo-v{VERSION}"
+    """Where ``ensure`` keeps the built model: ``models/demo-v<VERSION>`` in pensieve's state
+    folder (:mod:`pensieve_bridge.paths`), beside the other kinds of state, never inside one."""
+    return paths.models_dir() / f"demo-v{VERSION}"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
 
 
 def ensure() -> Path:
-    """Returns the cached demo model's folder, building it first if it is missing."""
+    """Returns the cached demo model's folder, building it first if it is missing.
+
+    Builds in a temporary folder beside it, then renames: a concurrent build (another server
+    starting) loses the race harmlessly, since both are identical; an incomplete folder left
+    by an earlier interrupted build, or anything else in the way, is moved aside first."""
     target = cache_dir()
-    if (target / "model.safetensors").exists():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="demo-build-", dir=target.parent))
     try:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process built it first; theirs is identical.
-            if not (target / "model.safetensors").exists():
-                raise
+        for _ in range(3):
+            try:
+                os.rename(tmp, target)
+                break
+            except OSError:
+                if _complete(target):
+                    break  # another process built it first; theirs is identical
+                if target.exists():
+                    aside = Path(tempfile.mkdtemp(prefix="demo-stale-", dir=target.parent))
+                    try:
+                        os.rename(target, aside / "old")
+                    except OSError:
+                        pass  # someone else moved it: try again
+                    shutil.rmtree(aside, ignore_errors=True)
+        if not _complete(target):
+            raise OSError(f"could not put the demo model in place at {target}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

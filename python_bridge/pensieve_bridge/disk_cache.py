@@ -84,10 +84,10 @@ _tiers_lock = threading.Lock()
 
 
 def default_root() -> Path:
-    """``$PENSIEVE_CACHE_DIR/prompt-cache``, else ``~/.cache/pensieve/prompt-cache``."""
-    from .demo import cache_dir
+    """``prompt-cache`` in pensieve's state folder (:mod:`pensieve_bridge.paths`)."""
+    from .paths import prompt_cache_dir
 
-    return cache_dir() / "prompt-cache"
+    return prompt_cache_dir()
 
 
 def model_identity(files: List[Path], runtime: str) -> str:

@@ -12,7 +12,6 @@ import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
-
 from pensieve_bridge.engine import Engine  # noqa: E402
 
 

@@ -5,7 +5,6 @@ import json
 
 import jsonschema
 import mlx.core as mx
-
 from conftest import add, reference_generate, running
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added, Finish, Piece
@@ -131,7 +130,6 @@ def test_strict_tools_under_auto_hold_every_call_the_model_makes(engine):
     the first step prefers `<tool_call>`, the rest are random. Whatever they say, the grammar
     makes each call valid, then lets the answer end."""
     import numpy as np
-
     from pensieve_bridge.batch import Batcher
 
     b = Batcher(engine, 1, 0)

@@ -2,9 +2,7 @@
 
 import json
 
-import mlx.core as mx
 from mlx_lm import load, stream_generate
-
 from pensieve_bridge import demo
 
 # sha256 of the folder that `python -m pensieve_bridge.demo` writes with the pinned packages.
@@ -80,3 +78,30 @@ def test_demo_folder_loads_in_mlx_lm_directly(tmp_path):
     model, tok = load(str(demo.build(tmp_path / "m")))
     out = "".join(r.text for r in stream_generate(model, tok, "hello", max_tokens=8))
     assert out
+
+
+def test_state_kinds_have_folders_of_their_own(monkeypatch, tmp_path):
+    from pensieve_bridge import disk_cache, paths
+
+    monkeypatch.setattr(paths, "_configured", None)
+    monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(tmp_path))
+    assert demo.cache_dir() == tmp_path / "models" / f"demo-v{demo.VERSION}"
+    assert disk_cache.default_root() == tmp_path / "prompt-cache"
+    # The server's resolved folder wins over the environment.
+    paths.configure(tmp_path / "server")
+    assert demo.cache_dir().parent == tmp_path / "server" / "models"
+
+
+def test_ensure_puts_the_model_in_place_over_a_stale_folder_and_beside_a_finished_build(monkeypatch, tmp_path):
+    from pensieve_bridge import paths
+
+    monkeypatch.setattr(paths, "_configured", tmp_path)
+    target = demo.cache_dir()
+    # What an interrupted build, or an older layout's prompt cache, left in the way.
+    (target / "prompt-cache" / "abc").mkdir(parents=True)
+    (target / "prompt-cache" / "abc" / "entry").write_bytes(b"x")
+    assert demo.ensure() == target
+    assert demo.digest(target) == demo.digest(demo.build(tmp_path / "fresh"))
+    # Another process finished first: its folder stays, nothing of this build is left.
+    assert demo.ensure() == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]

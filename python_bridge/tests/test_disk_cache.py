@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
 from conftest import add, reference_generate, running
 from pensieve_bridge import disk_cache, disk_sweep
 from pensieve_bridge.batch import Batcher

@@ -4,7 +4,6 @@ parameters, max_tokens, a failing generation, and the cache-clearing guarantee."
 import json
 
 import mlx.core as mx
-
 from conftest import add, reference_generate, running
 from pensieve_bridge import batch as batch_mod
 from pensieve_bridge import engine as engine_mod

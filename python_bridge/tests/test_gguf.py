@@ -9,7 +9,6 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import regex
-
 from conftest import add, running
 from pensieve_bridge import gguf
 from pensieve_bridge.batch import open_batcher

@@ -5,9 +5,8 @@ import json
 import random
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
-
 from conftest import add, running
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.prompt_cache import PromptCache, own
 

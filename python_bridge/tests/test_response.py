@@ -5,7 +5,6 @@ import json
 from types import SimpleNamespace
 
 from mlx_lm.tool_parsers import json_tools, qwen3_coder
-
 from pensieve_bridge.protocol import Piece
 from pensieve_bridge.response import ResponseSplitter
 

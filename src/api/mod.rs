@@ -21,8 +21,8 @@ use axum::{Extension, Json};
 use http::{HeaderMap, Method};
 
 use crate::backend::{Backend, Event};
-use crate::layers::{read_body, request_id, MaxBody, ParsedMessages};
 use crate::memory::Gate;
+use crate::wire::{read_body, request_id, MaxBody};
 use error::{ApiError, ErrorKind};
 
 pub use health::{health, live, ready};
@@ -46,6 +46,34 @@ pub struct AppState {
     pub threads: Arc<threads::Threads>,
     /// Responses kept for `previous_response_id`.
     pub responses: Arc<openai::responses::Kept>,
+}
+
+/// A Messages request the policy layer has already parsed, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct ParsedMessages(pub Arc<types::MessagesRequest>);
+
+/// The policy layer's [`Describe`](crate::layers::Describe) hook: a Messages request is parsed
+/// once, for the policy's fields and for the handler ([`ParsedMessages`]); any other body gives
+/// its fields without being parsed whole.
+pub fn describe(
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
+    ext: &mut http::Extensions,
+) -> Option<crate::layers::BodyFields> {
+    let messages = parts.method == Method::POST && parts.uri.path().ends_with("/messages");
+    match messages.then(|| translate::parse(body).ok()).flatten() {
+        Some(m) => {
+            let fields = crate::layers::BodyFields {
+                model: Some(m.model.clone()),
+                max_tokens: Some(m.max_tokens),
+                stream: m.stream,
+                ..Default::default()
+            };
+            ext.insert(ParsedMessages(Arc::new(m)));
+            Some(fields)
+        }
+        None => crate::layers::BodyFields::from_json(parts, body),
+    }
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.

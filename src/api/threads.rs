@@ -42,14 +42,18 @@ pub fn param(req: &MessagesRequest) -> Result<Option<ThreadParam>, ApiError> {
         Some("create") => Ok(Some(ThreadParam::Create)),
         Some("continue") => match thread.get("previous_message_id").and_then(Value::as_str) {
             Some(id) if !id.is_empty() => Ok(Some(ThreadParam::Continue(id.to_owned()))),
-            _ => Err(ApiError::invalid(
-                "thread.previous_message_id: required (a message id) when thread.type is \"continue\"",
+            _ => Err(ApiError::invalid_field(
+                "thread.previous_message_id",
+                "required (a message id) when thread.type is \"continue\"",
             )),
         },
-        _ => Err(ApiError::invalid(format!(
-            "thread.type: expected `create` or `continue`, got {}",
-            thread.get("type").map_or("nothing".to_string(), Value::to_string)
-        ))),
+        _ => Err(ApiError::invalid_field(
+            "thread.type",
+            format!(
+                "expected `create` or `continue`, got {}",
+                thread.get("type").map_or("nothing".to_string(), Value::to_string)
+            ),
+        )),
     }
 }
 

@@ -39,7 +39,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T
             (path, Some(field)) => format!("{path}.{field}"),
             (path, None) => path.to_owned(),
         };
-        ApiError::invalid(format!("{path}: {problem}"))
+        ApiError::invalid_field(format!("{path}"), format!("{problem}"))
     })
 }
 
@@ -81,23 +81,25 @@ fn plain(serde: &str) -> (Option<String>, String) {
 pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest, ApiError> {
     super::validate::request(req)?;
     if req.max_tokens == 0 {
-        return Err(ApiError::invalid("max_tokens: must be at least 1"));
+        return Err(ApiError::invalid_field("max_tokens", "must be at least 1"));
     }
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages: at least one message is required"));
+        return Err(ApiError::invalid_field("messages", "at least one message is required"));
     }
     if let Some(t) = req.temperature {
         if !(0.0..=1.0).contains(&t) {
-            return Err(ApiError::invalid(format!(
-                "temperature: must be between 0 and 1, got {t}"
-            )));
+            return Err(ApiError::invalid_field(
+                "temperature",
+                format!("must be between 0 and 1, got {t}"),
+            ));
         }
     }
     if let Some(p) = req.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid(format!(
-                "top_p: must be greater than 0 and at most 1, got {p}"
-            )));
+            return Err(ApiError::invalid_field(
+                "top_p",
+                format!("must be greater than 0 and at most 1, got {p}"),
+            ));
         }
     }
     let mut system = match &req.system {
@@ -130,9 +132,10 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
         Some(m) if m.role == "assistant" && m.tool_calls.is_empty() => {
             if m.content != m.content.trim_end() {
                 let at = req.messages.len() - 1;
-                return Err(ApiError::invalid(format!(
-                    "messages[{at}]: the final assistant message (a prefill) cannot end with whitespace"
-                )));
+                return Err(ApiError::invalid_field(
+                    format!("messages[{at}]"),
+                    "the final assistant message (a prefill) cannot end with whitespace",
+                ));
             }
             !m.content.is_empty()
         }
@@ -141,14 +144,16 @@ pub fn to_backend(req: &MessagesRequest, vision: bool) -> Result<GenerateRequest
     let choice = tool_choice(req)?;
     let constraint = constraint(req, &choice)?;
     if constraint.is_some() && continue_final {
-        return Err(ApiError::invalid(format!(
-            "messages[{}]: a final assistant message (a prefill) cannot be combined with {}",
-            req.messages.len() - 1,
-            match constraint {
-                Some(Constraint::Tool { .. }) => "a tool_choice that forces a tool call",
-                _ => "output_config.format",
-            }
-        )));
+        return Err(ApiError::invalid_field(
+            format!("messages[{}]", req.messages.len() - 1),
+            format!(
+                "a final assistant message (a prefill) cannot be combined with {}",
+                match constraint {
+                    Some(Constraint::Tool { .. }) => "a tool_choice that forces a tool call",
+                    _ => "output_config.format",
+                }
+            ),
+        ));
     }
     if let Some(instruction) = choice.instruction() {
         if !system.is_empty() {
@@ -209,25 +214,30 @@ fn constraint(req: &MessagesRequest, choice: &ToolChoice) -> Result<Option<Const
         Some((format, at)) => {
             let kind = format.get("type").and_then(|t| t.as_str());
             if kind != Some("json_schema") {
-                return Err(ApiError::invalid(format!(
-                    "{at}.type: expected `json_schema`, got {}",
-                    format.get("type").map_or("nothing".to_string(), |t| t.to_string())
-                )));
+                return Err(ApiError::invalid_field(
+                    format!("{at}.type"),
+                    format!(
+                        "expected `json_schema`, got {}",
+                        format.get("type").map_or("nothing".to_string(), |t| t.to_string())
+                    ),
+                ));
             }
             match format.get("schema") {
                 Some(schema @ serde_json::Value::Object(_)) => Some(schema.clone()),
                 _ => {
-                    return Err(ApiError::invalid(format!(
-                        "{at}.schema: required, a JSON schema object"
-                    )))
+                    return Err(ApiError::invalid_field(
+                        format!("{at}.schema"),
+                        "required, a JSON schema object",
+                    ))
                 }
             }
         }
     };
     Ok(match (choice, schema) {
         (ToolChoice::Any | ToolChoice::Tool(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "output_config.format: cannot be combined with a tool_choice that forces a tool call",
+            return Err(ApiError::invalid_field(
+                "output_config.format",
+                "cannot be combined with a tool_choice that forces a tool call",
             ))
         }
         (ToolChoice::Any, None) => {
@@ -287,25 +297,26 @@ fn tool_choice(req: &MessagesRequest) -> Result<ToolChoice, ApiError> {
         "any" => ToolChoice::Any,
         "none" => ToolChoice::None,
         "tool" => {
-            let name = choice
-                .get("name")
-                .and_then(|n| n.as_str())
-                .ok_or_else(|| ApiError::invalid("tool_choice.name: required when tool_choice.type is \"tool\""))?;
+            let name = choice.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
+                ApiError::invalid_field("tool_choice.name", "required when tool_choice.type is \"tool\"")
+            })?;
             if !req.tools.iter().any(|t| t.name == name) {
-                return Err(ApiError::invalid(format!(
-                    "tool_choice.name: no tool named `{name}` in tools"
-                )));
+                return Err(ApiError::invalid_field(
+                    "tool_choice.name",
+                    format!("no tool named `{name}` in tools"),
+                ));
             }
             ToolChoice::Tool(name.to_owned())
         }
         other => {
-            return Err(ApiError::invalid(format!(
-                "tool_choice.type: expected one of `auto`, `any`, `tool`, `none`, got `{other}`"
-            )))
+            return Err(ApiError::invalid_field(
+                "tool_choice.type",
+                format!("expected one of `auto`, `any`, `tool`, `none`, got `{other}`"),
+            ))
         }
     };
     if matches!(choice, ToolChoice::Any | ToolChoice::Tool(_)) && req.tools.is_empty() {
-        return Err(ApiError::invalid("tool_choice: requires tools"));
+        return Err(ApiError::invalid_field("tool_choice", "requires tools"));
     }
     Ok(choice)
 }
@@ -426,21 +437,22 @@ fn append_block_text(out: &mut String, block: &Block, at: &str, vision: bool) ->
         // Earlier reasoning is not shown to the model again, as Anthropic's API does.
         Block::Thinking { .. } | Block::RedactedThinking { .. } => return Ok(()),
         Block::Image { .. } if !vision => {
-            return Err(ApiError::invalid(format!(
-                "{at}: this model does not accept images (the loaded model has no vision support)"
-            )))
+            return Err(ApiError::invalid_field(
+                format!("{at}"),
+                "this model does not accept images (the loaded model has no vision support)",
+            ))
         }
         Block::Image { .. } | Block::Document { .. } => {
-            return Err(ApiError::invalid(format!(
-                "{at}: {} blocks are not supported by this server",
-                kind(block)
-            )))
+            return Err(ApiError::invalid_field(
+                format!("{at}"),
+                format!("{} blocks are not supported by this server", kind(block)),
+            ))
         }
         Block::ToolUse { .. } | Block::ToolResult { .. } => {
-            return Err(ApiError::invalid(format!(
-                "{at}: a {} block is not allowed here",
-                kind(block)
-            )))
+            return Err(ApiError::invalid_field(
+                format!("{at}"),
+                format!("a {} block is not allowed here", kind(block)),
+            ))
         }
     };
     if text.is_empty() && text_was_billing_only(block) {

@@ -13,9 +13,10 @@ pub fn request(req: &MessagesRequest) -> Result<(), ApiError> {
     tool_results_answer_calls(req)?;
     for (i, stop) in req.stop_sequences.iter().enumerate() {
         if stop.trim().is_empty() {
-            return Err(ApiError::invalid(format!(
-                "stop_sequences[{i}]: each stop sequence must contain non-whitespace characters"
-            )));
+            return Err(ApiError::invalid_field(
+                format!("stop_sequences[{i}]"),
+                "each stop sequence must contain non-whitespace characters",
+            ));
         }
     }
     thinking(req)?;
@@ -25,20 +26,21 @@ pub fn request(req: &MessagesRequest) -> Result<(), ApiError> {
 /// Text blocks must hold text, and a user turn must say something.
 fn non_empty(role: Role, content: &Content, i: usize) -> Result<(), ApiError> {
     match content {
-        Content::Text(t) if t.is_empty() && role != Role::Assistant => Err(ApiError::invalid(format!(
-            "messages[{i}].content: a {} message must have non-empty content",
-            role_name(role)
-        ))),
-        Content::Blocks(blocks) if blocks.is_empty() && role != Role::Assistant => Err(ApiError::invalid(format!(
-            "messages[{i}].content: a {} message must have at least one content block",
-            role_name(role)
-        ))),
+        Content::Text(t) if t.is_empty() && role != Role::Assistant => Err(ApiError::invalid_field(
+            format!("messages[{i}].content"),
+            format!("a {} message must have non-empty content", role_name(role)),
+        )),
+        Content::Blocks(blocks) if blocks.is_empty() && role != Role::Assistant => Err(ApiError::invalid_field(
+            format!("messages[{i}].content"),
+            format!("a {} message must have at least one content block", role_name(role)),
+        )),
         Content::Blocks(blocks) => {
             for (j, b) in blocks.iter().enumerate() {
                 if matches!(b, Block::Text { text } if text.is_empty()) {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}].content[{j}].text: text content blocks must be non-empty"
-                    )));
+                    return Err(ApiError::invalid_field(
+                        format!("messages[{i}].content[{j}].text"),
+                        "text content blocks must be non-empty",
+                    ));
                 }
             }
             Ok(())
@@ -76,10 +78,13 @@ fn tool_results_answer_calls(req: &MessagesRequest) -> Result<(), ApiError> {
         for (j, b) in blocks.iter().enumerate() {
             if let Block::ToolResult { tool_use_id, .. } = b {
                 if !calls.contains(&tool_use_id.as_str()) {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}].content[{j}].tool_use_id: `{tool_use_id}` answers no tool_use block in \
+                    return Err(ApiError::invalid_field(
+                        format!("messages[{i}].content[{j}].tool_use_id"),
+                        format!(
+                            "`{tool_use_id}` answers no tool_use block in \
                          the assistant message before it"
-                    )));
+                        ),
+                    ));
                 }
             }
         }
@@ -96,25 +101,28 @@ fn thinking(req: &MessagesRequest) -> Result<(), ApiError> {
         return Ok(());
     }
     let Some(budget) = t.get("budget_tokens").and_then(|b| b.as_u64()) else {
-        return Err(ApiError::invalid(
-            "thinking.budget_tokens: required (a whole number) when thinking is enabled",
+        return Err(ApiError::invalid_field(
+            "thinking.budget_tokens",
+            "required (a whole number) when thinking is enabled",
         ));
     };
     if budget < 1024 {
-        return Err(ApiError::invalid(format!(
-            "thinking.budget_tokens: must be at least 1024, got {budget}"
-        )));
+        return Err(ApiError::invalid_field(
+            "thinking.budget_tokens",
+            format!("must be at least 1024, got {budget}"),
+        ));
     }
     if budget >= req.max_tokens as u64 {
-        return Err(ApiError::invalid(format!(
-            "thinking.budget_tokens: must be less than max_tokens ({}), got {budget}",
-            req.max_tokens
-        )));
+        return Err(ApiError::invalid_field(
+            "thinking.budget_tokens",
+            format!("must be less than max_tokens ({}), got {budget}", req.max_tokens),
+        ));
     }
     if let Some(temp) = req.temperature.filter(|t| *t != 1.0) {
-        return Err(ApiError::invalid(format!(
-            "temperature: may only be 1 when thinking is enabled, got {temp}"
-        )));
+        return Err(ApiError::invalid_field(
+            "temperature",
+            format!("may only be 1 when thinking is enabled, got {temp}"),
+        ));
     }
     let forced = req
         .tool_choice
@@ -123,8 +131,9 @@ fn thinking(req: &MessagesRequest) -> Result<(), ApiError> {
         .and_then(|t| t.as_str())
         .is_some_and(|t| t == "any" || t == "tool");
     if forced {
-        return Err(ApiError::invalid(
-            "tool_choice: thinking may not be enabled when tool_choice forces tool use",
+        return Err(ApiError::invalid_field(
+            "tool_choice",
+            "thinking may not be enabled when tool_choice forces tool use",
         ));
     }
     Ok(())
@@ -138,24 +147,24 @@ fn tools(req: &MessagesRequest) -> Result<(), ApiError> {
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
         if !ok {
-            return Err(ApiError::invalid(format!(
-                "tools[{i}].name: must be 1 to 128 letters, digits, `_` or `-`, got `{}`",
-                t.name
-            )));
+            return Err(ApiError::invalid_field(
+                format!("tools[{i}].name"),
+                format!("must be 1 to 128 letters, digits, `_` or `-`, got `{}`", t.name),
+            ));
         }
         // A client tool needs its schema (Anthropic's server tools have a `type` and none).
         let custom = t.kind.as_deref().is_none_or(|k| k == "custom");
         if custom && !t.input_schema.as_ref().is_some_and(|s| s.is_object()) {
-            return Err(ApiError::invalid(format!(
-                "tools[{i}].input_schema: required, a JSON schema object (tool `{}`)",
-                t.name
-            )));
+            return Err(ApiError::invalid_field(
+                format!("tools[{i}].input_schema"),
+                format!("required, a JSON schema object (tool `{}`)", t.name),
+            ));
         }
         if let Some(j) = req.tools[..i].iter().position(|u| u.name == t.name) {
-            return Err(ApiError::invalid(format!(
-                "tools[{i}].name: `{}` is also the name of tools[{j}]; tool names must be unique",
-                t.name
-            )));
+            return Err(ApiError::invalid_field(
+                format!("tools[{i}].name"),
+                format!("`{}` is also the name of tools[{j}]; tool names must be unique", t.name),
+            ));
         }
     }
     Ok(())

@@ -76,18 +76,7 @@ pub fn estimate(path: &Path) -> Result<Option<Estimate>, String> {
     }))
 }
 
-/// The local files of `backend.model`, if it names any (`demo` and Hugging Face ids do not).
-pub fn model_path(model: &str) -> Option<PathBuf> {
-    let model = model.strip_prefix("scripted:").unwrap_or(model);
-    if model == "demo" {
-        return None;
-    }
-    let path = match model.strip_prefix("~/") {
-        Some(rest) => PathBuf::from(std::env::var_os("HOME")?).join(rest),
-        None => PathBuf::from(model),
-    };
-    path.exists().then_some(path)
-}
+pub use crate::config::model_path;
 
 /// Refuses a model whose estimate, with the KV cache of `sequences` × `context` tokens, would
 /// take `available` memory to `warning` or below; the message names the model, the estimate,

@@ -4,7 +4,7 @@
 //! Without a `[models]` table, `backend.model` (or `--model`) is the one model, preloaded and
 //! answering every name: [`Config::model_specs`] turns both forms into the same list.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -104,7 +104,9 @@ impl Config {
                 keep_alive_secs: 0,
                 max_concurrent: b.max_concurrent,
                 prompt_cache_bytes: b.prompt_cache_mb.saturating_mul(1 << 20),
-                prompt_cache_dir: b.prompt_cache_dir.clone(),
+                prompt_cache_dir: super::paths::prompt_cache_dir(&b.prompt_cache_dir)
+                    .display()
+                    .to_string(),
                 prompt_cache_disk_bytes: b.prompt_cache_disk_mb.saturating_mul(1 << 20),
             }];
         }
@@ -118,7 +120,9 @@ impl Config {
                 keep_alive_secs: m.keep_alive_secs,
                 max_concurrent: m.max_concurrent.unwrap_or(b.max_concurrent),
                 prompt_cache_bytes: m.prompt_cache_mb.unwrap_or(b.prompt_cache_mb).saturating_mul(1 << 20),
-                prompt_cache_dir: b.prompt_cache_dir.clone(),
+                prompt_cache_dir: super::paths::prompt_cache_dir(&b.prompt_cache_dir)
+                    .display()
+                    .to_string(),
                 prompt_cache_disk_bytes: m
                     .prompt_cache_disk_mb
                     .unwrap_or(b.prompt_cache_disk_mb)
@@ -183,7 +187,7 @@ impl Config {
                     "must be set: a folder, a .gguf file, a Hugging Face id or `demo`".into(),
                 ));
             }
-            if looks_local(&m.path) && crate::backend::estimate::model_path(&m.path).is_none() {
+            if looks_local(&m.path) && model_path(&m.path).is_none() {
                 return Err((key("path"), format!("`{}` does not exist", m.path)));
             }
             if m.max_concurrent.is_some_and(|n| n == 0 || n > 256) {
@@ -214,4 +218,17 @@ fn looks_local(path: &str) -> bool {
         || path.starts_with("../")
         || path.starts_with("~/")
         || Path::new(path).extension().is_some_and(|e| e == "gguf")
+}
+
+/// The local files of `backend.model`, if it names any (`demo` and Hugging Face ids do not).
+pub fn model_path(model: &str) -> Option<PathBuf> {
+    let model = model.strip_prefix("scripted:").unwrap_or(model);
+    if model == "demo" {
+        return None;
+    }
+    let path = match model.strip_prefix("~/") {
+        Some(rest) => PathBuf::from(std::env::var_os("HOME")?).join(rest),
+        None => PathBuf::from(model),
+    };
+    path.exists().then_some(path)
 }

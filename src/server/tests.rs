@@ -125,8 +125,12 @@ fn app(config: &Config, tier: Tier, policy: bool) -> App {
     } else {
         (None, None)
     };
+    let mut stack = crate::stack::Stack::new(&config.guard(), gate).metrics(Arc::default());
+    if let Some(engine) = engine {
+        stack = stack.policies(engine);
+    }
     App {
-        router: router(config, backend.clone(), gate, engine),
+        router: router(config, backend.clone(), stack),
         backend,
         _policies: dir,
     }

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import urllib.request
-from pathlib import Path
 
 from conftest import ROOT, SCRIPTED, Server
 

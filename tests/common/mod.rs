@@ -73,8 +73,10 @@ impl Server {
 
     fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Server {
         let cache_dir = tempfile::tempdir().expect("a temporary folder");
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
+        if cmd.get_current_dir().is_none() {
+            cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        }
+        cmd.env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
             .env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", cache_dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

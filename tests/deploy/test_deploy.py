@@ -7,11 +7,11 @@ import copy
 import os
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use super::super::error::{ApiError, ErrorKind};
 use super::super::{answer_once_loaded, model_for, start, AppState};
 use crate::backend::{Chat, ChatMessage, Constraint, Event, GenerateRequest, Generation, Sampling, StopReason};
-use crate::layers::{read_body, request_id, MaxBody};
+use crate::wire::{read_body, request_id, MaxBody};
 
 /// The request. Unknown fields are collected in `rest` and refused by name, unless they are
 /// known to be harmless.
@@ -86,7 +86,7 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
 pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, ApiError> {
     refuse_unsupported(req)?;
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages: must contain at least one message"));
+        return Err(ApiError::invalid_field("messages", "must contain at least one message"));
     }
     let mut system = String::new();
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(req.messages.len());
@@ -111,16 +111,16 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
                 messages.push(message("assistant", text, calls, None));
             }
             "tool" => {
-                let id = m
-                    .tool_call_id
-                    .clone()
-                    .ok_or_else(|| ApiError::invalid(format!("{at}.tool_call_id: required in a tool message")))?;
+                let id = m.tool_call_id.clone().ok_or_else(|| {
+                    ApiError::invalid_field(format!("{at}.tool_call_id"), "required in a tool message")
+                })?;
                 messages.push(message("tool", text, Vec::new(), Some(id)));
             }
             other => {
-                return Err(ApiError::invalid(format!(
-                    "{at}.role: expected one of `system`, `developer`, `user`, `assistant`, `tool`, got `{other}`"
-                )))
+                return Err(ApiError::invalid_field(
+                    format!("{at}.role"),
+                    format!("expected one of `system`, `developer`, `user`, `assistant`, `tool`, got `{other}`"),
+                ))
             }
         }
     }
@@ -140,7 +140,7 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
         // Without one, to the context (the backend caps it there once the model is loaded).
         .unwrap_or(if context > 0 { context } else { u32::MAX });
     if max_tokens == 0 {
-        return Err(ApiError::invalid("max_completion_tokens: must be at least 1"));
+        return Err(ApiError::invalid_field("max_completion_tokens", "must be at least 1"));
     }
     Ok(GenerateRequest {
         model: req.model.clone(),
@@ -180,9 +180,10 @@ pub(super) fn constraint(
 ) -> Result<Option<Constraint>, ApiError> {
     Ok(match (forced, format) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(format!(
-                "{format_at}: cannot be combined with a tool_choice that forces a tool call"
-            )))
+            return Err(ApiError::invalid_field(
+                format!("{format_at}"),
+                "cannot be combined with a tool_choice that forces a tool call",
+            ))
         }
         (Some(names), None) => Some(Constraint::Tool { names }),
         (None, Some(schema)) => Some(Constraint::JsonSchema {
@@ -213,7 +214,7 @@ pub(super) fn message(
 
 /// What is not honoured, by name.
 fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
-    let refuse = |field: &str, why: &str| Err(ApiError::invalid(format!("{field}: {why}")));
+    let refuse = |field: &str, why: &str| Err(ApiError::invalid_field(format!("{field}"), format!("{why}")));
     for (key, value) in &req.rest {
         if value.is_null() || IGNORED.contains(&key.as_str()) {
             continue;
@@ -258,18 +259,20 @@ pub(super) fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiEr
                         text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default())
                     }
                     Some(other) => {
-                        return Err(ApiError::invalid(format!(
-                            "{at}.content[{j}].type: `{other}` is not supported: the model reads text only"
-                        )))
+                        return Err(ApiError::invalid_field(
+                            format!("{at}.content[{j}].type"),
+                            format!("`{other}` is not supported: the model reads text only"),
+                        ))
                     }
-                    None => return Err(ApiError::invalid(format!("{at}.content[{j}].type: required"))),
+                    None => return Err(ApiError::invalid_field(format!("{at}.content[{j}].type"), "required")),
                 }
             }
             Ok(text)
         }
-        Some(_) => Err(ApiError::invalid(format!(
-            "{at}.content: expected a string or an array of content parts"
-        ))),
+        Some(_) => Err(ApiError::invalid_field(
+            format!("{at}.content"),
+            "expected a string or an array of content parts",
+        )),
     }
 }
 
@@ -277,11 +280,11 @@ pub(super) fn text_of(content: Option<&Value>, at: &str) -> Result<String, ApiEr
 fn assistant_call(call: &Value, at: &str) -> Result<Value, ApiError> {
     let f = call
         .get("function")
-        .ok_or_else(|| ApiError::invalid(format!("{at}.function: required")))?;
+        .ok_or_else(|| ApiError::invalid_field(format!("{at}.function"), "required"))?;
     let name = f
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid(format!("{at}.function.name: required")))?;
+        .ok_or_else(|| ApiError::invalid_field(format!("{at}.function.name"), "required"))?;
     let arguments = match f.get("arguments") {
         Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
         Some(other) => other.clone(),
@@ -298,14 +301,15 @@ fn tool_names(tools: &[Value]) -> Result<Vec<String>, ApiError> {
     let mut names = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
         if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(ApiError::invalid(format!(
-                "tools[{i}].type: only `function` tools are supported"
-            )));
+            return Err(ApiError::invalid_field(
+                format!("tools[{i}].type"),
+                "only `function` tools are supported",
+            ));
         }
         let name = t
             .pointer("/function/name")
             .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::invalid(format!("tools[{i}].function.name: required")))?;
+            .ok_or_else(|| ApiError::invalid_field(format!("tools[{i}].function.name"), "required"))?;
         names.push(name.to_owned());
     }
     Ok(names)
@@ -324,26 +328,28 @@ pub(super) fn tool_choice(choice: Option<&Value>, names: &[String]) -> Result<(b
         Some("none") => return Ok((true, None)),
         Some("required") => names.to_vec(),
         Some(other) => {
-            return Err(ApiError::invalid(format!(
-                "tool_choice: expected `auto`, `none`, `required` or a function, got `{other}`"
-            )))
+            return Err(ApiError::invalid_field(
+                "tool_choice",
+                format!("expected `auto`, `none`, `required` or a function, got `{other}`"),
+            ))
         }
         None => {
             let name = choice
                 .pointer("/function/name")
                 .or_else(|| choice.get("name"))
                 .and_then(Value::as_str)
-                .ok_or_else(|| ApiError::invalid("tool_choice.function.name: required"))?;
+                .ok_or_else(|| ApiError::invalid_field("tool_choice.function.name", "required"))?;
             if !names.iter().any(|n| n == name) {
-                return Err(ApiError::invalid(format!(
-                    "tool_choice.function.name: no tool named `{name}` in tools"
-                )));
+                return Err(ApiError::invalid_field(
+                    "tool_choice.function.name",
+                    format!("no tool named `{name}` in tools"),
+                ));
             }
             vec![name.to_owned()]
         }
     };
     if forced.is_empty() {
-        return Err(ApiError::invalid("tool_choice: requires tools"));
+        return Err(ApiError::invalid_field("tool_choice", "requires tools"));
     }
     Ok((false, Some(forced)))
 }
@@ -364,14 +370,15 @@ pub(super) fn output_format(format: Option<&Value>, at: &str, schema_at: &str) -
         Some("json_object") => Ok(Some(json!({"type": "object"}))),
         Some("json_schema") => match format.pointer(schema_at) {
             Some(schema @ Value::Object(_)) => Ok(Some(schema.clone())),
-            _ => Err(ApiError::invalid(format!(
-                "{at}{}: required, a JSON schema object",
-                schema_at.replace('/', ".")
-            ))),
+            _ => Err(ApiError::invalid_field(
+                format!("{at}{}", schema_at.replace('/', ".")),
+                "required, a JSON schema object",
+            )),
         },
-        _ => Err(ApiError::invalid(format!(
-            "{at}.type: expected `text`, `json_object` or `json_schema`"
-        ))),
+        _ => Err(ApiError::invalid_field(
+            format!("{at}.type"),
+            "expected `text`, `json_object` or `json_schema`",
+        )),
     }
 }
 
@@ -384,11 +391,16 @@ fn stops(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
             .iter()
             .map(|s| s.as_str().map(str::to_owned))
             .collect::<Option<_>>()
-            .ok_or_else(|| ApiError::invalid("stop: expected a string or an array of strings"))?,
-        Some(_) => return Err(ApiError::invalid("stop: expected a string or an array of strings")),
+            .ok_or_else(|| ApiError::invalid_field("stop", "expected a string or an array of strings"))?,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "stop",
+                "expected a string or an array of strings",
+            ))
+        }
     };
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid("stop: at most 4 sequences, none empty"));
+        return Err(ApiError::invalid_field("stop", "at most 4 sequences, none empty"));
     }
     Ok(stops)
 }

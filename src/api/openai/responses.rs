@@ -25,7 +25,7 @@ use super::super::threads::Bounded;
 use super::super::{answer_once_loaded, model_for, start, AppState};
 use super::chat::{constraint, message, output_format, strict_functions, text_of, tool_choice};
 use crate::backend::{Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason};
-use crate::layers::{read_body, request_id, MaxBody};
+use crate::wire::{read_body, request_id, MaxBody};
 
 /// The request.
 #[derive(Debug, Deserialize)]
@@ -88,9 +88,12 @@ pub fn to_backend(
             _ if value.is_null() || IGNORED.contains(&key.as_str()) => {}
             "background" if value == &Value::Bool(false) => {}
             "n" | "background" | "top_logprobs" | "conversation" | "prompt" => {
-                return Err(ApiError::invalid(format!("{key}: not supported by this server")))
+                return Err(ApiError::invalid_field(
+                    format!("{key}"),
+                    "not supported by this server",
+                ))
             }
-            other => return Err(ApiError::invalid(format!("{other}: unknown field"))),
+            other => return Err(ApiError::invalid_field(format!("{other}"), "unknown field")),
         }
     }
     let mut history: Vec<ChatMessage> = match &req.previous_response_id {
@@ -160,7 +163,12 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
             return Ok(());
         }
         Value::Array(items) => items,
-        _ => return Err(ApiError::invalid("input: expected a string or an array of items")),
+        _ => {
+            return Err(ApiError::invalid_field(
+                "input",
+                "expected a string or an array of items",
+            ))
+        }
     };
     for (i, item) in items.iter().enumerate() {
         let at = format!("input[{i}]");
@@ -178,9 +186,10 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
                     Some("system" | "developer" | "user") => out.push(message("user", text, Vec::new(), None)),
                     Some("assistant") => out.push(message("assistant", text, Vec::new(), None)),
                     other => {
-                        return Err(ApiError::invalid(format!(
-                            "{at}.role: expected `system`, `developer`, `user` or `assistant`, got {other:?}"
-                        )))
+                        return Err(ApiError::invalid_field(
+                            format!("{at}.role"),
+                            format!("expected `system`, `developer`, `user` or `assistant`, got {other:?}"),
+                        ))
                     }
                 }
             }
@@ -188,7 +197,7 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
                 let field = |name: &str| {
                     item.get(name)
                         .and_then(Value::as_str)
-                        .ok_or_else(|| ApiError::invalid(format!("{at}.{name}: required")))
+                        .ok_or_else(|| ApiError::invalid_field(format!("{at}.{name}"), "required"))
                 };
                 let (id, name, args) = (field("call_id")?, field("name")?, field("arguments")?);
                 let arguments = serde_json::from_str(args).unwrap_or_else(|_| Value::String(args.to_owned()));
@@ -203,7 +212,7 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
                 let id = item
                     .get("call_id")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid(format!("{at}.call_id: required")))?;
+                    .ok_or_else(|| ApiError::invalid_field(format!("{at}.call_id"), "required"))?;
                 let output = match item.get("output") {
                     Some(Value::String(s)) => s.clone(),
                     other => text_of(other, &format!("{at}.output"))?,
@@ -213,9 +222,10 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
             // Earlier reasoning (encrypted by OpenAI, or ours): nothing the model reads again.
             "reasoning" => {}
             other => {
-                return Err(ApiError::invalid(format!(
-                    "{at}.type: `{other}` is not supported (messages, function_call, function_call_output)"
-                )))
+                return Err(ApiError::invalid_field(
+                    format!("{at}.type"),
+                    format!("`{other}` is not supported (messages, function_call, function_call_output)"),
+                ))
             }
         }
     }
@@ -252,7 +262,7 @@ fn function(t: &Value, at: &str) -> Result<Value, ApiError> {
     let name = t
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid(format!("{at}.name: required")))?;
+        .ok_or_else(|| ApiError::invalid_field(format!("{at}.name"), "required"))?;
     Ok(json!({"type": "function", "function": {"name": name,
         "description": t.get("description").cloned().unwrap_or_else(|| "".into()),
         "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),

@@ -210,7 +210,9 @@ impl MlxBackend {
     /// failed, why, and what to do. A queued request is admitted again by `gate` when it is
     /// about to start.
     pub fn start(config: &Config, gate: Gate) -> Result<MlxBackend, String> {
-        let venv = python::resolve_venv(&config.backend.python)?;
+        let python = crate::config::paths::find_python(&config.backend.python).map_err(|e| e.to_string())?;
+        tracing::info!(dir = %python.dir.display(), from = python.from, "python environment");
+        let venv = python.dir;
         // A quarter of what is available now: float32 weights are faster on a CPU, but not at
         // the price of the memory pensieve exists to guard.
         let available = gate.snapshot().load().available_bytes;

@@ -34,22 +34,6 @@ pub(crate) struct PyBatcher {
     kv_bytes_per_token: u64,
 }
 
-/// The virtual environment: as configured (relative to the working directory), else the one
-/// beside this crate's sources.
-pub(crate) fn resolve_venv(configured: &Path) -> Result<PathBuf, String> {
-    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join(configured);
-    [configured.to_owned(), fallback]
-        .into_iter()
-        .find(|p| p.join("lib").is_dir())
-        .ok_or_else(|| {
-            format!(
-                "the Python environment `{}` (backend.python) was not found: run `make venv` in the \
-                 pensieve checkout, or point backend.python at a venv with mlx and mlx-lm",
-                configured.display()
-            )
-        })
-}
-
 impl PyLoader {
     /// Sets up the embedded interpreter: the venv's packages, signals, BLAS, and a bridge that
     /// speaks this binary's protocol.
@@ -76,6 +60,10 @@ impl PyLoader {
                 signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
                 py.import("site")?
                     .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+                // One state folder, resolved here, so that server and bridge agree on it.
+                let state = crate::config::paths::state_dir();
+                py.import("pensieve_bridge.paths")?
+                    .call_method1("configure", (state.to_string_lossy().as_ref(),))?;
                 // Before anything imports MLX: an optimised BLAS must be in place first.
                 let blas: String = py
                     .import("pensieve_bridge.blas")?

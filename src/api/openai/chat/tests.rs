@@ -122,7 +122,7 @@ fn stop_is_a_string_or_up_to_four() {
 
 #[test]
 fn errors_have_openais_shape_with_the_param() {
-    let e = ApiError::invalid("max_completion_tokens: must be at least 1");
+    let e = ApiError::invalid_field("max_completion_tokens", "must be at least 1");
     let v: Value = serde_json::from_slice(&super::super::error_body(&e, Some("req_1"))).unwrap();
     assert_eq!(
         v,
