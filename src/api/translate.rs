@@ -39,7 +39,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T
             (path, Some(field)) => format!("{path}.{field}"),
             (path, None) => path.to_owned(),
         };
-        ApiError::invalid_field(format!("{path}"), format!("{problem}"))
+        ApiError::invalid_field(path, problem)
     })
 }
 
@@ -438,19 +438,19 @@ fn append_block_text(out: &mut String, block: &Block, at: &str, vision: bool) ->
         Block::Thinking { .. } | Block::RedactedThinking { .. } => return Ok(()),
         Block::Image { .. } if !vision => {
             return Err(ApiError::invalid_field(
-                format!("{at}"),
+                at,
                 "this model does not accept images (the loaded model has no vision support)",
             ))
         }
         Block::Image { .. } | Block::Document { .. } => {
             return Err(ApiError::invalid_field(
-                format!("{at}"),
+                at,
                 format!("{} blocks are not supported by this server", kind(block)),
             ))
         }
         Block::ToolUse { .. } | Block::ToolResult { .. } => {
             return Err(ApiError::invalid_field(
-                format!("{at}"),
+                at,
                 format!("a {} block is not allowed here", kind(block)),
             ))
         }

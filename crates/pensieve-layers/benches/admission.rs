@@ -8,9 +8,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{Request, Response};
-use pensieve::config::MemoryConfig;
-use pensieve::layers::AdmissionLayer;
-use pensieve::memory::{Gate, MemoryProbe, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use pensieve_layers::config::MemoryConfig;
+use pensieve_layers::layers::AdmissionLayer;
+use pensieve_layers::memory::{Gate, MemoryProbe, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
 use tower::{Layer, Service, ServiceExt};
 
 fn admission(c: &mut Criterion) {

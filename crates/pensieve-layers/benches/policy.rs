@@ -9,17 +9,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use pensieve::config::PoliciesConfig;
-use pensieve::layers::PolicyLayer;
-use pensieve::memory::{MemorySnapshot, SnapshotHandle};
-use pensieve::policy::{memory_record, PolicyEngine, Request};
+use pensieve_layers::config::PoliciesConfig;
+use pensieve_layers::layers::PolicyLayer;
+use pensieve_layers::memory::{MemorySnapshot, SnapshotHandle};
+use pensieve_layers::policy::{memory_record, PolicyEngine, Request};
 use tower::{Layer, ServiceExt};
 
 fn engine_with(files: &[&str]) -> PolicyEngine {
     let dir = tempfile::tempdir().unwrap().keep();
     for f in files {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("policies/examples/target/wasm32-wasip2/release/{f}.wasm"));
+            .join(format!("../../policies/examples/target/wasm32-wasip2/release/{f}.wasm"));
         assert!(src.exists(), "{} is missing: run `make policies`", src.display());
         std::fs::copy(src, dir.join(format!("{f}.wasm"))).unwrap();
     }

@@ -345,6 +345,7 @@ pub fn describe_source(fig: &Figment, key: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 

@@ -181,7 +181,7 @@ pub(super) fn constraint(
     Ok(match (forced, format) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid_field(
-                format!("{format_at}"),
+                format_at,
                 "cannot be combined with a tool_choice that forces a tool call",
             ))
         }
@@ -214,7 +214,7 @@ pub(super) fn message(
 
 /// What is not honoured, by name.
 fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
-    let refuse = |field: &str, why: &str| Err(ApiError::invalid_field(format!("{field}"), format!("{why}")));
+    let refuse = |field: &str, why: &str| Err(ApiError::invalid_field(field, why));
     for (key, value) in &req.rest {
         if value.is_null() || IGNORED.contains(&key.as_str()) {
             continue;

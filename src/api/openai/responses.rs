@@ -88,12 +88,9 @@ pub fn to_backend(
             _ if value.is_null() || IGNORED.contains(&key.as_str()) => {}
             "background" if value == &Value::Bool(false) => {}
             "n" | "background" | "top_logprobs" | "conversation" | "prompt" => {
-                return Err(ApiError::invalid_field(
-                    format!("{key}"),
-                    "not supported by this server",
-                ))
+                return Err(ApiError::invalid_field(key, "not supported by this server"))
             }
-            other => return Err(ApiError::invalid_field(format!("{other}"), "unknown field")),
+            other => return Err(ApiError::invalid_field(other, "unknown field")),
         }
     }
     let mut history: Vec<ChatMessage> = match &req.previous_response_id {

@@ -101,7 +101,7 @@ pub struct ApiError {
     /// Sent as `retry-after`.
     pub retry_after_secs: Option<u32>,
     /// Status and type chosen by an admission policy, instead of `kind`'s.
-    pub custom: Option<(StatusCode, String)>,
+    pub custom: Option<Box<(StatusCode, String)>>,
     /// Who refused the request, when it was an admission decision (for metrics and logs).
     pub refused_by: Option<RefusedBy>,
     /// `error.details`: what a client's code acts on (`{"error_code": "thread_not_found"}`).
@@ -168,7 +168,7 @@ impl ApiError {
             kind,
             message,
             retry_after_secs,
-            custom: Some((status, error_type)),
+            custom: Some(Box::new((status, error_type))),
             refused_by: Some(RefusedBy::Policy(policy)),
             details: None,
             param: None,
@@ -177,13 +177,13 @@ impl ApiError {
 
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        self.custom.as_ref().map_or_else(|| self.kind.status(), |(s, _)| *s)
+        self.custom.as_ref().map_or_else(|| self.kind.status(), |c| c.0)
     }
 
     fn type_str(&self) -> &str {
         self.custom
             .as_ref()
-            .map_or_else(|| self.kind.as_str(), |(_, t)| t.as_str())
+            .map_or_else(|| self.kind.as_str(), |c| c.1.as_str())
     }
 
     /// Adds `error.details`.
