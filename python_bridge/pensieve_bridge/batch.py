@@ -40,7 +40,7 @@ from . import disk_cache
 from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache, own
-from .protocol import Added, Caching, Finish, Piece
+from .protocol import Added, AddParams, AddResult, CacheStats, Caching, DiskStats, Finish, Out, Piece, Stepped
 from .response import ResponseSplitter, initial_state
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,11 @@ class Batcher:
             prefill_step_size=PREFILL_STEP,
         )
 
-    def add(self, chat_json: str, params_json: str, context_length: int) -> tuple[Added, int, int, int, str]:
+    def add(self, chat_json: str, params_json: str, context_length: int) -> AddResult:
         """Renders a request and queues it in the batch.
 
-        ``params`` holds ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop`` (a
-        list of strings) and ``constraint`` (see :mod:`~pensieve_bridge.constrain`; null for
-        none). Returns ``(added, uid, input_tokens, cached_tokens, message)``; with
+        ``params`` is an :class:`~pensieve_bridge.protocol.AddParams` in JSON. Returns an
+        :class:`~pensieve_bridge.protocol.AddResult`; with
         :attr:`Added.TOO_LONG` nothing is queued (the prompt is longer than ``context_length``;
         0: no limit), nor with :attr:`Added.REFUSED` (the constraint cannot be used: ``message``
         says why), nor with :attr:`Added.READING` (its prompt's cache is being read from disk,
@@ -134,11 +133,11 @@ class Batcher:
         """
         engine = self.engine
         chat = json.loads(chat_json)
-        params = json.loads(params_json)
+        params = AddParams.from_json(params_json)
         tokens = self._reading.pop(chat_json, None) or engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
-            return Added.TOO_LONG, 0, n, 0, ""
+            return AddResult(Added.TOO_LONG, 0, n, 0, "")
         on_disk = None
         if self._disk is not None:
             hit = self._disk.lookup(tokens, lambda: self._cache.covered(tokens))
@@ -148,14 +147,14 @@ class Batcher:
                     self._reading[chat_json] = tokens
                     while len(self._reading) > MAX_READING:  # requests that left while waiting
                         del self._reading[next(iter(self._reading))]
-                    return Added.READING, 0, n, 0, ""
+                    return AddResult(Added.READING, 0, n, 0, "")
         processors = None
-        constraint = params.get("constraint") or {}
+        constraint = params.constraint or {}
         if constraint:
             try:
                 processor = self._grammars.compile(constraint, chat.get("tools"))
             except ConstraintError as e:
-                return Added.REFUSED, 0, n, 0, str(e)
+                return AddResult(Added.REFUSED, 0, n, 0, str(e))
             if processor is None:
                 log.warning("strict tools are not enforced: this model's tool calls are not JSON between special tokens")
             else:
@@ -164,7 +163,7 @@ class Batcher:
             splitter=ResponseSplitter(engine.tokenizer, chat.get("tools"), initial_state(engine.tokenizer, tokens)),
             detokenizer=engine.tokenizer.detokenizer,
         )
-        running, max_tokens = self._prepare(running, tokens, int(params["max_tokens"]))
+        running, max_tokens = self._prepare(running, tokens, int(params.max_tokens))
         running.tokens = n
         if processors is not None and constraint["type"] in ("tool", "json_schema"):
             # A strict-tools answer is free text with calls in the model's markers: the usual
@@ -188,9 +187,9 @@ class Batcher:
             cache, rest = None, tokens
         cached = n - len(rest)
         sampler = make_sampler(
-            temp=float(params.get("temperature", 1.0)),
-            top_p=float(params.get("top_p") or 0.0),
-            top_k=int(params.get("top_k") or 0),
+            temp=float(params.temperature),
+            top_p=float(params.top_p or 0.0),
+            top_k=int(params.top_k or 0),
         )
         (uid,) = self._gen.insert_segments(
             [[rest]],
@@ -199,21 +198,23 @@ class Batcher:
             all_tokens=[tokens[:cached]],
             samplers=[sampler],
             logits_processors=[processors],
-            stop_sequences=[make_stop_sequences(engine.tokenizer, params.get("stop") or [])],
+            stop_sequences=[make_stop_sequences(engine.tokenizer, params.stop or [])],
         )
         del cache
         self._running[uid] = running
         self._fit_cache()
-        return Added.STARTED, uid, n, cached, ""
+        return AddResult(Added.STARTED, uid, n, cached, "")
 
     def _prepare(self, running: Running, tokens: list[int], max_tokens: int) -> tuple[Running, int]:
         """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""
         return running, max_tokens
 
-    def step(self) -> list[tuple[int, list[tuple[Piece, str]], Optional[Finish]]]:
-        """One step of every running generation: ``[(uid, pieces, finish)]``.
+    def step(self) -> list[Stepped]:
+        """One step of every running generation: a :class:`~pensieve_bridge.protocol.Stepped`
+        each (``uid``, ``pieces``, ``finish``).
 
-        ``pieces`` are ``(Piece, payload)`` from the response splitter; ``finish`` is None while
+        ``pieces`` are :class:`~pensieve_bridge.protocol.Out` (``kind``, ``payload``) from the
+        response splitter; ``finish`` is None while
         a generation runs, then a :class:`~pensieve_bridge.protocol.Finish`. A generation whose
         own processing raised reports ``[(Piece.ERROR, message)]`` with ``Finish.ERROR`` and is
         removed; an exception from the model itself propagates (the whole batch has failed: the
@@ -264,8 +265,8 @@ class Batcher:
             f"memory.emergency_gb); this generation, the largest running ({running.tokens} tokens), was stopped "
             "to bring memory back: retry when memory is free, or send a shorter prompt"
         )
-        out[:] = [o for o in out if o[0] != uid]
-        out.append((uid, [(Piece.ERROR, message)], Finish.MEMORY))
+        out[:] = [o for o in out if o.uid != uid]
+        out.append(Stepped(uid, [Out(Piece.ERROR, message)], Finish.MEMORY))
         # Rust clears MLX's cache as this failed generation settles, before its last event.
         self.cancel([uid])
 
@@ -307,11 +308,11 @@ class Batcher:
             pieces = self._pieces(running, text, finish)
             if finish == Finish.STOP and running.splitter.made_tool_call:
                 finish = Finish.TOOL_USE
-            out.append((uid, pieces, finish))
+            out.append(Stepped(uid, [Out(*p) for p in pieces], finish))
             if finish is not None:
                 del self._running[uid]
         except Exception as e:  # this generation's own failure; the others go on
-            out.append((uid, [(Piece.ERROR, f"{type(e).__name__}: {e}")], Finish.ERROR))
+            out.append(Stepped(uid, [Out(Piece.ERROR, f"{type(e).__name__}: {e}")], Finish.ERROR))
             self.cancel([uid])
 
     def _pieces(self, running: Running, text: str, finish: Optional[Finish]) -> list:
@@ -368,13 +369,13 @@ class Batcher:
         if self._caching != Caching.MEMORY:
             self.drop_prompt_cache()
 
-    def prompt_cache_stats(self) -> tuple[int, int]:
+    def prompt_cache_stats(self) -> CacheStats:
         """``(bytes, entries)`` of the prompt cache."""
         if self._cache is None:
-            return 0, 0
-        return self._cache.nbytes, len(self._cache)
+            return CacheStats(0, 0)
+        return CacheStats(self._cache.nbytes, len(self._cache))
 
-    def disk_stats(self) -> Optional[tuple]:
+    def disk_stats(self) -> Optional[DiskStats]:
         """The disk tier's :meth:`~pensieve_bridge.disk_cache.DiskTier.stats` (None: no disk
         tier); frees what finished writes held."""
         return self._disk.stats() if self._disk is not None else None

@@ -57,6 +57,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, trim_prompt_cache
 
 from . import disk_sweep
+from .protocol import DiskStats
 
 log = logging.getLogger(__name__)
 
@@ -526,17 +527,26 @@ class DiskTier:
             log.warning("the prompt cache's disk writes did not finish in %.0f s: %d entries not written", timeout, len(self._pending))
         self.poll()
 
-    #: The counts of :meth:`stats`, in order.
-    COUNTS = ("entries", "bytes", "max_bytes", "pending_bytes", "hits", "hit_tokens", "spills", "spilled_bytes", "writes", "removed")
-
-    def stats(self) -> tuple:
-        """For ``/health`` and ``/metrics``: ``(folder, why off or "", counts, (read seconds,
-        write seconds))`` with the :data:`COUNTS`."""
+    def stats(self) -> DiskStats:
+        """For ``/health`` and ``/metrics``: a :class:`~pensieve_bridge.protocol.DiskStats`."""
         pending = self.poll()
         with self._lock:
-            counts = (len(self._index), self._bytes, self.max_bytes, pending, self.hits, self.hit_tokens)
-            counts += (self.spills, self.spilled_bytes, self.writes, self.removed)
-            return str(self.folder), self.off or "", counts, (self.read_seconds, self.write_seconds)
+            return DiskStats(
+                folder=str(self.folder),
+                off_reason=self.off or "",
+                entries=len(self._index),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                pending_bytes=pending,
+                hits=self.hits,
+                hit_tokens=self.hit_tokens,
+                spills=self.spills,
+                spilled_bytes=self.spilled_bytes,
+                writes=self.writes,
+                removed=self.removed,
+                read_seconds=self.read_seconds,
+                write_seconds=self.write_seconds,
+            )
 
 
 def _header_bytes(header: dict) -> bytes:

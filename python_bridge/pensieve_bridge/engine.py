@@ -21,6 +21,7 @@ from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
 from . import blas, demo, disk_cache, gguf
+from .protocol import MemoryCounters
 
 #: A model id starting with this is served by the test batcher of
 #: :mod:`pensieve_bridge.testing` (scripted replies, injected faults); the rest is the model.
@@ -151,10 +152,12 @@ class Engine:
         mx.clear_cache()
         return mx.get_cache_memory()
 
-    def memory(self) -> tuple[int, int, int]:
+    def memory(self) -> MemoryCounters:
         """``(active, cache, peak)`` bytes as MLX counts them; the peak since start-up, although
         the batcher resets MLX's own peak counter at every step it watches a memory limit."""
-        return mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, mx.get_peak_memory())
+        return MemoryCounters(
+            mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, mx.get_peak_memory())
+        )
 
     def reset_peak(self) -> None:
         """Restarts MLX's peak counter, keeping the peak so far for :meth:`memory`."""

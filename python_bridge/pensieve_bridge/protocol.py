@@ -1,13 +1,24 @@
-"""The codes exchanged with pensieve's Rust backend: small integers, one meaning each.
+"""What crosses between pensieve's Rust backend and this bridge: small integer codes, one
+meaning each, and records with named fields, under one protocol :data:`VERSION`.
 
-Rust has the same enums (``src/backend/mlx/protocol.rs``) and, when it loads the bridge,
-compares :func:`codes` with its own: a bridge and a binary that disagree stop start-up with a
-message, instead of misreading each other.
+Rust has the same codes and records (``src/backend/mlx/protocol.rs`` and ``python.rs``, which
+reads every record by field name) and, when it loads the bridge, compares :func:`schema` with
+its own: a bridge and a binary that disagree stop start-up with a message, instead of
+misreading each other. ``protocol.json`` beside this file is the golden copy both test suites
+read: a field renamed on either side fails a test on that side.
+
+Records are ``NamedTuple`` classes: named for the other side, and still tuples here.
 """
 
 from __future__ import annotations
 
+import json
 from enum import IntEnum
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+#: Bumped whenever a code or a record changes.
+VERSION = 2
 
 
 class Piece(IntEnum):
@@ -63,6 +74,113 @@ class Caching(IntEnum):
     #: Written to the disk tier, the prompt cache released (Warning): the next turn of a session
     #: reads its prefix from disk instead of processing it again.
     DISK = 2
+
+
+class AddParams(NamedTuple):
+    """Rust → bridge: how a request samples (the JSON object ``Batcher.add`` takes)."""
+
+    #: At most this many tokens are generated.
+    max_tokens: int
+    #: 0 is greedy.
+    temperature: float
+    #: Nucleus sampling; None is off.
+    top_p: Optional[float]
+    #: Top-k sampling; None is off.
+    top_k: Optional[int]
+    #: Stop sequences.
+    stop: list
+    #: A constraint (:mod:`~pensieve_bridge.constrain`), or None.
+    constraint: Optional[dict]
+
+    @classmethod
+    def from_json(cls, text: str) -> "AddParams":
+        """Parses Rust's JSON; a missing or unknown field is a :class:`TypeError` naming it."""
+        return cls(**json.loads(text))
+
+
+class AddResult(NamedTuple):
+    """Bridge → Rust: what ``Batcher.add`` did."""
+
+    code: Added
+    #: The generation's id in the batch (with :attr:`Added.STARTED`).
+    uid: int
+    #: Prompt tokens.
+    input_tokens: int
+    #: Of those, read from the prompt cache.
+    cached_tokens: int
+    #: Why it was refused (with :attr:`Added.REFUSED`), else "".
+    message: str
+
+
+class Out(NamedTuple):
+    """Bridge → Rust: one piece of a generation's output."""
+
+    kind: Piece
+    payload: str
+
+
+class Stepped(NamedTuple):
+    """Bridge → Rust: one generation's output from one step."""
+
+    uid: int
+    pieces: list  # of Out
+    #: Set on its last step.
+    finish: Optional[Finish]
+
+
+class MemoryCounters(NamedTuple):
+    """Bridge → Rust: MLX's memory, in bytes."""
+
+    active: int
+    cache: int
+    peak: int
+
+
+class CacheStats(NamedTuple):
+    """Bridge → Rust: the prompt cache in memory."""
+
+    bytes: int
+    entries: int
+
+
+class DiskStats(NamedTuple):
+    """Bridge → Rust: the prompt cache's disk tier, for ``/health`` and ``/metrics``."""
+
+    folder: str
+    #: Why the tier turned itself off, else "".
+    off_reason: str
+    entries: int
+    bytes: int
+    max_bytes: int
+    pending_bytes: int
+    hits: int
+    hit_tokens: int
+    spills: int
+    spilled_bytes: int
+    writes: int
+    removed: int
+    read_seconds: float
+    write_seconds: float
+
+
+#: Every record that crosses, by name.
+RECORDS = (AddParams, AddResult, Out, Stepped, MemoryCounters, CacheStats, DiskStats)
+
+
+def schema() -> dict:
+    """The protocol: version, codes and every record's fields, in order. What Rust compares
+    with its own when it loads the bridge, and what ``protocol.json`` holds."""
+    return {
+        "version": VERSION,
+        "codes": codes(),
+        "records": {cls.__name__: list(cls._fields) for cls in RECORDS},
+    }
+
+
+def golden() -> dict:
+    """``protocol.json``: the golden copy of :func:`schema` (and ``examples``: records as Rust
+    sends them) that the Rust tests read too."""
+    return json.loads((Path(__file__).parent / "protocol.json").read_text())
 
 
 def codes() -> dict[str, int]:

@@ -12,6 +12,7 @@ import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
+from pensieve_bridge import protocol  # noqa: E402
 from pensieve_bridge.engine import Engine  # noqa: E402
 
 
@@ -25,9 +26,16 @@ def running(batcher):
     return len(batcher._running)
 
 
+def full(params_json):
+    """``params_json`` (the fields a test cares about) as Rust sends it: over the golden example
+    of ``protocol.json``, whose shape the Rust tests check against what Rust serialises."""
+    return json.dumps({**protocol.golden()["examples"]["AddParams"], **json.loads(params_json)})
+
+
 def add(batcher, chat_json, params_json, context_length=0):
     """``(uid, input_tokens, cached_tokens)`` of a request that starts (asserts it does), added
     again while its prompt's cache is read from disk, as the server's loop does."""
+    params_json = full(params_json)
     while True:
         added, uid, n, cached, _ = batcher.add(chat_json, params_json, context_length)
         if added != 3:  # Added.READING

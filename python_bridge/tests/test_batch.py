@@ -1,6 +1,6 @@
 import json
 
-from conftest import add, reference_generate, running
+from conftest import add, full, reference_generate, running
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added, Finish
 
@@ -59,7 +59,7 @@ def test_a_repeated_prefix_comes_from_the_prompt_cache_and_can_be_dropped(engine
 
 def test_cancel_and_a_too_long_prompt(engine):
     b = Batcher(engine, 4, 0)
-    assert b.add(chat("hello"), GREEDY, 10)[0] == Added.TOO_LONG
+    assert b.add(chat("hello"), full(GREEDY), 10).code == Added.TOO_LONG
     assert running(b) == 0
     uid, _, _ = add(b, chat("hello"), json.dumps({"max_tokens": 1000, "temperature": 0}))
     b.step()

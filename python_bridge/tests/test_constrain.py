@@ -5,7 +5,7 @@ import json
 
 import jsonschema
 import mlx.core as mx
-from conftest import add, reference_generate, running
+from conftest import add, full, reference_generate, running
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added, Finish, Piece
 
@@ -108,10 +108,10 @@ def test_a_constrained_request_leaves_the_others_in_its_batch_untouched(engine):
 def test_a_schema_the_engine_cannot_use_is_refused_naming_the_field(engine):
     b = Batcher(engine, 4, 0)
     bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}
-    added, _, _, _, message = b.add(chat("x"), params({"type": "json_schema", "schema": bad}), 0)
+    added, _, _, _, message = b.add(chat("x"), full(params({"type": "json_schema", "schema": bad})), 0)
     assert added == Added.REFUSED
     assert message.startswith("output_config.format.schema: ") and "missing" in message
-    added, _, _, _, message = b.add(chat("x", TOOLS), params({"type": "tool", "names": ["nope"]}), 0)
+    added, _, _, _, message = b.add(chat("x", TOOLS), full(params({"type": "tool", "names": ["nope"]})), 0)
     assert added == Added.REFUSED and "nope" in message
     assert running(b) == 0
 

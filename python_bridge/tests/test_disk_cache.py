@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import add, reference_generate, running
+from conftest import add, full, reference_generate, running
 from pensieve_bridge import disk_cache, disk_sweep
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added, Caching
@@ -55,8 +55,9 @@ def files(folder):
 
 def stats(b):
     """The disk tier's counts by name, ``off`` and ``read_seconds``."""
-    folder, off, counts, (read_seconds, _) = b.disk_stats()
-    return dict(zip(disk_cache.DiskTier.COUNTS, counts), off=off, read_seconds=read_seconds)
+    d = b.disk_stats()._asdict()
+    d["off"] = d.pop("off_reason")
+    return d
 
 
 def spill(b):
@@ -82,7 +83,7 @@ def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prom
     restart()
     b = batcher(engine, folder)
     # The same prompt: its file is read off this thread while the request waits its turn...
-    added, *_ = b.add(chat("hello"), GREEDY, 0)
+    added, *_ = b.add(chat("hello"), full(GREEDY), 0)
     assert added == Added.READING
     assert running(b) == 0
     # ...then every token but the last comes from disk.

@@ -1,16 +1,175 @@
-//! The Python side: finding the venv, starting the embedded interpreter's bridge, and
-//! [`PyBatcher`], the [`Batcher`] that calls `pensieve_bridge`. The only module that touches
-//! pyo3; no Python object leaves it.
+//! The Python side: starting the embedded interpreter's bridge, and [`PyBatcher`], the
+//! [`Batcher`] that calls `pensieve_bridge`. The only module that touches pyo3; no Python
+//! object leaves it.
+//!
+//! Everything that crosses is a record with named fields (below, and `NamedTuple`s in
+//! `pensieve_bridge/protocol.py`), read by name, under one protocol version. When it loads the
+//! bridge, the binary compares its [`schema`] with the bridge's: a bridge and a binary that
+//! disagree stop start-up with a message. `pensieve_bridge/protocol.json` is the golden copy
+//! both test suites read.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
+use serde::Serialize;
 
-use super::protocol::{check_codes, Added, Batcher, Caching, Finish, Memory, Piece, Stepped};
+use super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped, CODES};
 use super::worker::pool::Loader;
-use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
+use crate::backend::{Chat, Constraint, GenerateRequest, PromptCacheDisk};
 use crate::config::ModelSpec;
+
+/// The protocol's version: bumped with `VERSION` in `protocol.py` whenever a code or a record
+/// changes.
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
+
+/// A record of the protocol: its name in `protocol.py`, and its fields in order.
+trait Record {
+    const NAME: &'static str;
+    const FIELDS: &'static [&'static str];
+}
+
+/// Declares a record: the struct, read from Python by field name (`from python`) or written to
+/// it as JSON (`to python`), and its [`Record`] names, from the same tokens.
+macro_rules! record {
+    ($(#[$m:meta])* from python struct $($rest:tt)*) => {
+        record!(@emit FromPyObject; $(#[$m])* struct $($rest)*);
+    };
+    ($(#[$m:meta])* to python struct $($rest:tt)*) => {
+        record!(@emit Serialize; $(#[$m])* struct $($rest)*);
+    };
+    (@emit $derive:ident; $(#[$m:meta])* struct $name:ident { $($field:ident: $ty:ty,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, $derive)]
+        struct $name {
+            $($field: $ty,)*
+        }
+        impl Record for $name {
+            const NAME: &'static str = stringify!($name);
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
+record! {
+    /// How a request samples, as `Batcher.add` takes it (JSON).
+    to python struct AddParams {
+        max_tokens: u32,
+        temperature: f32,
+        top_p: Option<f32>,
+        top_k: Option<u32>,
+        stop: Vec<String>,
+        constraint: Option<Constraint>,
+    }
+}
+
+record! {
+    /// What `Batcher.add` did.
+    from python struct AddResult {
+        code: u8,
+        uid: u64,
+        input_tokens: u32,
+        cached_tokens: u32,
+        message: String,
+    }
+}
+
+record! {
+    /// One piece of a generation's output.
+    from python struct Out {
+        kind: u8,
+        payload: String,
+    }
+}
+
+record! {
+    /// One generation's output from one step.
+    from python struct PyStepped {
+        uid: u64,
+        pieces: Vec<Out>,
+        finish: Option<u8>,
+    }
+}
+
+record! {
+    /// MLX's memory.
+    from python struct MemoryCounters {
+        active: u64,
+        cache: u64,
+        peak: u64,
+    }
+}
+
+record! {
+    /// The prompt cache in memory.
+    from python struct CacheStats {
+        bytes: u64,
+        entries: u64,
+    }
+}
+
+record! {
+    /// The prompt cache's disk tier.
+    from python struct DiskStats {
+        folder: String,
+        off_reason: String,
+        entries: u64,
+        bytes: u64,
+        max_bytes: u64,
+        pending_bytes: u64,
+        hits: u64,
+        hit_tokens: u64,
+        spills: u64,
+        spilled_bytes: u64,
+        writes: u64,
+        removed: u64,
+        read_seconds: f64,
+        write_seconds: f64,
+    }
+}
+
+/// The protocol this binary speaks: version, codes, records (`Stepped` is `PyStepped` here).
+pub(crate) fn schema() -> serde_json::Value {
+    fn entry<R: Record>(records: &mut BTreeMap<&'static str, &'static [&'static str]>) {
+        records.insert(R::NAME.strip_prefix("Py").unwrap_or(R::NAME), R::FIELDS);
+    }
+    let mut records = BTreeMap::new();
+    entry::<AddParams>(&mut records);
+    entry::<AddResult>(&mut records);
+    entry::<Out>(&mut records);
+    entry::<PyStepped>(&mut records);
+    entry::<MemoryCounters>(&mut records);
+    entry::<CacheStats>(&mut records);
+    entry::<DiskStats>(&mut records);
+    let codes: BTreeMap<&str, u8> = CODES.iter().copied().collect();
+    serde_json::json!({"version": PROTOCOL_VERSION, "codes": codes, "records": records})
+}
+
+/// The bridge's `protocol.schema()` against [`schema`].
+fn check_schema(python: &serde_json::Value) -> Result<(), String> {
+    let ours = schema();
+    if &ours == python {
+        return Ok(());
+    }
+    Err(format!(
+        "the Python bridge speaks another protocol than this binary (bridge: {python}; binary: {ours}): \
+         install the bridge and the binary from the same pensieve"
+    ))
+}
+
+impl AddParams {
+    fn of(request: &GenerateRequest) -> AddParams {
+        let s = &request.sampling;
+        AddParams {
+            max_tokens: s.max_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            stop: request.stop_sequences.clone(),
+            constraint: request.constraint.clone(),
+        }
+    }
+}
 
 /// How models are loaded.
 pub(crate) struct LoadSettings {
@@ -70,11 +229,16 @@ impl PyLoader {
                     .call_method1("preload", (settings.blas.as_str(),))?
                     .extract()?;
                 tracing::info!("{blas}");
-                let codes: HashMap<String, u8> = py
-                    .import("pensieve_bridge.protocol")?
-                    .call_method0("codes")?
+                let schema: String = py
+                    .import("json")?
+                    .call_method1(
+                        "dumps",
+                        (py.import("pensieve_bridge.protocol")?.call_method0("schema")?,),
+                    )?
                     .extract()?;
-                Ok(check_codes(&codes))
+                Ok(serde_json::from_str(&schema)
+                    .map_err(|e| format!("the bridge's protocol schema is not JSON: {e}"))
+                    .and_then(|schema| check_schema(&schema)))
             };
             setup()
                 .map_err(|e| python_error(py, &e))
@@ -166,28 +330,26 @@ impl Batcher for PyBatcher {
 
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String> {
         let chat = serde_json::to_string(&request.chat).expect("chat serialises");
-        let mut params = serde_json::to_value(&request.sampling).expect("sampling serialises");
-        params["stop"] = serde_json::json!(request.stop_sequences);
-        params["constraint"] = serde_json::json!(request.constraint);
-        let added = self.call(|_, _, b| {
-            b.call_method1("add", (chat, params.to_string(), context_length))?
-                .extract::<(u8, u64, u32, u32, String)>()
+        let params = serde_json::to_string(&AddParams::of(request)).expect("params serialise");
+        let r = self.call(|_, _, b| {
+            b.call_method1("add", (chat, params, context_length))?
+                .extract::<AddResult>()
         })?;
-        Added::decode(added)
+        Added::decode((r.code, r.uid, r.input_tokens, r.cached_tokens, r.message))
     }
 
     fn step(&mut self) -> Result<Vec<Stepped>, String> {
-        type Raw = Vec<(u64, Vec<(u8, String)>, Option<u8>)>;
-        let raw = self.call(|_, _, b| b.call_method0("step")?.extract::<Raw>())?;
+        let raw = self.call(|_, _, b| b.call_method0("step")?.extract::<Vec<PyStepped>>())?;
         raw.into_iter()
-            .map(|(uid, pieces, finish)| {
+            .map(|s| {
                 Ok(Stepped {
-                    uid,
-                    pieces: pieces
+                    uid: s.uid,
+                    pieces: s
+                        .pieces
                         .into_iter()
-                        .map(|(code, payload)| Piece::decode(code, payload))
+                        .map(|o| Piece::decode(o.kind, o.payload))
                         .collect::<Result<_, _>>()?,
-                    finish: finish.map(Finish::decode).transpose()?,
+                    finish: s.finish.map(Finish::decode).transpose()?,
                 })
             })
             .collect()
@@ -206,29 +368,23 @@ impl Batcher for PyBatcher {
     }
 
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
-        type Counts = (u64, u64, u64, u64, u64, u64, u64, u64, u64, u64);
-        type Raw = (String, String, Counts, (f64, f64));
-        let raw = self.call(|_, _, b| b.call_method0("disk_stats")?.extract::<Option<Raw>>())?;
-        Ok(raw.map(|(dir, off, counts, (read_seconds, write_seconds))| {
-            let (entries, bytes, max_bytes, pending_bytes, hits, hit_tokens, spills, spilled_bytes, writes, removed) =
-                counts;
-            PromptCacheDisk {
-                enabled: off.is_empty(),
-                dir,
-                off_reason: (!off.is_empty()).then_some(off),
-                entries,
-                bytes,
-                max_bytes,
-                pending_bytes,
-                hits,
-                hit_tokens,
-                spills,
-                spilled_bytes,
-                writes,
-                removed,
-                read_seconds,
-                write_seconds,
-            }
+        let raw = self.call(|_, _, b| b.call_method0("disk_stats")?.extract::<Option<DiskStats>>())?;
+        Ok(raw.map(|d| PromptCacheDisk {
+            enabled: d.off_reason.is_empty(),
+            dir: d.folder,
+            off_reason: (!d.off_reason.is_empty()).then_some(d.off_reason),
+            entries: d.entries,
+            bytes: d.bytes,
+            max_bytes: d.max_bytes,
+            pending_bytes: d.pending_bytes,
+            hits: d.hits,
+            hit_tokens: d.hit_tokens,
+            spills: d.spills,
+            spilled_bytes: d.spilled_bytes,
+            writes: d.writes,
+            removed: d.removed,
+            read_seconds: d.read_seconds,
+            write_seconds: d.write_seconds,
         }))
     }
 
@@ -244,15 +400,14 @@ impl Batcher for PyBatcher {
 
     fn memory(&mut self) -> Result<Memory, String> {
         self.call(|_, e, b| {
-            let (active, cache, peak) = e.call_method0("memory")?.extract::<(u64, u64, u64)>()?;
-            let (prompt_cache_bytes, prompt_cache_entries) =
-                b.call_method0("prompt_cache_stats")?.extract::<(u64, u64)>()?;
+            let m = e.call_method0("memory")?.extract::<MemoryCounters>()?;
+            let c = b.call_method0("prompt_cache_stats")?.extract::<CacheStats>()?;
             Ok(Memory {
-                active,
-                cache,
-                peak,
-                prompt_cache_bytes,
-                prompt_cache_entries,
+                active: m.active,
+                cache: m.cache,
+                peak: m.peak,
+                prompt_cache_bytes: c.bytes,
+                prompt_cache_entries: c.entries,
             })
         })
     }
@@ -268,4 +423,151 @@ fn python_error(py: Python<'_>, e: &PyErr) -> String {
         tracing::debug!(traceback = %tb, "python traceback");
     }
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ChatMessage, Sampling};
+    use crate::config::Config;
+
+    const GOLDEN: &str = include_str!("../../../python_bridge/pensieve_bridge/protocol.json");
+
+    fn golden() -> serde_json::Value {
+        serde_json::from_str(GOLDEN).unwrap()
+    }
+
+    fn request(content: &str, max_tokens: u32) -> GenerateRequest {
+        GenerateRequest {
+            model: "scripted:demo".into(),
+            chat: Chat {
+                messages: vec![ChatMessage {
+                    role: "user",
+                    content: content.into(),
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                }],
+                tools: None,
+                continue_final: false,
+            },
+            sampling: Sampling {
+                max_tokens,
+                temperature: 0.0,
+                top_p: None,
+                top_k: None,
+            },
+            stop_sequences: vec!["\n\nUser:".into()],
+            constraint: None,
+        }
+    }
+
+    #[test]
+    fn the_binary_speaks_the_golden_protocol() {
+        let mut g = golden();
+        let examples = g.as_object_mut().unwrap().remove("examples").unwrap();
+        assert_eq!(schema(), g, "a record, a field or a code differs from protocol.json");
+        // What Rust sends is the golden example the Python tests build their requests from.
+        let sent = serde_json::to_value(AddParams::of(&request("hi", 24))).unwrap();
+        assert_eq!(sent, examples["AddParams"]);
+        let mut other = schema();
+        other["records"]["Out"] = serde_json::json!(["kind", "text"]);
+        assert!(check_schema(&other).unwrap_err().contains("another protocol"));
+    }
+
+    /// The bridge, for real: the embedded interpreter with the environment's packages, the
+    /// scripted test batcher on the demo model (`pensieve_bridge.testing`).
+    fn batcher() -> PyBatcher {
+        let venv = crate::config::paths::find_python(Path::new("")).expect("run from the checkout, with .venv");
+        let mut loader = PyLoader::new(
+            &venv.dir,
+            LoadSettings {
+                blas: "auto".into(),
+                cpu_float32_budget: 0,
+            },
+        )
+        .unwrap();
+        let mut config = Config::default();
+        config.backend.model = "scripted:demo".into();
+        config.backend.prompt_cache_disk_mb = 0;
+        let spec = config.model_specs().remove(0);
+        loader.load(&spec).unwrap()
+    }
+
+    fn run(b: &mut PyBatcher, uid: u64) -> (String, Finish) {
+        let mut text = String::new();
+        for _ in 0..200 {
+            for s in b.step().unwrap() {
+                assert_eq!(s.uid, uid);
+                for p in s.pieces {
+                    match p {
+                        Piece::Text(t) => text.push_str(&t),
+                        other => panic!("unexpected piece {other:?}"),
+                    }
+                }
+                if let Some(f) = s.finish {
+                    return (text, f);
+                }
+            }
+        }
+        panic!("no finish after 200 steps");
+    }
+
+    #[test]
+    fn pybatcher_drives_the_real_bridge_through_every_record() {
+        let mut b = batcher();
+        assert!(b.context_length() >= 131072 && b.kv_bytes_per_token() > 0);
+        let chat = request("hello", 8).chat;
+        let n = b.count_tokens(&chat).unwrap();
+        assert!(n > 0);
+        // A scripted answer comes back as text pieces, then its finish.
+        let r = request("[[script]]Paris is the capital.[[/script]]", 64);
+        let Added::Started {
+            uid,
+            input_tokens,
+            cached_tokens,
+        } = b.add(&r, 0).unwrap()
+        else {
+            panic!("not started")
+        };
+        assert!(input_tokens > n && cached_tokens == 0);
+        assert_eq!(run(&mut b, uid), ("Paris is the capital.".to_owned(), Finish::Stop));
+        // Too long for the context given: nothing starts.
+        assert_eq!(
+            b.add(&request("hello", 8), 2).unwrap(),
+            Added::TooLong { input_tokens: n }
+        );
+        // A constraint the bridge cannot use: refused, with why.
+        let mut bad = request("hello", 8);
+        bad.constraint = Some(Constraint::Tool {
+            names: vec!["nope".into()],
+        });
+        assert!(matches!(b.add(&bad, 0).unwrap(), Added::Refused { message } if message.contains("nope")));
+        // A generation that fails in Python: an error piece and an error finish, the batch goes on.
+        let Added::Started { uid, .. } = b.add(&request("PLEASE-FAIL now", 16), 0).unwrap() else {
+            panic!("not started")
+        };
+        let mut failed = None;
+        for _ in 0..50 {
+            for s in b.step().unwrap() {
+                if s.finish.is_some() {
+                    failed = Some((s.uid, s.pieces, s.finish));
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        let (u, pieces, finish) = failed.expect("the fault never came");
+        assert_eq!((u, finish), (uid, Some(Finish::Error)));
+        assert!(matches!(pieces.last(), Some(Piece::Error(m)) if m.contains("injected fault")));
+        // Counters by name; an idle batcher's cache clears to nothing.
+        let m = b.memory().unwrap();
+        assert!(m.active > 0 && m.peak >= m.active);
+        assert_eq!(b.clear_cache(false).unwrap(), 0);
+        b.set_caching(Caching::Off).unwrap();
+        assert_eq!(b.memory().unwrap().prompt_cache_entries, 0);
+        assert_eq!(b.disk_stats().unwrap(), None);
+        b.cancel(&[], false).unwrap();
+        b.reset().unwrap();
+    }
 }
