@@ -116,7 +116,9 @@ fn serve(file: Option<PathBuf>, flags: Flags) -> Result<(), String> {
         .thread_name("pensieve-io")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(pensieve::server::serve(config))
+    runtime
+        .block_on(pensieve::server::serve(config))
+        .map_err(|e| e.to_string())
 }
 
 fn memory(file: Option<PathBuf>) -> Result<(), String> {
@@ -149,7 +151,7 @@ fn memory(file: Option<PathBuf>) -> Result<(), String> {
 
 fn policy_check(file: Option<PathBuf>, files: Vec<PathBuf>) -> Result<(), String> {
     let config = Config::load(file.as_deref(), &Flags::default()).map_err(|e| e.to_string())?;
-    let engine = pensieve::policy::PolicyEngine::new(&config.policies)?;
+    let engine = pensieve::policy::PolicyEngine::new(&config.policies).map_err(|e| e.to_string())?;
     let mut probe = SystemProbe::new().map_err(|e| e.to_string())?;
     let snap = Sampler::sample(
         &mut probe,

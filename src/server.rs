@@ -81,27 +81,62 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, stack: Stack) -> Route
         .with_state(state)
 }
 
+/// Why the server could not serve (or stopped with an error); each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The sampler, the policies or their watcher could not start.
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
+    /// The backend could not start (no Python environment, a model that does not fit or load).
+    #[error(transparent)]
+    Backend(#[from] crate::backend::StartError),
+    /// Loading the models panicked (the panic is in the log).
+    #[error("the model loader panicked")]
+    Panicked,
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr} (server.host, server.port): {source}")]
+    Bind {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SIGINT or SIGTERM cannot be listened for.
+    #[error("cannot listen for {signal}: {source}")]
+    Signal {
+        /// Which.
+        signal: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// Loads the model, starts the sampler, binds and serves until SIGINT or SIGTERM.
-pub async fn serve(config: Config) -> Result<(), String> {
+pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Memory, policies, the sampler, the gate and the metrics: started once, as an app that
     // embeds the layers starts them.
-    let guard = Guard::start(&config.guard()).map_err(|e| e.to_string())?;
-    let snapshot = guard.snapshot();
-    for spec in config.model_specs().iter().filter(|s| s.preload) {
-        check_model_fits(&config, spec, &snapshot.load(), &guard.thresholds())?;
-    }
+    let guard = Guard::start(&config.guard())?;
+    // The models to preload are checked against memory before a byte of them is read.
     let backend_config = config.clone();
     let backend_gate = guard.gate().clone();
     let backend = tokio::task::spawn_blocking(move || MlxBackend::start(&backend_config, backend_gate))
         .await
-        .map_err(|e| format!("the model loader panicked: {e}"))??;
+        .map_err(|_| ServeError::Panicked)??;
     guard.attach_backend(backend.memory_reporter());
     let backend: Arc<dyn Backend> = Arc::new(backend);
     let app = router(&config, backend, guard.stack());
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr} (server.host, server.port): {e}"))?;
+        .map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     // Armed before we say we serve: a signal sent from then on is never lost.
     let signal = shutdown_signal()?;
@@ -118,7 +153,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         let _ = stop_tx.send(true);
     });
     tokio::select! {
-        res = server => res.map_err(|e| format!("server error: {e}"))?,
+        res = server => res.map_err(ServeError::Serve)?,
         _ = async move {
             let _ = stop_rx.wait_for(|stopped| *stopped).await;
             tokio::time::sleep(grace).await;
@@ -128,55 +163,18 @@ pub async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Before a byte of the model is read: refuses it when its estimated size (from its headers)
-/// would take memory to the warning threshold, unless `backend.force_load`.
-fn check_model_fits(
-    config: &Config,
-    spec: &crate::config::ModelSpec,
-    snapshot: &crate::memory::MemorySnapshot,
-    thresholds: &crate::memory::Thresholds,
-) -> Result<(), String> {
-    use crate::backend::estimate;
-    let b = &config.backend;
-    let Some(path) = estimate::model_path(&spec.path) else {
-        tracing::info!(model = %spec.name, "no local files to estimate the model's size from before loading");
-        return Ok(());
-    };
-    let Some(estimate) = estimate::estimate(&path)? else {
-        return Ok(());
-    };
-    let fits = estimate::check_fits(
-        &spec.path,
-        &estimate,
-        spec.max_concurrent as u64,
-        b.kv_context_tokens,
-        snapshot.available_bytes,
-        thresholds.warning,
-    );
-    tracing::info!(
-        weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
-        model = %spec.name,
-        with_kv_gb = estimate.total(spec.max_concurrent as u64, b.kv_context_tokens) as f64 / crate::memory::GIB,
-        available_gb = snapshot.available_gb(),
-        "model size estimated from its headers"
-    );
-    match fits {
-        Ok(()) => Ok(()),
-        Err(message) if b.force_load => {
-            tracing::warn!("{message} — loading anyway: backend.force_load is set");
-            Ok(())
-        }
-        Err(message) => Err(message),
-    }
-}
-
 /// Listens for SIGINT and SIGTERM from the moment it is called (not from the first poll), so
 /// that a signal sent right after start-up is not lost.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServeError> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let listen = |kind, name| signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"));
+        let listen = |kind, signal_name| {
+            signal(kind).map_err(|source| ServeError::Signal {
+                signal: signal_name,
+                source,
+            })
+        };
         let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
         let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
         Ok(async move {

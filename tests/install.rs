@@ -3,9 +3,10 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{hello, Server, BIN};
 
@@ -14,6 +15,10 @@ const SMOLLM2: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 async fn answers(server: &Server, model: &str) {
     let mut body = hello(4);
     body["model"] = model.into();
+    // Long enough for its prompt cache entry to be kept on disk (64 tokens at least).
+    body["messages"][0]["content"] = "Tell me about the weather in Paris in the spring, please. "
+        .repeat(12)
+        .into();
     let res = reqwest::Client::new()
         .post(server.url("/v1/messages"))
         .json(&body)
@@ -94,9 +99,25 @@ async fn a_copy_of_the_binary_elsewhere_finds_python_by_configuration_only() {
     };
     // Nothing configured, and no .venv here: it says so, and where it looked, instead of
     // falling back on the folder it was built in.
-    let out = pensieve(&["serve", "--port", "0"], None).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let mut child = pensieve(&["serve", "--port", "0"], None)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("it started with no Python environment configured: it found one by itself");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success());
     assert!(
         err.contains("no Python environment") && err.contains("PENSIEVE_PYTHON"),
         "{err}"

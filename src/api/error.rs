@@ -34,7 +34,7 @@ impl From<BackendError> for ApiError {
                 message,
                 retry_after_secs,
             } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
-            BackendError::LoadFailed(msg) => ApiError::new(ErrorKind::Api, msg),
+            e @ BackendError::LoadFailed { .. } => ApiError::new(ErrorKind::Api, e.to_string()),
         }
     }
 }

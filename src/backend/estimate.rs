@@ -12,6 +12,66 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// Why a model's headers could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EstimateError {
+    /// A file or folder cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not what its name or place says.
+    #[error("{}: not a readable {format} file: {problem}", path.display())]
+    Format {
+        /// Which.
+        path: PathBuf,
+        /// `GGUF` or `safetensors`.
+        format: &'static str,
+        /// What was found.
+        problem: String,
+    },
+    /// A file that is neither a GGUF file nor a folder.
+    #[error("{} is a file but not a GGUF file", .0.display())]
+    NotGguf(PathBuf),
+}
+
+/// A model that would take memory to the warning threshold; says so with the numbers.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error(
+    "model `{model}` would not fit: it needs about {:.2} GB ({:.2} GB of weights from {}, plus KV cache \
+     for {sequences} sequences of {context} tokens), and {:.2} GB is available; loading it would leave \
+     {:.2} GB, at or below memory.warning_gb ({:.2} GB). Nothing was loaded. Use a smaller model, \
+     lower backend.max_concurrent or backend.kv_context_tokens, or load it anyway with --force \
+     (backend.force_load)",
+    gb(*need), gb(*weights), files.display(), gb(*available), gb(available.saturating_sub(*need)), gb(*warning)
+)]
+pub struct NoFit {
+    /// The model's name.
+    pub model: String,
+    /// Bytes it needs, weights and KV cache.
+    pub need: u64,
+    /// Of those, weights.
+    pub weights: u64,
+    /// The files its size was read from.
+    pub files: PathBuf,
+    /// Sequences of KV cache counted.
+    pub sequences: u64,
+    /// Tokens per sequence counted.
+    pub context: u64,
+    /// Memory available.
+    pub available: u64,
+    /// `memory.warning_gb`, in bytes.
+    pub warning: u64,
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / crate::memory::GIB
+}
+
 /// What a model needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Estimate {
@@ -36,19 +96,22 @@ impl Estimate {
 
 /// The model at `path` (a GGUF file, a folder holding one, or an MLX/Hugging Face folder);
 /// `Ok(None)` when there is nothing local to read (a Hugging Face id, the demo).
-pub fn estimate(path: &Path) -> Result<Option<Estimate>, String> {
+pub fn estimate(path: &Path) -> Result<Option<Estimate>, EstimateError> {
     if path.is_file() {
         return if is_gguf(path) {
             gguf(path).map(Some)
         } else {
-            Err(format!("{} is a file but not a GGUF file", path.display()))
+            Err(EstimateError::NotGguf(path.to_owned()))
         };
     }
     if !path.is_dir() {
         return Ok(None);
     }
     let entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|source| EstimateError::Io {
+            path: path.to_owned(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     let ggufs: Vec<&PathBuf> = entries
@@ -88,25 +151,21 @@ pub fn check_fits(
     context: u64,
     available: u64,
     warning: u64,
-) -> Result<(), String> {
+) -> Result<(), NoFit> {
     let need = estimate.total(sequences, context);
     if available.saturating_sub(need) > warning {
         return Ok(());
     }
-    let gb = |b: u64| b as f64 / crate::memory::GIB;
-    Err(format!(
-        "model `{model}` would not fit: it needs about {:.2} GB ({:.2} GB of weights from {}, plus KV cache \
-         for {sequences} sequences of {context} tokens), and {:.2} GB is available; loading it would leave \
-         {:.2} GB, at or below memory.warning_gb ({:.2} GB). Nothing was loaded. Use a smaller model, \
-         lower backend.max_concurrent or backend.kv_context_tokens, or load it anyway with --force \
-         (backend.force_load)",
-        gb(need),
-        gb(estimate.weight_bytes),
-        estimate.source.display(),
-        gb(available),
-        gb(available.saturating_sub(need)),
-        gb(warning),
-    ))
+    Err(NoFit {
+        model: model.to_owned(),
+        need,
+        weights: estimate.weight_bytes,
+        files: estimate.source.clone(),
+        sequences,
+        context,
+        available,
+        warning,
+    })
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -115,8 +174,12 @@ fn is_gguf(path: &Path) -> bool {
 }
 
 /// A safetensors file's tensor bytes, from its header.
-fn safetensors(path: &Path) -> Result<u64, String> {
-    let bad = |why: String| format!("{}: not a readable safetensors file: {why}", path.display());
+fn safetensors(path: &Path) -> Result<u64, EstimateError> {
+    let bad = |why: String| EstimateError::Format {
+        path: path.to_owned(),
+        format: "safetensors",
+        problem: why,
+    };
     let mut f = File::open(path).map_err(|e| bad(e.to_string()))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
@@ -168,25 +231,29 @@ struct Reader<R> {
 }
 
 impl<R: Read + Seek> Reader<R> {
-    fn err(&self, why: impl std::fmt::Display) -> String {
-        format!("{}: not a readable GGUF file: {why}", self.path.display())
+    fn err(&self, why: impl std::fmt::Display) -> EstimateError {
+        EstimateError::Format {
+            path: self.path.clone(),
+            format: "GGUF",
+            problem: why.to_string(),
+        }
     }
 
-    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], EstimateError> {
         let mut b = [0u8; N];
         self.r.read_exact(&mut b).map_err(|e| self.err(e))?;
         Ok(b)
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, EstimateError> {
         Ok(u32::from_le_bytes(self.bytes()?))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, EstimateError> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, EstimateError> {
         let len = self.u64()?;
         if len > 1 << 20 {
             return Err(self.err(format!("a string of {len} bytes")));
@@ -196,13 +263,13 @@ impl<R: Read + Seek> Reader<R> {
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
 
-    fn skip(&mut self, n: u64) -> Result<(), String> {
+    fn skip(&mut self, n: u64) -> Result<(), EstimateError> {
         self.r.seek(SeekFrom::Current(n as i64)).map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// A metadata value: numbers as u64 where they are integers, strings kept, arrays skipped.
-    fn value(&mut self, kind: u32) -> Result<Option<u64>, String> {
+    fn value(&mut self, kind: u32) -> Result<Option<u64>, EstimateError> {
         Ok(match kind {
             0 | 1 | 7 => Some(self.bytes::<1>()?[0] as u64),
             2 | 3 => Some(u16::from_le_bytes(self.bytes()?) as u64),
@@ -241,8 +308,11 @@ impl<R: Read + Seek> Reader<R> {
     }
 }
 
-fn gguf(path: &Path) -> Result<Estimate, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+fn gguf(path: &Path) -> Result<Estimate, EstimateError> {
+    let file = File::open(path).map_err(|source| EstimateError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut r = Reader {
         r: BufReader::new(file),
         path: path.to_owned(),

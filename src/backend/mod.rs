@@ -11,7 +11,7 @@ mod stop;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use mlx::MlxBackend;
+pub use mlx::{MlxBackend, StartError};
 pub use models::{ModelStatus, Registry};
 pub use stop::StopMatcher;
 
@@ -151,6 +151,44 @@ pub enum Event {
     Failed(BackendError),
 }
 
+/// A failure on the Python side of the bridge, as Python named it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BridgeError {
+    /// Python raised: the exception's type (`ValueError`, `TemplateError`, `MemoryError`, …)
+    /// and its message.
+    #[error("{kind}: {message}")]
+    Raised {
+        /// The exception's type name.
+        kind: String,
+        /// Its message.
+        message: String,
+    },
+    /// One generation failed inside the bridge, which caught it and reported it as the
+    /// generation's error piece (its text names the exception).
+    #[error("{0}")]
+    Reported(String),
+    /// The bridge answered with something this binary does not understand (an unknown code).
+    #[error("the Python bridge broke the protocol: {0}")]
+    Protocol(String),
+    /// The Python environment cannot run the bridge (no site-packages for this Python, another
+    /// protocol): what is wrong and what to do.
+    #[error("{0}")]
+    Environment(String),
+    /// The backend panicked while calling the bridge (the panic is in the log).
+    #[error("internal error in the backend")]
+    Panicked,
+}
+
+impl BridgeError {
+    /// Whether Python said the request itself is wrong (the chat template refused it, a bad
+    /// value), rather than the backend failing.
+    pub fn is_request_error(&self) -> bool {
+        matches!(self, BridgeError::Raised { kind, .. } if matches!(kind.as_str(),
+            "TemplateError" | "TemplateSyntaxError" | "UndefinedError" | "ValueError" | "TypeError"
+                | "KeyError" | "IndexError" | "JSONDecodeError" | "UnicodeDecodeError" | "UnicodeEncodeError"))
+    }
+}
+
 /// Why the backend cannot serve a request.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum BackendError {
@@ -180,8 +218,21 @@ pub enum BackendError {
         retry_after_secs: u32,
     },
     /// Loading a model failed (its files, its format).
-    #[error("{0}")]
-    LoadFailed(String),
+    #[error(
+        "could not load model `{model}`{}: {cause}\n  backend.model (or a [models.<name>] path) must be \
+         `demo`, a local folder with config.json, tokenizer and safetensors weights, a .gguf file (llama, \
+         SmolLM, Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that mlx-lm can \
+         download (this needs network access)",
+        if path == model { String::new() } else { format!(" from `{path}`") }
+    )]
+    LoadFailed {
+        /// The model's name.
+        model: String,
+        /// What it was loaded from.
+        path: String,
+        /// What Python said.
+        cause: BridgeError,
+    },
     /// Refused when it was about to start: memory fell while it waited.
     #[error("{0}")]
     Memory(crate::memory::Refusal),
@@ -207,9 +258,9 @@ pub enum BackendError {
     /// The request cannot run on this model (for example, the template refused it).
     #[error("{0}")]
     InvalidRequest(String),
-    /// Python raised during generation.
+    /// The generation failed in the backend (Python raised, or the bridge failed).
     #[error("{0}")]
-    Generation(String),
+    Generation(BridgeError),
     /// The backend thread is gone.
     #[error("backend stopped")]
     Stopped,

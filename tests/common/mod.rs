@@ -76,8 +76,12 @@ impl Server {
         if cmd.get_current_dir().is_none() {
             cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
         }
+        // The server's own prompt cache folder, unless the command names one (or the default).
+        let own = |name: &str| cmd.get_envs().any(|(k, _)| k == name);
+        if !own("PENSIEVE_BACKEND__PROMPT_CACHE_DIR") {
+            cmd.env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", cache_dir.path());
+        }
         cmd.env("PENSIEVE_LOG__LEVEL", "info,pensieve=debug")
-            .env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", cache_dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {

@@ -35,7 +35,7 @@ pub enum GuardError {
     Probe(#[source] std::io::Error),
     /// wasmtime could not start (a policy that fails to load is not an error: it is listed).
     #[error("cannot start the policy engine: {0}")]
-    Policies(String),
+    Policies(#[source] crate::policy::EngineError),
     /// `policies.dir` cannot be watched.
     #[error("cannot watch policies.dir: {0}")]
     Watcher(#[source] std::io::Error),

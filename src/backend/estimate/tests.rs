@@ -41,10 +41,14 @@ fn broken_files_and_names_without_files() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
-    assert!(estimate(&bad).unwrap_err().contains("not a readable GGUF file"));
+    assert!(estimate(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("not a readable GGUF file"));
     std::fs::write(dir.path().join("notes.txt"), "hi").unwrap();
     assert!(estimate(&dir.path().join("notes.txt"))
         .unwrap_err()
+        .to_string()
         .contains("not a GGUF file"));
     assert_eq!(estimate(Path::new("mlx-community/Qwen3-8B-4bit")).unwrap(), None);
     assert_eq!(model_path("demo"), None);
@@ -61,7 +65,7 @@ fn the_check_refuses_what_would_reach_the_warning_threshold_and_says_the_numbers
         kv_bytes_per_token: 1024,
     };
     assert!(check_fits("m", &e, 8, 4096, 10 * gib, 2 * gib).is_ok());
-    let err = check_fits("m", &e, 8, 4096, 6 * gib, 2 * gib).unwrap_err();
+    let err = check_fits("m", &e, 8, 4096, 6 * gib, 2 * gib).unwrap_err().to_string();
     assert!(
         err.contains("about 4.03 GB") && err.contains("6.00 GB is available") && err.contains("(2.00 GB)"),
         "{err}"

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::{
-    estimate, Backend, BackendError, BackendStatus, Chat, GenerateRequest, Generation, ModelStatus, PromptCacheDisk,
-    Registry, TokenCount,
+    estimate, Backend, BackendError, BackendStatus, BridgeError, Chat, GenerateRequest, Generation, ModelStatus,
+    PromptCacheDisk, Registry, TokenCount,
 };
 use crate::config::{Config, ModelSpec};
 use crate::memory::{BackendMemory, Gate};
@@ -114,9 +114,83 @@ pub(crate) const STATE_LOADED: u8 = 2;
 /// One configured model: what it is, and what the thread publishes of it.
 pub(crate) struct Slot {
     spec: ModelSpec,
-    /// From its files' headers, when it has local files.
+    /// From its files' headers (read once, at start), when it has local files.
     estimate: Option<estimate::Estimate>,
     shared: Shared,
+}
+
+impl Slot {
+    /// The one fit rule, at start-up and on demand alike: loaded with `available` memory, the
+    /// model (weights, and the KV cache of `max_concurrent` sequences of `kv_context_tokens`)
+    /// must leave more than `warning`. A model without local files to estimate from fits.
+    fn fits(&self, kv_context_tokens: u64, available: u64, warning: u64) -> Result<(), estimate::NoFit> {
+        let Some(estimate) = &self.estimate else {
+            return Ok(());
+        };
+        estimate::check_fits(
+            &self.spec.name,
+            estimate,
+            self.spec.max_concurrent as u64,
+            kv_context_tokens,
+            available,
+            warning,
+        )
+    }
+}
+
+/// Why the backend could not start; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No Python environment with mlx and mlx-lm.
+    #[error(transparent)]
+    NoPython(#[from] crate::config::paths::NoPython),
+    /// The bridge could not start in that environment.
+    #[error("could not start the Python bridge: {0}")]
+    Bridge(BridgeError),
+    /// A model's files cannot be read.
+    #[error("model `{model}`: {source}")]
+    Estimate {
+        /// Which model.
+        model: String,
+        /// Why.
+        #[source]
+        source: estimate::EstimateError,
+    },
+    /// A model to preload would take memory to the warning threshold (`--force` loads it).
+    #[error(transparent)]
+    DoesNotFit(#[from] estimate::NoFit),
+    /// A model to preload failed to load.
+    #[error(transparent)]
+    Load(BackendError),
+    /// The backend thread could not start, or died while loading.
+    #[error("the backend thread could not run: {0}")]
+    Thread(String),
+}
+
+impl Slot {
+    /// At start-up, for a model to preload: says what it will take, and refuses it when it
+    /// does not fit, unless `force` (`--force`, `backend.force_load`).
+    fn check_at_start(&self, kv_context_tokens: u64, force: bool, gate: &Gate) -> Result<(), estimate::NoFit> {
+        let Some(estimate) = &self.estimate else {
+            return Ok(());
+        };
+        let snapshot = gate.snapshot().load();
+        let spec = &self.spec;
+        tracing::info!(
+            weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
+            model = %spec.name,
+            with_kv_gb = estimate.total(spec.max_concurrent as u64, kv_context_tokens) as f64 / crate::memory::GIB,
+            available_gb = snapshot.available_gb(),
+            "model size estimated from its headers"
+        );
+        match self.fits(kv_context_tokens, snapshot.available_bytes, gate.thresholds().warning) {
+            Err(e) if force => {
+                tracing::warn!("{e} — loading anyway: backend.force_load is set");
+                Ok(())
+            }
+            other => other,
+        }
+    }
 }
 
 /// What the thread publishes of one model and the API reads.
@@ -209,8 +283,8 @@ impl MlxBackend {
     /// `backend.model`); returns when they are loaded, or with a message that says which model
     /// failed, why, and what to do. A queued request is admitted again by `gate` when it is
     /// about to start.
-    pub fn start(config: &Config, gate: Gate) -> Result<MlxBackend, String> {
-        let python = crate::config::paths::find_python(&config.backend.python).map_err(|e| e.to_string())?;
+    pub fn start(config: &Config, gate: Gate) -> Result<MlxBackend, StartError> {
+        let python = crate::config::paths::find_python(&config.backend.python)?;
         tracing::info!(dir = %python.dir.display(), from = python.from, "python environment");
         let venv = python.dir;
         // A quarter of what is available now: float32 weights are faster on a CPU, but not at
@@ -221,14 +295,16 @@ impl MlxBackend {
             blas: b.blas.clone(),
             cpu_float32_budget: if b.cpu_float32 { available / 4 } else { 0 },
         };
-        Self::spawn(config, gate, move || PyLoader::new(&venv, settings))
+        Self::spawn(config, gate, move || {
+            PyLoader::new(&venv, settings).map_err(StartError::Bridge)
+        })
     }
 
     /// Starts the thread with the loader `init` makes there (Python objects live on it).
-    fn spawn<L, F>(config: &Config, gate: Gate, init: F) -> Result<MlxBackend, String>
+    fn spawn<L, F>(config: &Config, gate: Gate, init: F) -> Result<MlxBackend, StartError>
     where
         L: Loader,
-        F: FnOnce() -> Result<L, String> + Send + 'static,
+        F: FnOnce() -> Result<L, StartError> + Send + 'static,
     {
         let b = &config.backend;
         let specs = config.model_specs();
@@ -241,11 +317,22 @@ impl MlxBackend {
         let mut slots = Vec::new();
         for spec in specs {
             let estimate = match estimate::model_path(&spec.path) {
-                Some(path) => estimate::estimate(&path).map_err(|e| format!("model `{}`: {e}", spec.name))?,
-                None => None,
+                Some(path) => estimate::estimate(&path).map_err(|source| StartError::Estimate {
+                    model: spec.name.clone(),
+                    source,
+                })?,
+                None => {
+                    tracing::info!(model = %spec.name, "no local files to estimate the model's size from before loading");
+                    None
+                }
             };
             let shared = Shared::new(global.clone(), spec.max_concurrent);
-            slots.push(Slot { spec, estimate, shared });
+            let slot = Slot { spec, estimate, shared };
+            if slot.spec.preload {
+                // Before a byte of it is read.
+                slot.check_at_start(b.kv_context_tokens, b.force_load, &gate)?;
+            }
+            slots.push(slot);
         }
         let slots = Arc::new(slots);
         let rules = LoadRules {
@@ -254,7 +341,7 @@ impl MlxBackend {
             default: registry.default_index(),
             sample_interval: Duration::from_millis(config.memory.sample_interval_ms),
         };
-        let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
+        let (ready_tx, ready_rx) = sync_channel::<Result<(), StartError>>(1);
         let (ended_tx, ended) = sync_channel::<()>(0);
         std::thread::Builder::new()
             .name("pensieve-mlx".into())
@@ -266,8 +353,8 @@ impl MlxBackend {
                     let _ended = ended_tx;
                     let loader = match catch_unwind(AssertUnwindSafe(init)) {
                         Ok(Ok(loader)) => loader,
-                        Ok(Err(message)) => {
-                            let _ = ready_tx.send(Err(message));
+                        Ok(Err(e)) => {
+                            let _ = ready_tx.send(Err(e));
                             return;
                         }
                         Err(_) => return,
@@ -275,8 +362,8 @@ impl MlxBackend {
                     let mut pool = Pool::new(loader, &slots, &global, &gate, rules);
                     match catch_unwind(AssertUnwindSafe(|| pool.preload())) {
                         Ok(Ok(())) => {}
-                        Ok(Err(message)) => {
-                            let _ = ready_tx.send(Err(message));
+                        Ok(Err(e)) => {
+                            let _ = ready_tx.send(Err(StartError::Load(e)));
                             return;
                         }
                         Err(_) => return,
@@ -291,7 +378,7 @@ impl MlxBackend {
                     }
                 }
             })
-            .map_err(|e| format!("could not start the backend thread: {e}"))?;
+            .map_err(|e| StartError::Thread(e.to_string()))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(MlxBackend {
                 jobs,
@@ -301,8 +388,8 @@ impl MlxBackend {
                 max_queue: b.max_queue.max(1),
                 ended: Mutex::new(ended),
             }),
-            Ok(Err(message)) => Err(message),
-            Err(_) => Err("the backend thread died while loading the models".to_owned()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StartError::Thread("it died while loading the models".to_owned())),
         }
     }
 

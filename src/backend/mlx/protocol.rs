@@ -3,7 +3,7 @@
 //! ones; they are part of the protocol schema that `python.rs` compares with the bridge's when
 //! it loads it).
 
-use crate::backend::{Chat, GenerateRequest, PromptCacheDisk};
+use crate::backend::{BridgeError, Chat, GenerateRequest, PromptCacheDisk};
 use crate::memory::Tier;
 
 /// What a piece of a step's output is.
@@ -81,8 +81,8 @@ pub(crate) struct Memory {
     pub prompt_cache_entries: u64,
 }
 
-/// The continuous batch and the model, as the worker drives them. `Err` is a message from the
-/// other side (a Python exception); a panic is the worker's to contain.
+/// The continuous batch and the model, as the worker drives them. `Err` is what the other side
+/// said (a Python exception, with its type); a panic is the worker's to contain.
 pub(crate) trait Batcher {
     /// The model's context in tokens (0: unknown).
     fn context_length(&self) -> u32;
@@ -90,30 +90,30 @@ pub(crate) trait Batcher {
     fn kv_bytes_per_token(&self) -> u64;
     /// Renders a request and puts it in the batch (or says it is too long). `Err`: the chat
     /// template refused it.
-    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String>;
+    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError>;
     /// One decoding step of every running generation. `Err`: the model itself failed, and the
     /// whole batch with it.
-    fn step(&mut self) -> Result<Vec<Stepped>, String>;
+    fn step(&mut self) -> Result<Vec<Stepped>, BridgeError>;
     /// Removes generations; with `keep`, what they computed goes into the prompt cache.
-    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String>;
+    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), BridgeError>;
     /// Forgets every generation and starts a new batch (after a failure of the model).
-    fn reset(&mut self) -> Result<(), String>;
+    fn reset(&mut self) -> Result<(), BridgeError>;
     /// Where finished generations go; anything but [`Caching::Memory`] releases the prompt
     /// cache (to the disk tier, when there is one).
-    fn set_caching(&mut self, caching: Caching) -> Result<(), String>;
+    fn set_caching(&mut self, caching: Caching) -> Result<(), BridgeError>;
     /// The prompt cache's disk tier (`None`: none); frees what its finished writes held.
-    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
+    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, BridgeError> {
         Ok(None)
     }
     /// Prompt tokens of `chat`, with the same template as generation.
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String>;
+    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError>;
     /// Frees MLX's allocator cache (`thorough`: after a cycle collection); the bytes left.
-    fn clear_cache(&mut self, thorough: bool) -> Result<u64, String>;
+    fn clear_cache(&mut self, thorough: bool) -> Result<u64, BridgeError>;
     /// The memory counters.
-    fn memory(&mut self) -> Result<Memory, String>;
+    fn memory(&mut self) -> Result<Memory, BridgeError>;
     /// Sets MLX's memory limit, which the batcher watches at every step: a step that goes over
     /// it ends the largest generation with [`Finish::Memory`].
-    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String>;
+    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), BridgeError>;
 }
 
 /// Where finished generations' KV caches go, by memory tier ([`Batcher::set_caching`]).
@@ -161,27 +161,27 @@ pub(crate) const CODES: [(&str, u8); 16] = [
 
 impl Piece {
     /// From Python's `(code, payload)`.
-    pub fn decode(code: u8, payload: String) -> Result<Piece, String> {
+    pub fn decode(code: u8, payload: String) -> Result<Piece, BridgeError> {
         Ok(match code {
             0 => Piece::Text(payload),
             1 => Piece::Thinking(payload),
             2 => Piece::Tool(payload),
             3 => Piece::Error(payload),
-            other => return Err(format!("the bridge sent an unknown piece code {other}")),
+            other => return Err(BridgeError::Protocol(format!("unknown piece code {other}"))),
         })
     }
 }
 
 impl Finish {
     /// From Python's code.
-    pub fn decode(code: u8) -> Result<Finish, String> {
+    pub fn decode(code: u8) -> Result<Finish, BridgeError> {
         Ok(match code {
             0 => Finish::Stop,
             1 => Finish::Length,
             2 => Finish::ToolUse,
             3 => Finish::Error,
             4 => Finish::Memory,
-            other => return Err(format!("the bridge sent an unknown finish code {other}")),
+            other => return Err(BridgeError::Protocol(format!("unknown finish code {other}"))),
         })
     }
 }
@@ -190,7 +190,7 @@ impl Added {
     /// From Python's `(code, uid, input_tokens, cached_tokens, message)`.
     pub fn decode(
         (code, uid, input_tokens, cached_tokens, message): (u8, u64, u32, u32, String),
-    ) -> Result<Added, String> {
+    ) -> Result<Added, BridgeError> {
         Ok(match code {
             0 => Added::Started {
                 uid,
@@ -200,7 +200,7 @@ impl Added {
             1 => Added::TooLong { input_tokens },
             2 => Added::Refused { message },
             3 => Added::Reading,
-            other => return Err(format!("the bridge sent an unknown add code {other}")),
+            other => return Err(BridgeError::Protocol(format!("unknown add code {other}"))),
         })
     }
 }
@@ -223,9 +223,10 @@ mod tests {
                 message: "tools: no".into()
             })
         );
-        assert!(Piece::decode(9, String::new())
-            .unwrap_err()
-            .contains("unknown piece code 9"));
+        assert_eq!(
+            Piece::decode(9, String::new()),
+            Err(BridgeError::Protocol("unknown piece code 9".into()))
+        );
         assert!(Finish::decode(7).is_err() && Added::decode((5, 0, 0, 0, String::new())).is_err());
     }
 }

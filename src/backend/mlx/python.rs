@@ -9,14 +9,14 @@
 //! both test suites read.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pyo3::prelude::*;
 use serde::Serialize;
 
 use super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped, CODES};
 use super::worker::pool::Loader;
-use crate::backend::{Chat, Constraint, GenerateRequest, PromptCacheDisk};
+use crate::backend::{BridgeError, Chat, Constraint, GenerateRequest, PromptCacheDisk};
 use crate::config::ModelSpec;
 
 /// The protocol's version: bumped with `VERSION` in `protocol.py` whenever a code or a record
@@ -146,15 +146,15 @@ pub(crate) fn schema() -> serde_json::Value {
 }
 
 /// The bridge's `protocol.schema()` against [`schema`].
-fn check_schema(python: &serde_json::Value) -> Result<(), String> {
+fn check_schema(python: &serde_json::Value) -> Result<(), BridgeError> {
     let ours = schema();
     if &ours == python {
         return Ok(());
     }
-    Err(format!(
+    Err(BridgeError::Environment(format!(
         "the Python bridge speaks another protocol than this binary (bridge: {python}; binary: {ours}): \
          install the bridge and the binary from the same pensieve"
-    ))
+    )))
 }
 
 impl AddParams {
@@ -181,7 +181,6 @@ pub(crate) struct LoadSettings {
 
 /// Loads models in the embedded interpreter, once it is set up with the venv's packages.
 pub(crate) struct PyLoader {
-    venv: PathBuf,
     settings: LoadSettings,
 }
 
@@ -196,7 +195,7 @@ pub(crate) struct PyBatcher {
 impl PyLoader {
     /// Sets up the embedded interpreter: the venv's packages, signals, BLAS, and a bridge that
     /// speaks this binary's protocol.
-    pub fn new(venv: &Path, settings: LoadSettings) -> Result<PyLoader, String> {
+    pub fn new(venv: &Path, settings: LoadSettings) -> Result<PyLoader, BridgeError> {
         Python::attach(|py| {
             let v = py.version_info();
             let site_packages = venv
@@ -204,14 +203,14 @@ impl PyLoader {
                 .join(format!("python{}.{}", v.major, v.minor))
                 .join("site-packages");
             if !site_packages.is_dir() {
-                return Err(format!(
+                return Err(BridgeError::Environment(format!(
                     "{} does not exist: the venv was made for another Python than the one pensieve was \
                      built against ({}); rebuild with `make build`",
                     site_packages.display(),
                     pyo3::Python::version_str()
-                ));
+                )));
             }
-            let setup = || -> PyResult<Result<(), String>> {
+            let setup = || -> PyResult<Result<(), BridgeError>> {
                 // Signals belong to the server (graceful shutdown), not to Python: without this,
                 // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a
                 // running generation, and the server never hears of it.
@@ -237,17 +236,11 @@ impl PyLoader {
                     )?
                     .extract()?;
                 Ok(serde_json::from_str(&schema)
-                    .map_err(|e| format!("the bridge's protocol schema is not JSON: {e}"))
+                    .map_err(|e| BridgeError::Protocol(format!("the bridge's protocol schema is not JSON: {e}")))
                     .and_then(|schema| check_schema(&schema)))
             };
-            setup()
-                .map_err(|e| python_error(py, &e))
-                .and_then(|r| r)
-                .map_err(|e| format!("could not start the Python bridge from {}: {e}", venv.display()))?;
-            Ok(PyLoader {
-                venv: venv.to_owned(),
-                settings,
-            })
+            setup().map_err(|e| python_error(py, &e)).and_then(|r| r)?;
+            Ok(PyLoader { settings })
         })
     }
 }
@@ -255,7 +248,7 @@ impl PyLoader {
 impl Loader for PyLoader {
     type Batcher = PyBatcher;
 
-    fn load(&mut self, spec: &ModelSpec) -> Result<PyBatcher, String> {
+    fn load(&mut self, spec: &ModelSpec) -> Result<PyBatcher, BridgeError> {
         let model = spec.path.as_str();
         Python::attach(|py| {
             let setup = || -> PyResult<PyBatcher> {
@@ -281,22 +274,7 @@ impl Loader for PyLoader {
                     kv_bytes_per_token,
                 })
             };
-            setup().map_err(|e| {
-                let from = if spec.name == model {
-                    String::new()
-                } else {
-                    format!(" from `{model}`")
-                };
-                format!(
-                    "could not load model `{}`{from}: {}\n  backend.model (or a [models.<name>] path) must be `demo`, \
-                     a local folder with config.json, tokenizer and safetensors weights, a .gguf file (llama, SmolLM, \
-                     Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that mlx-lm can \
-                     download (this needs network access). The environment used was {}.",
-                    spec.name,
-                    python_error(py, &e),
-                    self.venv.display()
-                )
-            })
+            setup().map_err(|e| python_error(py, &e))
         })
     }
 
@@ -314,7 +292,7 @@ impl PyBatcher {
     fn call<T>(
         &self,
         f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>, &Bound<'_, PyAny>) -> PyResult<T>,
-    ) -> Result<T, String> {
+    ) -> Result<T, BridgeError> {
         Python::attach(|py| f(py, self.engine.bind(py), self.batcher.bind(py)).map_err(|e| python_error(py, &e)))
     }
 }
@@ -328,7 +306,7 @@ impl Batcher for PyBatcher {
         self.kv_bytes_per_token
     }
 
-    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, String> {
+    fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError> {
         let chat = serde_json::to_string(&request.chat).expect("chat serialises");
         let params = serde_json::to_string(&AddParams::of(request)).expect("params serialise");
         let r = self.call(|_, _, b| {
@@ -338,7 +316,7 @@ impl Batcher for PyBatcher {
         Added::decode((r.code, r.uid, r.input_tokens, r.cached_tokens, r.message))
     }
 
-    fn step(&mut self) -> Result<Vec<Stepped>, String> {
+    fn step(&mut self) -> Result<Vec<Stepped>, BridgeError> {
         let raw = self.call(|_, _, b| b.call_method0("step")?.extract::<Vec<PyStepped>>())?;
         raw.into_iter()
             .map(|s| {
@@ -355,19 +333,19 @@ impl Batcher for PyBatcher {
             .collect()
     }
 
-    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String> {
+    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), BridgeError> {
         self.call(|_, _, b| b.call_method1("cancel", (uids.to_vec(), keep)).map(drop))
     }
 
-    fn reset(&mut self) -> Result<(), String> {
+    fn reset(&mut self) -> Result<(), BridgeError> {
         self.call(|_, _, b| b.call_method0("reset").map(drop))
     }
 
-    fn set_caching(&mut self, caching: Caching) -> Result<(), String> {
+    fn set_caching(&mut self, caching: Caching) -> Result<(), BridgeError> {
         self.call(|_, _, b| b.call_method1("set_caching", (caching as u8,)).map(drop))
     }
 
-    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, String> {
+    fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, BridgeError> {
         let raw = self.call(|_, _, b| b.call_method0("disk_stats")?.extract::<Option<DiskStats>>())?;
         Ok(raw.map(|d| PromptCacheDisk {
             enabled: d.off_reason.is_empty(),
@@ -388,17 +366,17 @@ impl Batcher for PyBatcher {
         }))
     }
 
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String> {
+    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError> {
         let chat = serde_json::to_string(chat).expect("chat serialises");
         self.call(|_, e, _| e.call_method1("render", (chat,))?.len().map(|n| n as u32))
     }
 
-    fn clear_cache(&mut self, thorough: bool) -> Result<u64, String> {
+    fn clear_cache(&mut self, thorough: bool) -> Result<u64, BridgeError> {
         let method = if thorough { "collect_and_clear" } else { "clear_cache" };
         self.call(|_, e, _| e.call_method0(method)?.extract())
     }
 
-    fn memory(&mut self) -> Result<Memory, String> {
+    fn memory(&mut self) -> Result<Memory, BridgeError> {
         self.call(|_, e, b| {
             let m = e.call_method0("memory")?.extract::<MemoryCounters>()?;
             let c = b.call_method0("prompt_cache_stats")?.extract::<CacheStats>()?;
@@ -412,17 +390,27 @@ impl Batcher for PyBatcher {
         })
     }
 
-    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String> {
+    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), BridgeError> {
         self.call(|_, _, b| b.call_method1("set_memory_limit", (bytes,)).map(drop))
     }
 }
 
-fn python_error(py: Python<'_>, e: &PyErr) -> String {
+/// A Python exception as a [`BridgeError`]: its type's name and its message (the traceback
+/// goes to the log).
+fn python_error(py: Python<'_>, e: &PyErr) -> BridgeError {
     let tb = e.traceback(py).and_then(|tb| tb.format().ok()).unwrap_or_default();
     if !tb.is_empty() {
         tracing::debug!(traceback = %tb, "python traceback");
     }
-    e.to_string()
+    let kind = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    BridgeError::Raised {
+        kind,
+        message: e.value(py).to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -471,7 +459,10 @@ mod tests {
         assert_eq!(sent, examples["AddParams"]);
         let mut other = schema();
         other["records"]["Out"] = serde_json::json!(["kind", "text"]);
-        assert!(check_schema(&other).unwrap_err().contains("another protocol"));
+        assert!(check_schema(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("another protocol"));
     }
 
     /// The bridge, for real: the embedded interpreter with the environment's packages, the

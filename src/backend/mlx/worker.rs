@@ -22,7 +22,7 @@ use tracing::Span;
 use super::outbox::{Flow, Outbox};
 use super::protocol::{Added, Batcher, Caching, Finish, Piece};
 use super::Shared;
-use crate::backend::{BackendError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
+use crate::backend::{BackendError, BridgeError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
 use crate::memory::{Gate, Tier};
 
 /// How often an idle backend looks at memory (to release the prompt cache) and at slow clients.
@@ -192,12 +192,8 @@ impl<'a, B: Batcher> Worker<'a, B> {
                     return;
                 }
                 let counted = catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
-                    .unwrap_or_else(|_| Err("internal error in the backend".into()))
-                    .map_err(|e| {
-                        BackendError::InvalidRequest(format!(
-                            "the model's chat template cannot render this conversation: {e}"
-                        ))
-                    });
+                    .unwrap_or(Err(BridgeError::Panicked))
+                    .map_err(refused_or_failed);
                 let _ = reply.send(counted);
             }
         }
@@ -246,13 +242,10 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 let msg = format!("prompt is too long: {input_tokens} tokens > {context} maximum");
                 return fail(BackendError::InvalidRequest(msg));
             }
-            Ok(Err(e)) => {
-                let msg = format!("the model's chat template cannot render this conversation: {e}");
-                return fail(BackendError::InvalidRequest(msg));
-            }
+            Ok(Err(e)) => return fail(refused_or_failed(e)),
             Err(_) => {
                 tracing::error!("starting a generation panicked; that request fails");
-                return fail(BackendError::Generation("internal error in the backend".into()));
+                return fail(BackendError::Generation(BridgeError::Panicked));
             }
         };
         // Before its prompt is processed: the KV cache it may grow to must fit.
@@ -350,9 +343,9 @@ impl<'a, B: Batcher> Worker<'a, B> {
         }
         let stepped = match self.batcher.step() {
             Ok(stepped) => stepped,
-            Err(msg) => {
-                tracing::error!(error = %msg, generations = self.running.len(), "generation raised");
-                self.fail_all(BackendError::Generation(msg));
+            Err(e) => {
+                tracing::error!(error = %e, generations = self.running.len(), "generation raised");
+                self.fail_all(BackendError::Generation(e));
                 return;
             }
         };
@@ -518,7 +511,7 @@ fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>, retry_a
             Piece::Error(message) => {
                 tracing::error!(error = %message, output_tokens = r.output_tokens, "generation raised");
                 return Step::Ended {
-                    last: Event::Failed(BackendError::Generation(message)),
+                    last: Event::Failed(BackendError::Generation(BridgeError::Reported(message))),
                     cancel: false,
                 };
             }
@@ -566,5 +559,18 @@ fn client_gone(output_tokens: u32) {
 
 mod memory;
 pub(crate) mod pool;
+/// What Python's failure to render or start a request means for its client: the request's own
+/// fault (the chat template refused it, a bad value: 400, naming the problem), or the backend's
+/// (anything else: 500).
+fn refused_or_failed(e: BridgeError) -> BackendError {
+    if e.is_request_error() {
+        BackendError::InvalidRequest(format!(
+            "the model's chat template cannot render this conversation: {e}"
+        ))
+    } else {
+        BackendError::Generation(e)
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -59,6 +59,23 @@ pub(crate) struct Policy {
     last_error: Mutex<Option<String>>,
 }
 
+/// What a policy did wrong (it would not load, refused its settings, trapped, ran out of time
+/// or memory), in the words `/health` and `pensieve policy check` show: it names the policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyFailure(pub String);
+
+/// Why the engine itself could not start (no policy is involved).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// wasmtime could not be set up (or WASI linked).
+    #[error("cannot start wasmtime: {0:#}")]
+    Wasmtime(wasmtime::Error),
+    /// The epoch thread that bounds calls could not start.
+    #[error("cannot start the epoch thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 impl Policy {
     pub(crate) fn loaded(&self) -> bool {
         self.pre.is_some()
@@ -68,11 +85,11 @@ impl Policy {
         self.last_error.lock().unwrap().clone()
     }
 
-    pub(crate) fn fail(&self, message: String) -> String {
+    pub(crate) fn fail(&self, failure: PolicyFailure) -> PolicyFailure {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(policy = %self.name, error = %message, "policy error");
-        *self.last_error.lock().unwrap() = Some(message.clone());
-        message
+        tracing::warn!(policy = %self.name, error = %failure, "policy error");
+        *self.last_error.lock().unwrap() = Some(failure.0.clone());
+        failure
     }
 }
 
@@ -148,12 +165,12 @@ impl Drop for PolicyEngine {
 
 impl PolicyEngine {
     /// An engine with no policies loaded yet; starts the epoch ticker that bounds calls.
-    pub fn new(config: &PoliciesConfig) -> Result<PolicyEngine, String> {
+    pub fn new(config: &PoliciesConfig) -> Result<PolicyEngine, EngineError> {
         let mut c = Config::new();
         c.wasm_component_model(true).epoch_interruption(true);
-        let engine = Engine::new(&c).map_err(|e| format!("cannot start wasmtime: {e}"))?;
+        let engine = Engine::new(&c).map_err(EngineError::Wasmtime)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("cannot link WASI: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Wasmtime)?;
         let stop = Arc::new(AtomicBool::new(false));
         let loaded = Arc::new(AtomicUsize::new(0));
         let loading = Arc::new(AtomicUsize::new(0));
@@ -174,7 +191,7 @@ impl PolicyEngine {
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the epoch thread: {e}"))?;
+            .map_err(EngineError::Thread)?;
         Ok(PolicyEngine {
             engine,
             linker,
@@ -261,7 +278,11 @@ impl PolicyEngine {
         policy
     }
 
-    fn compile(&self, path: &Path) -> Result<AdmissionPolicyPre<HostState>, String> {
+    fn compile(&self, path: &Path) -> Result<AdmissionPolicyPre<HostState>, PolicyFailure> {
+        self.compile_inner(path).map_err(PolicyFailure)
+    }
+
+    fn compile_inner(&self, path: &Path) -> Result<AdmissionPolicyPre<HostState>, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let is_text = path.extension().is_some_and(|e| e == "wat");
         if !is_text && !bytes.starts_with(b"\0asm") {
@@ -298,8 +319,11 @@ impl PolicyEngine {
         })
     }
 
-    fn instantiate(&self, policy: &Policy) -> Result<Slot, String> {
-        let pre = policy.pre.as_ref().ok_or("not loaded")?;
+    fn instantiate(&self, policy: &Policy) -> Result<Slot, PolicyFailure> {
+        let pre = policy
+            .pre
+            .as_ref()
+            .ok_or_else(|| PolicyFailure(format!("{}: not loaded", policy.name)))?;
         let stdout = MemoryOutputPipe::new(OUTPUT_CAP);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAP);
         // Nothing is granted: no preopened directories, no environment, no arguments, no network.
@@ -336,7 +360,10 @@ impl PolicyEngine {
                 store,
                 policy: policy_inst,
             }),
-            Ok(Err(refusal)) => Err(format!("{}: configure refused its settings: {refusal}", policy.name)),
+            Ok(Err(refusal)) => Err(PolicyFailure(format!(
+                "{}: configure refused its settings: {refusal}",
+                policy.name
+            ))),
             Err(e) => Err(describe(&policy.name, "configure", e)),
         }
     }
@@ -351,7 +378,7 @@ impl PolicyEngine {
         policy: &Policy,
         what: &str,
         f: impl FnOnce(&mut Store<HostState>, &AdmissionPolicy) -> wasmtime::Result<R>,
-    ) -> Result<R, String> {
+    ) -> Result<R, PolicyFailure> {
         let slot = policy.pool.lock().unwrap().pop();
         let mut slot = match slot {
             Some(s) => s,
@@ -417,18 +444,20 @@ impl PolicyEngine {
 
     /// Loads `path` as `serve` would, runs `classify` and `decide` on sample inputs, and says
     /// what happened; `Err` on any problem (`pensieve policy check`).
-    pub fn check(&self, path: &Path, mem: &Memory) -> Result<String, String> {
+    pub fn check(&self, path: &Path, mem: &Memory) -> Result<String, PolicyFailure> {
         self.loading.fetch_add(1, Ordering::Relaxed);
         let _checking = Loading(&self.loading);
         let policy = self.load(path);
         let name = policy.name.clone();
         if !policy.loaded() {
-            return Err(policy
-                .last_error
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_else(|| format!("{name}: not loaded")));
+            return Err(PolicyFailure(
+                policy
+                    .last_error
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}: not loaded")),
+            ));
         }
         let mut out = format!("{name}: loaded and configured with {}\n", policy.settings);
         let classified = self.call(&policy, "classify", |store, inst| inst.call_classify(store, *mem))?;
@@ -492,7 +521,7 @@ fn rank(t: Tier) -> u8 {
     }
 }
 
-fn describe(name: &str, what: &str, e: wasmtime::Error) -> String {
+fn describe(name: &str, what: &str, e: wasmtime::Error) -> PolicyFailure {
     let reason = match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "ran past policies.timeout_ms".to_owned(),
         Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".to_owned(),
@@ -500,7 +529,7 @@ fn describe(name: &str, what: &str, e: wasmtime::Error) -> String {
         // The root cause only: the wasm backtrace belongs in a debugger, not in /health.
         None => format!("failed: {}", e.root_cause()),
     };
-    format!("{name}: {what} {reason}")
+    PolicyFailure(format!("{name}: {what} {reason}"))
 }
 
 fn forward_output(name: &str, store: &mut Store<HostState>) {

@@ -15,7 +15,9 @@ mod engine;
 mod watch;
 
 pub use bindings::{Memory, Rejection, Request, Tier as WitTier, Verdict};
-pub use engine::{host_tier, memory_record, wit_tier, Decision, PolicyEngine, PolicyStatus};
+pub use engine::{
+    host_tier, memory_record, wit_tier, Decision, EngineError, PolicyEngine, PolicyFailure, PolicyStatus,
+};
 pub use watch::Watcher;
 
 #[cfg(any(test, feature = "testing"))]

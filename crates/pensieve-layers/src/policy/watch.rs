@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::engine::{policy_files, Policy, PolicyEngine};
+use super::engine::{policy_files, Policy, PolicyEngine, PolicyFailure};
 
 /// How often the folder is looked at.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -59,9 +59,9 @@ pub(crate) fn rescan(engine: &PolicyEngine) -> bool {
                 match old {
                     Some(old) if old.loaded() && !fresh.loaded() => {
                         let why = fresh.last_error().unwrap_or_default();
-                        old.fail(format!(
+                        old.fail(PolicyFailure(format!(
                             "a new version failed to load, the previous one stays in force: {why}"
-                        ));
+                        )));
                         next.push(Arc::clone(old));
                     }
                     _ => next.push(Arc::new(fresh)),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::{Job, Work, Worker, DRAIN_TICK, IDLE_TICK};
 use crate::backend::mlx::protocol::{Batcher, Caching};
 use crate::backend::mlx::{Global, Slot, STATE_LOADED, STATE_LOADING, STATE_UNLOADED};
-use crate::backend::{estimate, BackendError, Event};
+use crate::backend::{BackendError, BridgeError, Event};
 use crate::config::ModelSpec;
 use crate::memory::{Gate, Tier};
 
@@ -33,8 +33,8 @@ use crate::memory::{Gate, Tier};
 pub(crate) trait Loader {
     /// The loaded model and its batch.
     type Batcher: Batcher;
-    /// Loads `spec`; a message that names the model and says why not.
-    fn load(&mut self, spec: &ModelSpec) -> Result<Self::Batcher, String>;
+    /// Loads `spec`; what Python said when it could not.
+    fn load(&mut self, spec: &ModelSpec) -> Result<Self::Batcher, BridgeError>;
     /// After a model's batcher was dropped: frees what it held (the cycle collector, MLX's
     /// cache); MLX's active bytes after, when known.
     fn release(&mut self) -> Option<u64> {
@@ -43,9 +43,9 @@ pub(crate) trait Loader {
 }
 
 /// Any closure that makes a batcher is a loader (the tests' fakes).
-impl<B: Batcher, F: FnMut(&ModelSpec) -> Result<B, String>> Loader for F {
+impl<B: Batcher, F: FnMut(&ModelSpec) -> Result<B, BridgeError>> Loader for F {
     type Batcher = B;
-    fn load(&mut self, spec: &ModelSpec) -> Result<B, String> {
+    fn load(&mut self, spec: &ModelSpec) -> Result<B, BridgeError> {
         self(spec)
     }
 }
@@ -100,12 +100,12 @@ impl<'a, L: Loader> Pool<'a, L> {
     }
 
     /// Loads the models marked `preload`; the first failure, as a start-up error.
-    pub fn preload(&mut self) -> Result<(), String> {
+    pub fn preload(&mut self) -> Result<(), BackendError> {
         for i in 0..self.slots.len() {
             if self.slots[i].spec.preload {
                 // At start-up the server checked the models' sizes already (honouring --force),
                 // and loads them whatever the tier, as it always has.
-                self.load(i, false).map_err(|e| e.to_string())?;
+                self.load(i, false)?;
             }
         }
         Ok(())
@@ -162,7 +162,7 @@ impl<'a, L: Loader> Pool<'a, L> {
                 w.admit();
                 if catch_unwind(AssertUnwindSafe(|| w.turn())).is_err() {
                     tracing::error!(model = %self.slots[i].spec.name, "the backend loop panicked; its generations fail and the cache is cleared");
-                    w.fail_all(BackendError::Generation("internal error in the backend".into()));
+                    w.fail_all(BackendError::Generation(BridgeError::Panicked));
                 }
             }
         }
@@ -225,23 +225,30 @@ impl<'a, L: Loader> Pool<'a, L> {
         tracing::info!(model = %spec.name, path = %spec.path, "loading the model");
         let started = Instant::now();
         let before = self.global.active_bytes.load(Ordering::Relaxed);
-        let loaded = catch_unwind(AssertUnwindSafe(|| self.loader.load(spec)))
-            .unwrap_or_else(|_| Err(format!("loading model `{}` panicked", spec.name)));
+        let loaded = catch_unwind(AssertUnwindSafe(|| self.loader.load(spec))).unwrap_or_else(|_| {
+            tracing::error!(model = %spec.name, "loading the model panicked");
+            Err(BridgeError::Panicked)
+        });
         let shared = &slot.shared;
         let elapsed = started.elapsed();
         shared.load_ms.fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
         let batcher = match loaded {
             Ok(batcher) => batcher,
-            Err(message) => {
+            Err(cause) => {
+                let error = BackendError::LoadFailed {
+                    model: spec.name.clone(),
+                    path: spec.path.clone(),
+                    cause,
+                };
                 shared.state.store(STATE_UNLOADED, Ordering::SeqCst);
                 shared.load_errors.fetch_add(1, Ordering::Relaxed);
-                *shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
-                tracing::error!(model = %spec.name, "{message}");
+                *shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+                tracing::error!(model = %spec.name, "{error}");
                 // What a failed load left behind goes back.
                 if let Some(active) = self.loader.release() {
                     self.global.active_bytes.store(active, Ordering::Relaxed);
                 }
-                return Err(BackendError::LoadFailed(message));
+                return Err(error);
             }
         };
         shared.context_length.store(batcher.context_length(), Ordering::Relaxed);
@@ -268,26 +275,16 @@ impl<'a, L: Loader> Pool<'a, L> {
     /// threshold; a 503 naming it when it cannot.
     fn make_room(&mut self, i: usize) -> Result<(), BackendError> {
         let slots = self.slots;
-        let spec = &slots[i].spec;
         let thresholds = self.gate.thresholds();
         let kv_context_tokens = self.rules.kv_context_tokens;
-        let Some(estimate) = &slots[i].estimate else {
+        if slots[i].estimate.is_none() {
             // Nothing to estimate from: it loads while memory admits requests.
             return self.gate.check().map(drop).map_err(BackendError::Memory);
-        };
+        }
         if self.rules.force {
             return Ok(());
         }
-        let fits = |available: u64| {
-            estimate::check_fits(
-                &spec.name,
-                estimate,
-                spec.max_concurrent as u64,
-                kv_context_tokens,
-                available,
-                thresholds.warning,
-            )
-        };
+        let fits = |available: u64| slots[i].fits(kv_context_tokens, available, thresholds.warning);
         let available = self.gate.snapshot().load().available_bytes;
         if available == 0 || fits(available).is_ok() {
             return Ok(());
@@ -297,9 +294,9 @@ impl<'a, L: Loader> Pool<'a, L> {
         let idle: Vec<usize> = self.idle_models(false).into_iter().filter(|&j| j != i).collect();
         let held = |j: usize| slots[j].shared.bytes.load(Ordering::Relaxed);
         let reclaimable: u64 = idle.iter().map(|&j| held(j)).sum();
-        if let Err(message) = fits(available + reclaimable) {
+        if let Err(no_fit) = fits(available + reclaimable) {
             let message = format!(
-                "{message}. Unloading the {} idle model(s) would free {:.2} GB, not enough",
+                "{no_fit}. Unloading the {} idle model(s) would free {:.2} GB, not enough",
                 idle.len(),
                 reclaimable as f64 / crate::memory::GIB
             );

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped};
 use super::super::MlxBackend;
 use crate::backend::{
-    Backend, BackendError, Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason,
+    Backend, BackendError, BridgeError, Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason,
 };
 use crate::config::{BackendConfig, Config, ModelSpec};
 use crate::memory::{Gate, MemorySnapshot, SnapshotHandle, Source, Thresholds, Tier, GIB};
@@ -21,7 +21,7 @@ struct State {
     cache: u64,
     steps: u32,
     /// The next step with this many generations running fails with this message.
-    fail_with: Option<(usize, String)>,
+    fail_with: Option<(usize, BridgeError)>,
     /// The next step with this many generations running panics.
     panic_with: Option<usize>,
     /// How long each step takes.
@@ -53,10 +53,11 @@ impl Batcher for Fake {
         self.kv_bytes_per_token
     }
 
-    fn add(&mut self, request: &GenerateRequest, _context: u32) -> Result<Added, String> {
+    fn add(&mut self, request: &GenerateRequest, _context: u32) -> Result<Added, BridgeError> {
         match request.chat.messages[0].content.as_str() {
             "panic" => panic!("add panicked"),
-            "template" => return Err("the template refused".into()),
+            "template" => return Err(raised("TemplateError", "the template refused")),
+            "oom" => return Err(raised("MemoryError", "std::bad_alloc")),
             "long" => return Ok(Added::TooLong { input_tokens: 200_000 }),
             "disk" => {
                 let mut st = self.state.lock().unwrap();
@@ -84,7 +85,7 @@ impl Batcher for Fake {
         })
     }
 
-    fn step(&mut self) -> Result<Vec<Stepped>, String> {
+    fn step(&mut self) -> Result<Vec<Stepped>, BridgeError> {
         let pause = self.state.lock().unwrap().step_time;
         std::thread::sleep(pause);
         let mut st = self.state.lock().unwrap();
@@ -121,7 +122,7 @@ impl Batcher for Fake {
         Ok(out)
     }
 
-    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), String> {
+    fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), BridgeError> {
         self.state
             .lock()
             .unwrap()
@@ -133,39 +134,39 @@ impl Batcher for Fake {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), String> {
+    fn reset(&mut self) -> Result<(), BridgeError> {
         self.state.lock().unwrap().log.push("reset".into());
         self.gens.clear();
         Ok(())
     }
 
-    fn set_caching(&mut self, caching: Caching) -> Result<(), String> {
+    fn set_caching(&mut self, caching: Caching) -> Result<(), BridgeError> {
         self.state.lock().unwrap().log.push(format!("caching {caching:?}"));
         Ok(())
     }
 
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, String> {
+    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError> {
         if chat.messages[0].content == "panic" {
             panic!("count panicked");
         }
         Ok(chat.messages.len() as u32 * 5)
     }
 
-    fn clear_cache(&mut self, _thorough: bool) -> Result<u64, String> {
+    fn clear_cache(&mut self, _thorough: bool) -> Result<u64, BridgeError> {
         let mut st = self.state.lock().unwrap();
         st.cache = 0;
         st.log.push("clear".into());
         Ok(0)
     }
 
-    fn memory(&mut self) -> Result<Memory, String> {
+    fn memory(&mut self) -> Result<Memory, BridgeError> {
         Ok(Memory {
             cache: self.state.lock().unwrap().cache,
             ..Memory::default()
         })
     }
 
-    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), String> {
+    fn set_memory_limit(&mut self, bytes: u64) -> Result<(), BridgeError> {
         self.state.lock().unwrap().log.push(format!("limit {bytes}"));
         Ok(())
     }
@@ -221,7 +222,7 @@ fn harness_config(config: BackendConfig, kv_bytes_per_token: u64) -> Harness {
         ..Config::default()
     };
     let mut fake = Some(fake);
-    let loader = move |_: &ModelSpec| fake.take().ok_or_else(|| "loaded twice".to_string());
+    let loader = move |_: &ModelSpec| fake.take().ok_or(BridgeError::Protocol("loaded twice".into()));
     let backend = MlxBackend::spawn(&config, Gate::new(snapshot.clone(), thresholds, 3), move || Ok(loader)).unwrap();
     Harness {
         backend,
@@ -370,13 +371,13 @@ fn a_request_waiting_for_its_disk_read_keeps_its_place_while_the_batch_runs() {
 fn a_failed_step_fails_every_generation_resets_the_batch_and_clears_the_cache() {
     let h = harness(4);
     h.state.lock().unwrap().step_time = Duration::from_millis(1);
-    h.state.lock().unwrap().fail_with = Some((2, "ValueError: the model broke".into()));
+    h.state.lock().unwrap().fail_with = Some((2, raised("ValueError", "the model broke")));
     let (a, b) = (h.generate("a", 100_000), h.generate("b", 100_000));
     for g in [a, b] {
         let last = events(g).pop().unwrap();
         assert_eq!(
             last,
-            Event::Failed(BackendError::Generation("ValueError: the model broke".into()))
+            Event::Failed(BackendError::Generation(raised("ValueError", "the model broke")))
         );
     }
     let log = h.log();
@@ -393,9 +394,7 @@ fn a_panicking_step_fails_its_generations_and_the_loop_goes_on() {
     let g = h.generate("a", 1000);
     assert_eq!(
         events(g).pop(),
-        Some(Event::Failed(BackendError::Generation(
-            "internal error in the backend".into()
-        )))
+        Some(Event::Failed(BackendError::Generation(BridgeError::Panicked)))
     );
     assert!(h.log().contains(&"reset".to_string()));
     assert!(matches!(events(h.generate("b", 2)).pop(), Some(Event::Done { .. })));
@@ -407,12 +406,7 @@ fn a_panic_while_starting_fails_only_that_request() {
     let h = harness(4);
     let running = h.generate("a", 50);
     let panics = events(h.generate("panic", 5));
-    assert_eq!(
-        panics,
-        [Event::Failed(BackendError::Generation(
-            "internal error in the backend".into()
-        ))]
-    );
+    assert_eq!(panics, [Event::Failed(BackendError::Generation(BridgeError::Panicked))]);
     let a = events(running);
     assert_eq!(
         a.last(),
@@ -432,7 +426,7 @@ fn a_token_count_that_panics_fails_only_that_count() {
         chat.messages.push(chat.messages[0].clone());
         h.backend.count_tokens("fake", chat).unwrap().blocking_recv().unwrap()
     };
-    assert!(matches!(count("panic"), Err(BackendError::InvalidRequest(m)) if m.contains("internal error")));
+    assert_eq!(count("panic"), Err(BackendError::Generation(BridgeError::Panicked)));
     assert_eq!(count("hello"), Ok(10));
     assert_eq!(h.backend.status().queued, 0);
 }
@@ -447,9 +441,24 @@ fn prompts_too_long_and_template_refusals_are_invalid_requests_naming_the_proble
     );
     let template = events(h.generate("template", 5));
     assert!(
-        matches!(&template[..], [Event::Failed(BackendError::InvalidRequest(m))] if m.contains("the template refused")),
+        matches!(&template[..], [Event::Failed(BackendError::InvalidRequest(m))] if m.contains("TemplateError: the template refused")),
         "{template:?}"
     );
+    // Python's exception type decides: out of memory is the backend's fault, not the request's.
+    assert_eq!(
+        events(h.generate("oom", 5)),
+        [Event::Failed(BackendError::Generation(raised(
+            "MemoryError",
+            "std::bad_alloc"
+        )))]
+    );
+}
+
+fn raised(kind: &str, message: &str) -> BridgeError {
+    BridgeError::Raised {
+        kind: kind.into(),
+        message: message.into(),
+    }
 }
 
 #[test]

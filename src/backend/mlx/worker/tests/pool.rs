@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::backend::mlx::worker::pool::Loader;
+use crate::backend::BridgeError;
 use crate::config::{Fallback, ModelConfig, ServerConfig};
 
 /// Makes a [`Fake`] per model, and logs loads and releases in the shared state.
@@ -16,7 +17,7 @@ struct FakeLoader {
 impl Loader for FakeLoader {
     type Batcher = Fake;
 
-    fn load(&mut self, spec: &ModelSpec) -> Result<Fake, String> {
+    fn load(&mut self, spec: &ModelSpec) -> Result<Fake, BridgeError> {
         self.state.lock().unwrap().log.push(format!("load {}", spec.name));
         Ok(Fake {
             state: self.state.clone(),
