@@ -34,6 +34,7 @@ pub enum GuardError {
     #[error("cannot read this machine's memory: {0}")]
     Probe(#[source] std::io::Error),
     /// wasmtime could not start (a policy that fails to load is not an error: it is listed).
+    #[cfg(feature = "policies")]
     #[error("cannot start the policy engine: {0}")]
     Policies(#[source] crate::policy::EngineError),
     /// `policies.dir` cannot be watched.
