@@ -15,6 +15,10 @@ pensieve is asked over the Anthropic Messages API, mlx-lm over its OpenAI chat A
 the same messages. Medians are printed, and the ratios pensieve / mlx-lm (for tokens/s, higher
 is better; for time to first token, lower is better). ``ROUNDS`` sets the rounds (default 5).
 
+``BASELINE`` names another pensieve binary to compare against instead of mlx-lm (an earlier
+build: before and after a change), with ``BASELINE_BRIDGE`` the ``python_bridge`` folder it
+was built with (put first on its ``PYTHONPATH``); ratios are then this build / the baseline.
+
 ``MODEL`` compares on another model instead of the demo: an MLX folder, or a GGUF file, which is
 first written as an MLX folder (``benches/gguf_to_mlx.py``) so that both servers load the same
 weights from the same folder. ``TOKENS`` sets the output tokens per request (default 256). For
@@ -42,6 +46,8 @@ PY = sys.executable
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 TOKENS = int(os.environ.get("TOKENS", "256"))
 MODEL = os.environ.get("MODEL")
+BASELINE = os.environ.get("BASELINE")
+BASELINE_BRIDGE = os.environ.get("BASELINE_BRIDGE")
 STREAMS = 8
 AGENT_CHARS = int(os.environ.get("AGENT_CHARS", "40000"))
 
@@ -73,14 +79,16 @@ def billing(value):
 
 
 class Pensieve:
-    name = "pensieve"
-
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, binary=BIN, name="pensieve", bridge=None):
+        self.name = name
+        env = {**os.environ, "PENSIEVE_LOG__LEVEL": "warn,pensieve::server=info",
+               # No disk tier: each run starts cold, as mlx-lm's server does.
+               "PENSIEVE_BACKEND__PROMPT_CACHE_DISK_MB": "0"}
+        if bridge:
+            env["PYTHONPATH"] = str(bridge)
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--port", "0", "--model", str(model_dir)],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            # No disk tier: each run starts cold, as mlx-lm's server does.
-            env={**os.environ, "PENSIEVE_LOG__LEVEL": "warn,pensieve::server=info", "PENSIEVE_BACKEND__PROMPT_CACHE_DISK_MB": "0"},
+            [str(binary), "serve", "--port", "0", "--model", str(model_dir)],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
         )
         for line in self.proc.stderr:
             m = re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line)
@@ -238,7 +246,8 @@ def main():
             model_dir = Path(tmp) / "demo"
             subprocess.run([PY, "-m", "pensieve_bridge.demo", str(model_dir)], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
-        servers = [Pensieve(model_dir), MlxLm(model_dir)]
+        other = Pensieve(model_dir, Path(BASELINE), "baseline", BASELINE_BRIDGE) if BASELINE else MlxLm(model_dir)
+        servers = [Pensieve(model_dir), other]
         results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": []}
                    for s in servers}
         try:
@@ -262,10 +271,10 @@ def main():
                 s.proc.terminate()
                 s.proc.wait()
     med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in results.items()}
-    p, m = med["pensieve"], med["mlx-lm"]
+    p, m = med["pensieve"], med[other.name]
     print(f"model {model_dir.name}, {ROUNDS} alternating rounds, medians; "
           f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}")
-    print(f"{'':34}{'pensieve':>12}{'mlx-lm':>12}{'ratio':>9}")
+    print(f"{'':34}{'pensieve':>12}{other.name:>12}{'ratio':>9}")
     rows = [
         (f"single stream, tokens/s ({TOKENS} tok)", "single", "{:12.0f}"),
         (f"{STREAMS} streams, aggregate tokens/s", "concurrent", "{:12.0f}"),
@@ -276,7 +285,7 @@ def main():
         print(f"{label:34}{fmt.format(p[key])}{fmt.format(m[key])}{p[key] / m[key]:9.2f}")
     print(f"{'warm / cold':34}{p['warm'] / p['cold']:12.3f}{m['warm'] / m['cold']:12.3f}")
     print(f"(agent system prompt: {AGENT_CHARS} characters; output tokens per single request: "
-          f"pensieve {p['tokens']:.0f}, mlx-lm {m['tokens']:.0f})")
+          f"pensieve {p['tokens']:.0f}, {other.name} {m['tokens']:.0f})")
 
 
 if __name__ == "__main__":

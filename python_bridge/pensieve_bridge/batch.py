@@ -137,7 +137,7 @@ class Batcher:
         tokens = self._reading.pop(chat_json, None) or engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
-            return AddResult(Added.TOO_LONG, 0, n, 0, "")
+            return AddResult(Added.TOO_LONG, 0, n, 0, "", "")
         on_disk = None
         if self._disk is not None:
             hit = self._disk.lookup(tokens, lambda: self._cache.covered(tokens))
@@ -147,14 +147,14 @@ class Batcher:
                     self._reading[chat_json] = tokens
                     while len(self._reading) > MAX_READING:  # requests that left while waiting
                         del self._reading[next(iter(self._reading))]
-                    return AddResult(Added.READING, 0, n, 0, "")
+                    return AddResult(Added.READING, 0, n, 0, "", "")
         processors = None
         constraint = params.constraint or {}
         if constraint:
             try:
                 processor = self._grammars.compile(constraint, chat.get("tools"))
             except ConstraintError as e:
-                return AddResult(Added.REFUSED, 0, n, 0, str(e))
+                return AddResult(Added.REFUSED, 0, n, 0, e.problem, e.field)
             if processor is None:
                 log.warning("strict tools are not enforced: this model's tool calls are not JSON between special tokens")
             else:
@@ -203,7 +203,7 @@ class Batcher:
         del cache
         self._running[uid] = running
         self._fit_cache()
-        return AddResult(Added.STARTED, uid, n, cached, "")
+        return AddResult(Added.STARTED, uid, n, cached, "", "")
 
     def _prepare(self, running: Running, tokens: list[int], max_tokens: int) -> tuple[Running, int]:
         """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""

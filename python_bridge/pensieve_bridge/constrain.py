@@ -44,7 +44,13 @@ GUIDANCE = {"whitespace_flexible": False}
 
 
 class ConstraintError(ValueError):
-    """The constraint cannot be used; the message names the part (a 400 for the client)."""
+    """The constraint cannot be used (a 400 for the client): ``field`` is the request field at
+    fault, ``problem`` what is wrong with it."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 class Grammars:
@@ -78,18 +84,18 @@ class Grammars:
             where = constraint.get("field") or "output_config.format.schema"
             schema = constraint.get("schema")
             if not isinstance(schema, dict):
-                raise ConstraintError(f"{where}: must be a JSON schema object")
+                raise ConstraintError(where, "must be a JSON schema object")
             schema = dict(schema)
         elif kind == "tool":
             where = "tools"
             schema = tool_call_schema(constraint.get("names") or [], tools or [])
         else:
-            raise ConstraintError(f"unknown constraint type {kind!r}")
+            raise ConstraintError("constraint", f"unknown constraint type {kind!r}")
         schema["x-guidance"] = {**GUIDANCE, **(schema.get("x-guidance") or {})}
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema)
         except Exception as e:  # llguidance raises ValueError/RuntimeError with its reason
-            raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {e}") from None
+            raise ConstraintError(where, f"the schema cannot be used for constrained decoding: {e}") from None
         return self._matcher(grammar, where)
 
     def _matcher(self, grammar: str, where: str) -> "Constraint":
@@ -98,10 +104,10 @@ class Grammars:
         llt = self._lltokenizer()
         error = LLMatcher.validate_grammar(grammar, llt)
         if error:
-            raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {error}")
+            raise ConstraintError(where, f"the schema cannot be used for constrained decoding: {error}")
         matcher = LLMatcher(llt, grammar)
         if matcher.is_error():
-            raise ConstraintError(f"{where}: the schema cannot be used for constrained decoding: {matcher.get_error()}")
+            raise ConstraintError(where, f"the schema cannot be used for constrained decoding: {matcher.get_error()}")
         return Constraint(matcher, llt.vocab_size)
 
     def _strict_tools(self, strict: set, tools: list) -> Optional[str]:
@@ -147,7 +153,7 @@ class Grammars:
         try:
             return LLMatcher.grammar_from_lark(lark)
         except Exception as e:
-            raise ConstraintError(f"tools: a strict tool's schema cannot be used for constrained decoding: {e}") from None
+            raise ConstraintError("tools", f"a strict tool's schema cannot be used for constrained decoding: {e}") from None
 
 
 def tool_call_schema(names: list[str], tools: list) -> dict:
@@ -158,7 +164,7 @@ def tool_call_schema(names: list[str], tools: list) -> dict:
     for name in names:
         fn = by_name.get(name)
         if fn is None:
-            raise ConstraintError(f"tool_choice: no tool named {name!r} in tools")
+            raise ConstraintError("tool_choice", f"no tool named {name!r} in tools")
         options.append(
             {
                 "type": "object",
@@ -168,7 +174,7 @@ def tool_call_schema(names: list[str], tools: list) -> dict:
             }
         )
     if not options:
-        raise ConstraintError("tool_choice: requires tools")
+        raise ConstraintError("tool_choice", "requires tools")
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 

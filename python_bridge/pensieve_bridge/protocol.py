@@ -110,6 +110,8 @@ class AddResult(NamedTuple):
     cached_tokens: int
     #: Why it was refused (with :attr:`Added.REFUSED`), else "".
     message: str
+    #: The request field it was refused for (with :attr:`Added.REFUSED`), else "".
+    field: str
 
 
 class Out(NamedTuple):

@@ -37,12 +37,12 @@ def add(batcher, chat_json, params_json, context_length=0):
     again while its prompt's cache is read from disk, as the server's loop does."""
     params_json = full(params_json)
     while True:
-        added, uid, n, cached, _ = batcher.add(chat_json, params_json, context_length)
-        if added != 3:  # Added.READING
+        r = batcher.add(chat_json, params_json, context_length)
+        if r.code != protocol.Added.READING:
             break
         time.sleep(0.001)
-    assert added == 0, "the prompt was refused as too long"
-    return uid, n, cached
+    assert r.code == protocol.Added.STARTED, f"the request did not start: {r}"
+    return r.uid, r.input_tokens, r.cached_tokens
 
 
 def reference_generate(engine, tokens, params_json):

@@ -108,11 +108,11 @@ def test_a_constrained_request_leaves_the_others_in_its_batch_untouched(engine):
 def test_a_schema_the_engine_cannot_use_is_refused_naming_the_field(engine):
     b = Batcher(engine, 4, 0)
     bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}
-    added, _, _, _, message = b.add(chat("x"), full(params({"type": "json_schema", "schema": bad})), 0)
-    assert added == Added.REFUSED
-    assert message.startswith("output_config.format.schema: ") and "missing" in message
-    added, _, _, _, message = b.add(chat("x", TOOLS), full(params({"type": "tool", "names": ["nope"]})), 0)
-    assert added == Added.REFUSED and "nope" in message
+    r = b.add(chat("x"), full(params({"type": "json_schema", "schema": bad})), 0)
+    assert r.code == Added.REFUSED
+    assert r.field == "output_config.format.schema" and "missing" in r.message
+    r = b.add(chat("x", TOOLS), full(params({"type": "tool", "names": ["nope"]})), 0)
+    assert r.code == Added.REFUSED and r.field == "tool_choice" and "nope" in r.message
     assert running(b) == 0
 
 

@@ -28,6 +28,6 @@ def test_a_missing_or_unknown_field_is_named():
 
 
 def test_records_are_tuples_here_and_named_for_rust():
-    r = protocol.AddResult(protocol.Added.STARTED, 3, 10, 4, "")
+    r = protocol.AddResult(protocol.Added.STARTED, 3, 10, 4, "", "")
     code, uid, *_ = r
     assert (code, uid, r.cached_tokens) == (0, 3, 4)

@@ -28,6 +28,7 @@ impl From<BackendError> for ApiError {
             } => ApiError::new(ErrorKind::Overloaded, message).retry_after(retry_after_secs),
             BackendError::Generation(msg) => ApiError::new(ErrorKind::Api, format!("generation failed: {msg}")),
             BackendError::InvalidRequest(msg) => ApiError::invalid(msg),
+            BackendError::Refused { field, problem } => ApiError::invalid_field(field, problem),
             BackendError::Stopped => ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5),
             e @ BackendError::UnknownModel { .. } => ApiError::new(ErrorKind::NotFound, e.to_string()).param("model"),
             BackendError::LoadRefused {

@@ -258,6 +258,15 @@ pub enum BackendError {
     /// The request cannot run on this model (for example, the template refused it).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A field of the request cannot be used on this model (a schema the grammar engine cannot
+    /// compile, a forced tool that does not exist).
+    #[error("{field}: {problem}")]
+    Refused {
+        /// The request field at fault (OpenAI's `param`).
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The generation failed in the backend (Python raised, or the bridge failed).
     #[error("{0}")]
     Generation(BridgeError),

@@ -104,6 +104,7 @@ pub fn to_backend(
                          or evicted); send the whole input"
                     ),
                 )
+                .param("previous_response_id")
             })?
             .as_ref()
             .clone(),

@@ -53,7 +53,9 @@ pub(crate) enum Added {
     },
     /// Not started: its constraint (a schema, a forced tool) cannot be used.
     Refused {
-        /// Why, naming the field.
+        /// The request field at fault.
+        field: String,
+        /// What is wrong with it.
         message: String,
     },
     /// Not started yet: its prompt's cache is being read from disk, off the loop; add it again.
@@ -187,9 +189,14 @@ impl Finish {
 }
 
 impl Added {
-    /// From Python's `(code, uid, input_tokens, cached_tokens, message)`.
+    /// From the fields of Python's `AddResult`.
     pub fn decode(
-        (code, uid, input_tokens, cached_tokens, message): (u8, u64, u32, u32, String),
+        code: u8,
+        uid: u64,
+        input_tokens: u32,
+        cached_tokens: u32,
+        field: String,
+        message: String,
     ) -> Result<Added, BridgeError> {
         Ok(match code {
             0 => Added::Started {
@@ -198,7 +205,7 @@ impl Added {
                 cached_tokens,
             },
             1 => Added::TooLong { input_tokens },
-            2 => Added::Refused { message },
+            2 => Added::Refused { field, message },
             3 => Added::Reading,
             other => return Err(BridgeError::Protocol(format!("unknown add code {other}"))),
         })
@@ -214,19 +221,20 @@ mod tests {
         assert_eq!(Piece::decode(2, "{}".into()), Ok(Piece::Tool("{}".into())));
         assert_eq!(Finish::decode(1), Ok(Finish::Length));
         assert_eq!(
-            Added::decode((1, 0, 99, 0, String::new())),
+            Added::decode(1, 0, 99, 0, String::new(), String::new()),
             Ok(Added::TooLong { input_tokens: 99 })
         );
         assert_eq!(
-            Added::decode((2, 0, 9, 0, "tools: no".into())),
+            Added::decode(2, 0, 9, 0, "tools".into(), "no".into()),
             Ok(Added::Refused {
-                message: "tools: no".into()
+                field: "tools".into(),
+                message: "no".into()
             })
         );
         assert_eq!(
             Piece::decode(9, String::new()),
             Err(BridgeError::Protocol("unknown piece code 9".into()))
         );
-        assert!(Finish::decode(7).is_err() && Added::decode((5, 0, 0, 0, String::new())).is_err());
+        assert!(Finish::decode(7).is_err() && Added::decode(5, 0, 0, 0, String::new(), String::new()).is_err());
     }
 }

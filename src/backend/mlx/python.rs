@@ -71,6 +71,7 @@ record! {
         input_tokens: u32,
         cached_tokens: u32,
         message: String,
+        field: String,
     }
 }
 
@@ -313,7 +314,7 @@ impl Batcher for PyBatcher {
             b.call_method1("add", (chat, params, context_length))?
                 .extract::<AddResult>()
         })?;
-        Added::decode((r.code, r.uid, r.input_tokens, r.cached_tokens, r.message))
+        Added::decode(r.code, r.uid, r.input_tokens, r.cached_tokens, r.field, r.message)
     }
 
     fn step(&mut self) -> Result<Vec<Stepped>, BridgeError> {
@@ -532,7 +533,8 @@ mod tests {
         bad.constraint = Some(Constraint::Tool {
             names: vec!["nope".into()],
         });
-        assert!(matches!(b.add(&bad, 0).unwrap(), Added::Refused { message } if message.contains("nope")));
+        assert!(matches!(b.add(&bad, 0).unwrap(),
+            Added::Refused { field, message } if field == "tool_choice" && message.contains("nope")));
         // A generation that fails in Python: an error piece and an error finish, the batch goes on.
         let Added::Started { uid, .. } = b.add(&request("PLEASE-FAIL now", 16), 0).unwrap() else {
             panic!("not started")

@@ -230,7 +230,12 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 input_tokens,
                 cached_tokens,
             })) => (uid, input_tokens, cached_tokens),
-            Ok(Ok(Added::Refused { message })) => return fail(BackendError::InvalidRequest(message)),
+            Ok(Ok(Added::Refused { field, message })) => {
+                return fail(BackendError::Refused {
+                    field,
+                    problem: message,
+                })
+            }
             Ok(Ok(Added::Reading)) => {
                 // Its place is kept: it is added again at the next round.
                 drop(_enter);
