@@ -44,6 +44,34 @@ pub struct Chat {
     pub continue_final: bool,
 }
 
+impl GenerateRequest {
+    /// One user message for `model`, greedy, no stop sequence, no constraint (for tests).
+    #[cfg(test)]
+    pub(crate) fn user(model: &str, content: &str, max_tokens: u32) -> GenerateRequest {
+        GenerateRequest {
+            model: model.into(),
+            chat: Chat {
+                messages: vec![ChatMessage {
+                    role: "user",
+                    content: content.into(),
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                }],
+                tools: None,
+                continue_final: false,
+            },
+            sampling: Sampling {
+                max_tokens,
+                temperature: 0.0,
+                top_p: None,
+                top_k: None,
+            },
+            stop_sequences: vec![],
+            constraint: None,
+        }
+    }
+}
+
 /// Sampling settings.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Sampling {

@@ -417,7 +417,6 @@ fn python_error(py: Python<'_>, e: &PyErr) -> BridgeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{ChatMessage, Sampling};
     use crate::config::Config;
 
     const GOLDEN: &str = include_str!("../../../python_bridge/pensieve_bridge/protocol.json");
@@ -428,25 +427,8 @@ mod tests {
 
     fn request(content: &str, max_tokens: u32) -> GenerateRequest {
         GenerateRequest {
-            model: "scripted:demo".into(),
-            chat: Chat {
-                messages: vec![ChatMessage {
-                    role: "user",
-                    content: content.into(),
-                    tool_calls: vec![],
-                    tool_call_id: None,
-                }],
-                tools: None,
-                continue_final: false,
-            },
-            sampling: Sampling {
-                max_tokens,
-                temperature: 0.0,
-                top_p: None,
-                top_k: None,
-            },
             stop_sequences: vec!["\n\nUser:".into()],
-            constraint: None,
+            ..GenerateRequest::user("scripted:demo", content, max_tokens)
         }
     }
 

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped};
 use super::super::MlxBackend;
-use crate::backend::{
-    Backend, BackendError, BridgeError, Chat, ChatMessage, Event, GenerateRequest, Generation, Sampling, StopReason,
-};
+use crate::backend::{Backend, BackendError, BridgeError, Chat, Event, GenerateRequest, Generation, StopReason};
 use crate::config::{BackendConfig, Config, ModelSpec};
 use crate::memory::{Gate, MemorySnapshot, SnapshotHandle, Source, Thresholds, Tier, GIB};
 
@@ -242,27 +240,7 @@ fn memory(tier: Tier, gb: f64) -> MemorySnapshot {
 }
 
 fn request(content: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        model: "fake".into(),
-        chat: Chat {
-            messages: vec![ChatMessage {
-                role: "user",
-                content: content.into(),
-                tool_calls: vec![],
-                tool_call_id: None,
-            }],
-            tools: None,
-            continue_final: false,
-        },
-        sampling: Sampling {
-            max_tokens,
-            temperature: 0.0,
-            top_p: None,
-            top_k: None,
-        },
-        stop_sequences: vec![],
-        constraint: None,
-    }
+    GenerateRequest::user("fake", content, max_tokens)
 }
 
 impl Harness {
