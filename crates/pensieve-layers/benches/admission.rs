@@ -1,16 +1,17 @@
 //! The admission decision on the request path, against a per-request `sysinfo` refresh
 //! (what the project that inspired pensieve did, twice per request), side by side.
 //!
-//! Run with `make bench` or `cargo bench --bench admission`.
+//! Run with `make bench` or `cargo bench -p pensieve-layers --bench admission`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{Request, Response};
-use pensieve_layers::config::MemoryConfig;
+use pensieve_layers::config::{GuardConfig, MemoryConfig};
 use pensieve_layers::layers::AdmissionLayer;
 use pensieve_layers::memory::{Gate, MemoryProbe, MemorySnapshot, Sampler, SnapshotHandle, SystemProbe, Thresholds};
+use pensieve_layers::stack::{Body, Stack};
 use tower::{Layer, Service, ServiceExt};
 
 fn admission(c: &mut Criterion) {
@@ -53,5 +54,42 @@ fn admission(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, admission);
+/// The whole `/v1` stack (every layer on, metrics, no policy) around a no-op service: what a
+/// request pays before the handler, admitted; and a refusal rendered in OpenAI's shape.
+fn stack(c: &mut Criterion) {
+    let thresholds = Thresholds::from_config(&MemoryConfig::default());
+    let snapshot = |gb: u64| {
+        SnapshotHandle::new(MemorySnapshot {
+            tier: thresholds.raw(gb << 30),
+            available_bytes: gb << 30,
+            total_bytes: 16 << 30,
+            ..MemorySnapshot::unknown()
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let config = GuardConfig::default();
+    let ok = |_r: Request<Body>| async { Ok::<_, Infallible>(Response::new(Body::from("ok"))) };
+    let mut group = c.benchmark_group("stack");
+    for (label, gb, path) in [
+        ("admit", 8, "/v1/messages"),
+        ("refuse_openai", 0, "/v1/chat/completions"),
+    ] {
+        let stack = Stack::new(&config, Gate::new(snapshot(gb), thresholds, 5)).metrics(Default::default());
+        let svc = stack.layer(tower::service_fn(ok));
+        group.bench_function(BenchmarkId::new("whole", label), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let req = Request::post(path)
+                        .header("content-type", "application/json")
+                        .body(Body::from(r#"{"model":"m","max_tokens":8,"messages":[]}"#))
+                        .unwrap();
+                    black_box(svc.clone().oneshot(req).await.unwrap().status())
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, admission, stack);
 criterion_main!(benches);

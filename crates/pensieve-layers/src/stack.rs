@@ -205,8 +205,10 @@ where
         if on.logging {
             svc = stage(LoggingLayer.layer(svc));
         }
-        svc = stage(ErrorShapeLayer.layer(svc));
-        V1(stage(SetRequestIdLayer::new(REQUEST_ID, MakeRequestId).layer(svc)))
+        // One stage with the request ids (no box of its own: it is on every request's path).
+        V1(stage(
+            SetRequestIdLayer::new(REQUEST_ID, MakeRequestId).layer(ErrorShapeLayer.layer(svc)),
+        ))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Error shape: an error response (one that carries its [`ApiError`]) is rendered in the wire
 //! shape of the route's API ([`Dialect::of_path`]): OpenAI's on `/v1/chat/completions` and
 //! `/v1/responses`, Anthropic's elsewhere. Whoever refused (a layer, the handler) built the
-//! error without knowing the route. Status, `retry-after` and other headers stay.
+//! error without knowing the route. Status, `retry-after` and other headers stay; the body
+//! carries the response's `request-id` (the stack propagates it), read only when rendering, so
+//! that a request that succeeds pays no allocation here.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,11 +49,9 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let dialect = Dialect::of_path(req.uri().path());
-        let id = request_id(req.headers()).map(str::to_owned);
         ResponseFuture {
             future: self.inner.call(req),
             dialect,
-            id,
         }
     }
 }
@@ -62,7 +62,6 @@ pin_project! {
         #[pin]
         future: F,
         dialect: Dialect,
-        id: Option<String>,
     }
 }
 
@@ -79,7 +78,7 @@ where
         // Errors are built in Anthropic's shape: only another dialect is rendered again.
         if *this.dialect != Dialect::Anthropic {
             if let Some(e) = res.extensions().get::<ApiError>() {
-                let body = e.body_in(*this.dialect, this.id.as_deref());
+                let body = e.body_in(*this.dialect, request_id(res.headers()));
                 let h = res.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 h.remove(header::CONTENT_LENGTH);
@@ -98,20 +97,16 @@ mod tests {
 
     async fn refused(path: &str) -> serde_json::Value {
         let svc = ErrorShapeLayer.layer(tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(
-                ApiError::new(ErrorKind::Overloaded, "memory is Critical")
-                    .retry_after(5)
-                    .to_response::<Bytes>(Some("req_1")),
-            )
+            // As the stack answers: the request id propagated onto the response.
+            let mut res = ApiError::new(ErrorKind::Overloaded, "memory is Critical")
+                .retry_after(5)
+                .to_response::<Bytes>(Some("req_1"));
+            res.headers_mut()
+                .insert(crate::wire::REQUEST_ID, http::HeaderValue::from_static("req_1"));
+            Ok::<_, std::convert::Infallible>(res)
         }));
         let res = svc
-            .oneshot(
-                Request::builder()
-                    .uri(path)
-                    .header("request-id", "req_1")
-                    .body(())
-                    .unwrap(),
-            )
+            .oneshot(Request::builder().uri(path).body(()).unwrap())
             .await
             .unwrap();
         assert_eq!(res.status(), 503);
