@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::backend::PromptCacheDisk;
-pub use pensieve_layers::metrics::{route_of, Metrics as HttpMetrics};
+pub use pensieve_layers::metrics::Metrics as HttpMetrics;
 
 /// A model.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,12 +152,6 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new(Arc::default())
-    }
-}
-
 impl Metrics {
     /// The backend's metrics, added to the registry of the layers' `http` metrics.
     pub fn new(http: Arc<HttpMetrics>) -> Self {
@@ -255,11 +249,6 @@ impl Metrics {
             );
         });
         m
-    }
-
-    /// The layers' metrics (what the stack's metrics layer counts into).
-    pub fn http(&self) -> &Arc<HttpMetrics> {
-        &self.http
     }
 
     /// Counts a started generation's prompt and what of it came from the prompt cache.

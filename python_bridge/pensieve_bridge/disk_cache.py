@@ -532,20 +532,10 @@ class DiskTier:
         pending = self.poll()
         with self._lock:
             return DiskStats(
-                folder=str(self.folder),
-                off_reason=self.off or "",
-                entries=len(self._index),
-                bytes=self._bytes,
-                max_bytes=self.max_bytes,
-                pending_bytes=pending,
-                hits=self.hits,
-                hit_tokens=self.hit_tokens,
-                spills=self.spills,
-                spilled_bytes=self.spilled_bytes,
-                writes=self.writes,
-                removed=self.removed,
-                read_seconds=self.read_seconds,
-                write_seconds=self.write_seconds,
+                folder=str(self.folder), off_reason=self.off or "", entries=len(self._index), bytes=self._bytes,
+                max_bytes=self.max_bytes, pending_bytes=pending, hits=self.hits, hit_tokens=self.hit_tokens,
+                spills=self.spills, spilled_bytes=self.spilled_bytes, writes=self.writes, removed=self.removed,
+                read_seconds=self.read_seconds, write_seconds=self.write_seconds,
             )
 
 

@@ -136,6 +136,30 @@ impl Slot {
             warning,
         )
     }
+
+    /// At start-up, for a model to preload: says what it will take, and refuses it when it
+    /// does not fit, unless `force` (`--force`, `backend.force_load`).
+    fn check_at_start(&self, kv_context_tokens: u64, force: bool, gate: &Gate) -> Result<(), estimate::NoFit> {
+        let Some(estimate) = &self.estimate else {
+            return Ok(());
+        };
+        let snapshot = gate.snapshot().load();
+        let spec = &self.spec;
+        tracing::info!(
+            weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
+            model = %spec.name,
+            with_kv_gb = estimate.total(spec.max_concurrent as u64, kv_context_tokens) as f64 / crate::memory::GIB,
+            available_gb = snapshot.available_gb(),
+            "model size estimated from its headers"
+        );
+        match self.fits(kv_context_tokens, snapshot.available_bytes, gate.thresholds().warning) {
+            Err(e) if force => {
+                tracing::warn!("{e} — loading anyway: backend.force_load is set");
+                Ok(())
+            }
+            other => other,
+        }
+    }
 }
 
 /// Why the backend could not start; each says what to do.
@@ -165,32 +189,6 @@ pub enum StartError {
     /// The backend thread could not start, or died while loading.
     #[error("the backend thread could not run: {0}")]
     Thread(String),
-}
-
-impl Slot {
-    /// At start-up, for a model to preload: says what it will take, and refuses it when it
-    /// does not fit, unless `force` (`--force`, `backend.force_load`).
-    fn check_at_start(&self, kv_context_tokens: u64, force: bool, gate: &Gate) -> Result<(), estimate::NoFit> {
-        let Some(estimate) = &self.estimate else {
-            return Ok(());
-        };
-        let snapshot = gate.snapshot().load();
-        let spec = &self.spec;
-        tracing::info!(
-            weights_gb = estimate.weight_bytes as f64 / crate::memory::GIB,
-            model = %spec.name,
-            with_kv_gb = estimate.total(spec.max_concurrent as u64, kv_context_tokens) as f64 / crate::memory::GIB,
-            available_gb = snapshot.available_gb(),
-            "model size estimated from its headers"
-        );
-        match self.fits(kv_context_tokens, snapshot.available_bytes, gate.thresholds().warning) {
-            Err(e) if force => {
-                tracing::warn!("{e} — loading anyway: backend.force_load is set");
-                Ok(())
-            }
-            other => other,
-        }
-    }
 }
 
 /// What the thread publishes of one model and the API reads.

@@ -24,8 +24,7 @@ use tower::{Layer, Service};
 
 use super::{memory_headers, ResponseBody, ResponseFuture};
 use crate::memory::{Gate, Tier};
-use crate::wire::request_id;
-use crate::wire::ApiError;
+use crate::wire::{request_id, ApiError};
 
 /// Applies [`Admission`] to a service.
 #[derive(Clone, Debug)]

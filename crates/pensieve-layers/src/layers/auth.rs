@@ -8,8 +8,7 @@ use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
 use super::{ResponseBody, ResponseFuture};
-use crate::wire::{request_id, X_API_KEY};
-use crate::wire::{ApiError, ErrorKind};
+use crate::wire::{request_id, ApiError, ErrorKind, X_API_KEY};
 
 /// Applies [`ApiKey`] to a service. With no keys, every request passes.
 #[derive(Clone)]

@@ -17,8 +17,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{field::Empty, Span};
 
-use crate::wire::request_id;
-use crate::wire::ApiError;
+use crate::wire::{request_id, ApiError};
 
 /// Applies [`Logging`] to a service.
 #[derive(Clone, Copy, Debug, Default)]
