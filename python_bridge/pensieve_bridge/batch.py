@@ -36,7 +36,8 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from . import disk_cache
+from . import disk_cache, tool_format
+from .calls import GenericOutput
 from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache, own
@@ -150,9 +151,13 @@ class Batcher:
                     return AddResult(Added.READING, 0, n, 0, "", "")
         processors = None
         constraint = params.constraint or {}
+        generic = bool(chat.get("tools")) and engine.tool_format == tool_format.GENERIC
+        if generic and constraint.get("type") in (None, "strict_tools"):
+            # Tools in the generic format: the answer is held to a call or a reply.
+            constraint = {"type": "generic"}
         if constraint:
             try:
-                processor = self._grammars.compile(constraint, chat.get("tools"))
+                processor = self._grammars.compile(constraint, chat.get("tools"), generic)
             except ConstraintError as e:
                 return AddResult(Added.REFUSED, 0, n, 0, e.problem, e.field)
             if processor is None:
@@ -165,10 +170,12 @@ class Batcher:
         )
         running, max_tokens = self._prepare(running, tokens, int(params.max_tokens))
         running.tokens = n
-        if processors is not None and constraint["type"] in ("tool", "json_schema"):
+        if generic and constraint["type"] in ("tool", "generic"):
+            running.splitter = GenericOutput(constraint.get("names"))
+        elif processors is not None and constraint["type"] in ("tool", "json_schema"):
             # A strict-tools answer is free text with calls in the model's markers: the usual
             # splitter reads it.
-            running.splitter = ConstrainedOutput(call=constraint["type"] == "tool")
+            running.splitter = ConstrainedOutput(call=constraint["type"] == "tool", names=constraint.get("names"))
         cache, rest = None, tokens
         if on_disk is not None:
             cache, rest = on_disk, tokens[hit.covered :]

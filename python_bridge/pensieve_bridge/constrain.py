@@ -37,7 +37,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .protocol import Finish, Piece
+from . import tool_format
+from .calls import CallStream
+from .protocol import Piece
 
 #: llguidance's options for every schema: compact JSON (no whitespace a model could loop on).
 GUIDANCE = {"whitespace_flexible": False}
@@ -68,13 +70,21 @@ class Grammars:
             self._llt = llguidance.hf.from_tokenizer(hf)
         return self._llt
 
-    def compile(self, constraint: dict, tools: Optional[list]) -> Optional["Constraint"]:
+    def compile(self, constraint: dict, tools: Optional[list], generic: bool = False) -> Optional["Constraint"]:
         """The logits processor for ``constraint``; :class:`ConstraintError` when it cannot be
         used, with the field and llguidance's reason; ``None`` for strict tools on a model whose
-        tool-call format cannot be constrained."""
+        tool-call format cannot be constrained. With ``generic`` (the model uses the generic
+        tool format, :mod:`~pensieve_bridge.tool_format`), a forced call is written in that
+        format, and the ``generic`` constraint holds a free answer to it."""
         from llguidance import LLMatcher
 
         kind = constraint.get("type")
+        if generic and kind in ("tool", "generic"):
+            forced = kind == "tool"
+            names = constraint.get("names") if forced else [(t.get("function") or {}).get("name") for t in tools or []]
+            where = "tools"
+            schema = tool_format.answer_schema(tool_call_schema(names or [], tools or []), forced)
+            kind = "generic"
         if kind == "strict_tools":
             grammar = self._strict_tools(set(constraint.get("strict") or []), tools or [])
             if grammar is None:
@@ -85,7 +95,9 @@ class Grammars:
             schema = constraint.get("schema")
             if not isinstance(schema, dict):
                 raise ConstraintError(where, "must be a JSON schema object")
-            schema = dict(schema)
+            schema = closed(schema)
+        elif kind == "generic":
+            pass
         elif kind == "tool":
             where = "tools"
             schema = tool_call_schema(constraint.get("names") or [], tools or [])
@@ -131,7 +143,7 @@ class Grammars:
         for t in tools:
             fn = t.get("function") or {}
             name = fn.get("name")
-            arguments = (fn.get("parameters") or {"type": "object"}) if name in strict else {"type": "object"}
+            arguments = closed(fn.get("parameters") or {"type": "object"}) if name in strict else {"type": "object"}
             options.append(
                 {
                     "type": "object",
@@ -156,6 +168,39 @@ class Grammars:
             raise ConstraintError("tools", f"a strict tool's schema cannot be used for constrained decoding: {e}") from None
 
 
+#: Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+SCHEMAS = ("anyOf", "oneOf", "allOf", "prefixItems")
+NAMED_SCHEMAS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+
+def closed(schema):
+    """``schema`` with every object that lists its ``properties`` closed to others
+    (``additionalProperties: false``) unless it says otherwise, as OpenAI's strict mode reads a
+    schema: the grammar then never invents a key, nor writes one twice (an open object admits
+    any key, the same one again too, and a small model loops on that until ``max_tokens``).
+    Returns a copy; the schema given is not changed."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ONE_SCHEMA or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = closed(value)
+        elif key in SCHEMAS and isinstance(value, list):
+            out[key] = [closed(s) for s in value]
+        elif key in NAMED_SCHEMAS and isinstance(value, dict):
+            out[key] = {name: closed(s) for name, s in value.items()}
+        else:
+            out[key] = value
+    if isinstance(schema.get("properties"), dict) and not any(
+        k in schema for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_call_schema(names: list[str], tools: list) -> dict:
     """The schema of one call to one of ``names``: ``{"name": <const>, "arguments": <its
     input_schema>}`` for each, any one of them."""
@@ -168,7 +213,7 @@ def tool_call_schema(names: list[str], tools: list) -> dict:
         options.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "arguments": fn.get("parameters") or {"type": "object"}},
+                "properties": {"name": {"const": name}, "arguments": closed(fn.get("parameters") or {"type": "object"})},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
@@ -212,26 +257,24 @@ class Constraint:
 
 class ConstrainedOutput:
     """In place of the response splitter for a constrained generation: JSON text streams as
-    text; a forced call is held until it is complete, then given as one tool call."""
+    text; a forced call streams as a call (:class:`~pensieve_bridge.calls.CallStream`: its name,
+    then its arguments as they come, then the whole call), and a call cut short (``max_tokens``)
+    is still a call, its arguments completed."""
 
-    def __init__(self, call: bool):
-        self._call = call
-        self._text = ""
+    def __init__(self, call: bool, names: Optional[list] = None):
+        self._call = CallStream() if call else None
+        self._names = names or []
         self.made_tool_call = False
 
     def feed(self, text: str, finish=None) -> list[tuple[Piece, str]]:
-        if not self._call:
+        if self._call is None:
             return [(Piece.TEXT, text)] if text else []
-        self._text += text
-        if finish is None:
-            return []
-        if finish == Finish.STOP:
-            try:
-                call = json.loads(self._text)
-            except ValueError:
-                call = None
-            if isinstance(call, dict) and "name" in call:
+        out = self._call.feed(text) if text else []
+        if finish is not None:
+            call = self._call.finish(self._names)
+            # A call cut before its name could be told (max_tokens of a few tokens) leaves
+            # nothing: what was written is the grammar's scaffolding, not an answer.
+            if call is not None:
                 self.made_tool_call = True
-                return [(Piece.TOOL, json.dumps({"name": call["name"], "arguments": call.get("arguments", {})}))]
-        # Cut short (max_tokens, a stop sequence): what was generated, as text.
-        return [(Piece.TEXT, self._text)] if self._text else []
+                out.append(call)
+        return out

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
-from . import blas, demo, disk_cache, gguf
+from . import blas, demo, disk_cache, gguf, tool_format
 from .protocol import MemoryCounters
 
 #: A model id starting with this is served by the test batcher of
@@ -66,6 +66,9 @@ class Engine:
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
         self._float32_on_cpu(cpu_float32_budget)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        #: How the model is shown tools and writes calls (:mod:`~pensieve_bridge.tool_format`).
+        self.tool_format = tool_format.NATIVE
+        self.tool_format = tool_format.detect(self.tokenizer, self.render_chat)
         self.identity = self._identity(gguf_file)
         self.clear_cache()
 
@@ -112,7 +115,7 @@ class Engine:
     def describe(self) -> str:
         notes = "".join(f"; {n}" for n in self.notes)
         return (
-            f"model {self.model_id} from {self.path}; python {sys.version.split()[0]}; "
+            f"model {self.model_id} from {self.path}; tools in the {self.tool_format} format; python {sys.version.split()[0]}; "
             f"mlx {mx.__version__}; context {self.context_length}; {blas.chosen() or 'reference BLAS'}{notes}"
         )
 
@@ -124,7 +127,9 @@ class Engine:
         """The prompt's tokens. With ``continue_final`` the last (assistant) message is left
         open, so that the reply continues it (a prefill); otherwise a new assistant turn opens."""
         kwargs = {}
-        if chat.get("tools"):
+        if chat.get("tools") and self.tool_format == tool_format.GENERIC:
+            chat = tool_format.rewrite(chat)
+        elif chat.get("tools"):
             kwargs["tools"] = chat["tools"]
         if chat.get("continue_final"):
             kwargs["continue_final_message"] = True

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 #: Bumped whenever a code or a record changes.
-VERSION = 2
+VERSION = 3
 
 
 class Piece(IntEnum):
@@ -28,10 +28,16 @@ class Piece(IntEnum):
     TEXT = 0
     #: Reasoning (``<think>…</think>`` or the model family's markers).
     THINKING = 1
-    #: A parsed tool call: the JSON text of ``{"name": ..., "arguments": {...}}``.
+    #: A whole tool call: the JSON text of ``{"name": ..., "arguments": {...}}``. It ends the
+    #: streamed call that :attr:`TOOL_START` began, if one is open.
     TOOL = 2
     #: This generation failed; the payload says why. Its finish is :attr:`Finish.ERROR`.
     ERROR = 3
+    #: A tool call begins (its arguments stream next): the payload is the tool's name.
+    TOOL_START = 4
+    #: The next fragment of the open call's arguments, as JSON text: the fragments joined are
+    #: the arguments' JSON (cut short if the generation was).
+    TOOL_ARGS = 5
 
 
 class Finish(IntEnum):

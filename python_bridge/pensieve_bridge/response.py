@@ -9,9 +9,11 @@ mlx-lm selects for the chat template) turns the text of a call into a name and a
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
+from .calls import CallStream
 from .protocol import Piece
 
 TEXT, THINKING, TOOL = Piece.TEXT, Piece.THINKING, Piece.TOOL
@@ -34,6 +36,9 @@ class ResponseSplitter:
     ``kind`` is a :class:`~pensieve_bridge.protocol.Piece` (text, thinking or tool); a tool payload is the JSON text of
     ``{"name": ..., "arguments": {...}}``, produced once the whole call has been generated.
     A call that the parser cannot read is returned as text, so nothing the model said is lost.
+    A model whose calls are JSON (mlx-lm's ``json_tools`` parser) has them streamed as well:
+    :attr:`Piece.TOOL_START` once the name is written, :attr:`Piece.TOOL_ARGS` as the
+    arguments come (:class:`~pensieve_bridge.calls.CallStream`), then the whole call.
     """
 
     def __init__(self, tokenizer, tools=None, initial="normal"):
@@ -45,6 +50,8 @@ class ResponseSplitter:
         self._tool_text = ""
         self._tool_start = getattr(tokenizer, "tool_call_start", None) or ""
         self._tool_end = getattr(tokenizer, "tool_call_end", None) or ""
+        self._json_calls = self._parser is not None and self._parser.__module__.endswith("json_tools")
+        self._stream: Optional[CallStream] = None
         self.made_tool_call = False
         self._last_kind = None
         self._held = ""
@@ -61,6 +68,9 @@ class ResponseSplitter:
                 out.extend(self._close_tool())
             if state == "tool":
                 self._tool_text += piece
+                if self._json_calls:
+                    self._stream = self._stream or CallStream()
+                    out.extend(self._stream.feed(piece))
             elif piece:
                 kind = THINKING if state == "reasoning" else TEXT
                 if kind != self._last_kind:
@@ -86,7 +96,7 @@ class ResponseSplitter:
                 if body:
                     out.append((TEXT, body))
                 continue
-            if kind == TOOL:
+            if kind in (TOOL, Piece.TOOL_START, Piece.TOOL_ARGS):
                 self._held = ""
             elif self._held:
                 out.append((TEXT, self._held))
@@ -99,6 +109,7 @@ class ResponseSplitter:
 
     def _close_tool(self) -> list[tuple[Piece, str]]:
         raw, self._tool_text = self._tool_text, ""
+        stream, self._stream = self._stream, None
         if not raw.strip():
             return []
         try:
@@ -107,6 +118,11 @@ class ResponseSplitter:
             parsed = None
         calls = parsed if isinstance(parsed, list) else [parsed] if parsed else []
         good = [c for c in calls if isinstance(c, dict) and isinstance(c.get("name"), str)]
+        if stream is not None and stream.started and len(good) != 1:
+            # The call has begun streaming: it ends as a call, its arguments completed if cut.
+            self.made_tool_call = True
+            self._last_kind = TOOL
+            return [stream.finish()]
         if not good:
             return [(TEXT, f"{self._tool_start}{raw}{self._tool_end}")]
         self.made_tool_call = True
@@ -127,7 +143,7 @@ def _merge(pieces):
     """Joins neighbouring pieces of the same text kind."""
     out = []
     for kind, payload in pieces:
-        if out and kind != TOOL and out[-1][0] == kind:
+        if out and kind in (TEXT, THINKING) and out[-1][0] == kind:
             out[-1] = (kind, out[-1][1] + payload)
         else:
             out.append((kind, payload))

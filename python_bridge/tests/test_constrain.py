@@ -72,9 +72,7 @@ def test_a_forced_call_is_always_a_valid_call_to_an_allowed_tool(engine):
         uid, _, _ = add(b, chat(f"question {seed}", TOOLS), params({"type": "tool", "names": allowed}))
         out, finishes = run(b)
         assert finishes[uid] == Finish.TOOL_USE, out[uid]
-        [(kind, payload)] = out[uid]
-        assert kind == Piece.TOOL
-        call = json.loads(payload)
+        call = streamed_call(out[uid])
         assert call["name"] in allowed
         jsonschema.validate(call["arguments"], SCHEMAS[call["name"]])
         names.add(call["name"])
@@ -116,13 +114,74 @@ def test_a_schema_the_engine_cannot_use_is_refused_naming_the_field(engine):
     assert running(b) == 0
 
 
-def test_a_call_cut_by_max_tokens_comes_back_as_text(engine):
+def streamed_call(pieces):
+    """The call of a forced generation's pieces, checking how it streamed: its start (the name),
+    argument fragments whose text joined is the arguments, then the whole call, and nothing
+    else."""
+    (start, name), *fragments, (end, whole) = pieces
+    assert start == Piece.TOOL_START and end == Piece.TOOL, pieces
+    assert fragments and all(kind == Piece.TOOL_ARGS for kind, _ in fragments), pieces
+    call = json.loads(whole)
+    assert call["name"] == name
+    assert json.loads("".join(f for _, f in fragments)) == call["arguments"]
+    return call
+
+
+def test_a_call_cut_by_max_tokens_is_still_a_call_its_arguments_completed(engine):
     b = Batcher(engine, 4, 0)
-    uid, _, _ = add(b, chat("weather", TOOLS), params({"type": "tool", "names": ["get_weather"]}, max_tokens=4))
-    out, finishes = run(b)
-    assert finishes[uid] == Finish.LENGTH
-    [(kind, text)] = out[uid]
-    assert kind == Piece.TEXT and text.startswith('{"name":') and len(text) < 30
+    for max_tokens in (2, 12, 24, 34):
+        uid, _, _ = add(b, chat("weather", TOOLS), params({"type": "tool", "names": ["get_weather"]}, max_tokens=max_tokens))
+        out, finishes = run(b)
+        assert finishes[uid] == Finish.LENGTH
+        assert not [p for p in out[uid] if p[0] == Piece.TEXT], out[uid]
+        kind, whole = out[uid][-1]
+        assert kind == Piece.TOOL, out[uid]
+        call = json.loads(whole)
+        assert call["name"] == "get_weather" and isinstance(call["arguments"], dict)
+        written = "".join(p for k, p in out[uid] if k == Piece.TOOL_ARGS)
+        assert all(f'"{key}":' in written for key in call["arguments"]), (written, call)
+        assert max_tokens < 24 or call["arguments"], "what was written of the arguments is kept"
+
+
+
+def object_keys(text):
+    """The keys of every object in the JSON ``text``, as written (a repeated key twice)."""
+    objects = []
+    json.loads(text, object_pairs_hook=lambda pairs: objects.append([k for k, _ in pairs]) or dict(pairs))
+    return objects
+
+
+def test_an_open_schema_is_closed_no_key_invented_none_repeated(engine):
+    """A tool whose schema does not say `additionalProperties` (LangChain's `@tool`, most
+    hand-written tools): the forced call has its listed keys only, each once."""
+    from pensieve_bridge.constrain import closed
+
+    open_schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "note": {"type": "object", "properties": {"x": {"type": "integer"}}}}, "required": ["city"]}
+    shut = closed(open_schema)
+    assert shut["additionalProperties"] is False and shut["properties"]["note"]["additionalProperties"] is False
+    assert "additionalProperties" not in open_schema, "the schema given is not changed"
+    assert closed({"type": "object", "properties": {}, "additionalProperties": True})["additionalProperties"] is True
+    assert closed({"type": "object"}) == {"type": "object"}, "an object without properties stays any object"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": open_schema}}]
+    b = Batcher(engine, 4, 0)
+    for seed in range(12):
+        mx.random.seed(seed)
+        uid, _, _ = add(b, chat(f"weather {seed}", tools), params({"type": "tool", "names": ["get_weather"]}, max_tokens=120))
+        out, finishes = run(b)
+        call = streamed_call(out[uid])
+        args_text = "".join(p for k, p in out[uid] if k == Piece.TOOL_ARGS)
+        assert set(call["arguments"]) <= {"city", "note"} and "city" in call["arguments"], call
+        assert all(len(keys) == len(set(keys)) for keys in object_keys(args_text)), f"a key written twice: {args_text}"
+
+
+def test_a_schema_keeps_its_property_order(engine):
+    """llguidance writes properties in the schema's order: `reasoning` before `answer`."""
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string", "maxLength": 20}, "answer": {"type": "string", "maxLength": 5}}, "required": ["reasoning", "answer"]}
+    b = Batcher(engine, 4, 0)
+    uid, _, _ = add(b, chat("is 17 prime?"), params({"type": "json_schema", "schema": schema}, max_tokens=80))
+    out, _ = run(b)
+    text = "".join(p for _, p in out[uid])
+    assert list(json.loads(text)) == ["reasoning", "answer"], text
 
 
 def test_strict_tools_under_auto_hold_every_call_the_model_makes(engine):

@@ -46,9 +46,19 @@ def test_thinking_text_and_a_json_tool_call_in_any_chunking():
         assert out == [
             (Piece.THINKING, "The user wants weather.\n"),
             (Piece.TEXT, "Let me check."),
+            # The call streams (its name, then its arguments as written), then comes whole.
+            (Piece.TOOL_START, "get_weather"),
+            (Piece.TOOL_ARGS, '{"city": "Oslo", "days": 2}'),
             (Piece.TOOL, json.dumps({"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}})),
         ], (size, out)
         assert s.made_tool_call
+
+
+def test_a_json_call_cut_by_max_tokens_is_still_a_call():
+    s = ResponseSplitter(fake_tokenizer(json_tools), WEATHER)
+    out = feed_in_chunks(s, 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os', 3, finish="length")
+    assert out[-1] == (Piece.TOOL, json.dumps({"name": "get_weather", "arguments": {"city": "Os"}}))
+    assert [k for k, _ in out] == [Piece.TEXT, Piece.TOOL_START, Piece.TOOL_ARGS, Piece.TOOL]
 
 
 def test_qwen3_coder_xml_calls_are_parsed_with_the_schema_types():

@@ -286,6 +286,7 @@ fn model_object(m: &crate::backend::ModelStatus) -> serde_json::Value {
         "created": MODEL_CREATED,
         "owned_by": "pensieve",
         "context_length": m.context_length,
+        "tool_format": m.tool_format,
         "aliases": m.aliases,
         "loaded": m.loaded,
         "state": m.state,

@@ -55,12 +55,16 @@ enum Open {
     None,
     Text,
     Thinking,
+    /// A streamed tool call.
+    Tool,
 }
 
 /// Turns backend events into SSE events, opening and closing blocks as the kind changes.
 struct Blocks {
     open: Open,
     index: usize,
+    /// The open tool call's id, and the argument text sent for it so far.
+    call: Option<(String, String)>,
 }
 
 impl Blocks {
@@ -79,6 +83,7 @@ impl Blocks {
             ));
             self.index += 1;
             self.open = Open::None;
+            self.call = None;
         }
     }
 
@@ -116,26 +121,57 @@ impl Blocks {
                     "delta": {"type": "thinking_delta", "thinking": thinking}}),
                 ));
             }
-            Event::ToolUse { id, name, input } => {
+            Event::ToolStart { id, name } => {
                 self.open(
-                    Open::None,
+                    Open::Tool,
                     json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
                     &mut out,
                 );
-                out.push(event(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": self.index,
-                    "delta": {"type": "input_json_delta", "partial_json": input.to_string()}}),
-                ));
-                out.push(event(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": self.index}),
-                ));
-                self.index += 1;
+                self.call = Some((id, String::new()));
+            }
+            Event::ToolInput(fragment) => {
+                if let Some((_, sent)) = &mut self.call {
+                    sent.push_str(&fragment);
+                    out.push(self.input_delta(&fragment));
+                }
+            }
+            Event::ToolUse { id, name, input } => {
+                let whole = input.to_string();
+                match self.call.take() {
+                    Some((open, sent)) if open == id => {
+                        // What the stream still lacks of the input (a call cut short is
+                        // completed); nothing when it was written another way.
+                        let rest = if sent.trim().is_empty() {
+                            Some(whole.as_str())
+                        } else {
+                            whole.strip_prefix(sent.as_str())
+                        };
+                        if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                            out.push(self.input_delta(rest));
+                        }
+                    }
+                    _ => {
+                        self.open(
+                            Open::Tool,
+                            json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                            &mut out,
+                        );
+                        out.push(self.input_delta(&whole));
+                    }
+                }
+                self.close(&mut out);
             }
             Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
         }
         out
+    }
+
+    fn input_delta(&self, partial_json: &str) -> Result<SseEvent, Infallible> {
+        event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": self.index,
+            "delta": {"type": "input_json_delta", "partial_json": partial_json}}),
+        )
     }
 }
 
@@ -222,6 +258,7 @@ fn append(content: &mut Vec<OutputBlock>, ev: &Event) {
             name: name.clone(),
             input: input.clone(),
         }),
+        Event::ToolStart { .. } | Event::ToolInput(_) => {}
         Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
     }
 }
@@ -242,7 +279,7 @@ pub fn response(
         start.usage = prompt;
         yield event("message_start", json!({"type": "message_start", "message": start}));
         yield event("ping", json!({"type": "ping"}));
-        let mut blocks = Blocks { open: Open::None, index: 0 };
+        let mut blocks = Blocks { open: Open::None, index: 0, call: None };
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             let next = tokio::select! {
@@ -313,11 +350,14 @@ pub async fn collect(
 ) -> Result<Message, ApiError> {
     let mut m = Message::new(&model);
     while let Some(ev) = generation.events.recv().await {
-        if matches!(ev, Event::Text(_) | Event::Thinking(_) | Event::ToolUse { .. }) {
+        if matches!(
+            ev,
+            Event::Text(_) | Event::Thinking(_) | Event::ToolStart { .. } | Event::ToolUse { .. }
+        ) {
             timing.piece();
         }
         match ev {
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::ToolStart { .. } | Event::ToolInput(_) => {}
             Event::Text(_) | Event::Thinking(_) | Event::ToolUse { .. } => append(&mut m.content, &ev),
             Event::Done {
                 reason,

@@ -129,6 +129,31 @@ pub enum Constraint {
     },
 }
 
+/// How a model is shown tools and writes its calls (`python_bridge/pensieve_bridge/tool_format.py`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolFormat {
+    /// Not known yet (never loaded).
+    #[default]
+    Unknown = 0,
+    /// Its chat template's own format, parsed by mlx-lm's parser for it.
+    Native = 1,
+    /// Its template cannot show tools: they are described in the system prompt, and the answer
+    /// is held to a JSON call or reply.
+    Generic = 2,
+}
+
+impl ToolFormat {
+    /// From its code in [`ToolFormat`]'s order.
+    pub fn from_code(code: u8) -> ToolFormat {
+        match code {
+            1 => ToolFormat::Native,
+            2 => ToolFormat::Generic,
+            _ => ToolFormat::Unknown,
+        }
+    }
+}
+
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,7 +182,20 @@ pub enum Event {
     Text(String),
     /// Reasoning the model did before answering (`<think>…</think>` or its family's markers).
     Thinking(String),
-    /// A complete tool call, parsed by the model family's tool parser.
+    /// A tool call begins (streamed): its arguments follow as [`Event::ToolInput`], and
+    /// [`Event::ToolUse`] with the same id ends it.
+    ToolStart {
+        /// `toolu_…`
+        id: String,
+        /// The tool called.
+        name: String,
+    },
+    /// The next fragment of the arguments of the call [`Event::ToolStart`] began: JSON text;
+    /// the fragments joined are its arguments as the model wrote them (cut short with the
+    /// generation, if it was).
+    ToolInput(String),
+    /// A whole tool call, parsed by the model family's tool parser; when a [`Event::ToolStart`]
+    /// with this id came before, it ends that call.
     ToolUse {
         /// `toolu_…`
         id: String,

@@ -105,6 +105,8 @@ pub struct ModelStatus {
     pub estimated_bytes: u64,
     /// Its context in tokens (0: never loaded).
     pub context_length: u32,
+    /// How it is shown tools (`unknown` until it has loaded once).
+    pub tool_format: crate::backend::ToolFormat,
     /// Generations running on it now.
     pub active_generations: u32,
     /// Seconds since its last request (`None`: none yet).

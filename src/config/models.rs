@@ -96,10 +96,16 @@ impl Config {
     pub fn model_specs(&self) -> Vec<ModelSpec> {
         let b = &self.backend;
         if self.models.is_empty() {
+            let name = short_name(&b.model);
             return vec![ModelSpec {
-                name: b.model.clone(),
+                // A local file or folder answers to its short name, and to its path as given.
+                aliases: if name == b.model {
+                    Vec::new()
+                } else {
+                    vec![b.model.clone()]
+                },
+                name,
                 path: b.model.clone(),
-                aliases: Vec::new(),
                 preload: true,
                 keep_alive_secs: 0,
                 max_concurrent: b.max_concurrent,
@@ -135,7 +141,7 @@ impl Config {
     /// `/health` names: `server.default_model`, the only model, or `backend.model`.
     pub fn default_model(&self) -> String {
         if self.models.is_empty() {
-            return self.backend.model.clone();
+            return short_name(&self.backend.model);
         }
         match &self.server.default_model {
             Some(name) => name.clone(),
@@ -207,6 +213,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The name a model given as `backend.model` (`--model`) is served under: a GGUF file's stem
+/// (`SmolLM2-135M-Instruct.Q4_1`), a local folder's name, else the value itself (`demo`, a
+/// Hugging Face id).
+pub fn short_name(model: &str) -> String {
+    if !looks_local(model) {
+        return model.to_owned();
+    }
+    let path = Path::new(model.strip_prefix("scripted:").unwrap_or(model));
+    let short = if path.extension().is_some_and(|e| e == "gguf") {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    match short.and_then(|s| s.to_str()) {
+        Some(s) if !s.is_empty() && s != "." && s != ".." => s.to_owned(),
+        _ => model.to_owned(),
     }
 }
 

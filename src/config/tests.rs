@@ -205,6 +205,26 @@ prompt_cache_disk_mb = 100
         };
         let one = Config::load(Some(Path::new("m.toml")), &flags).unwrap().model_specs();
         assert_eq!((one.len(), one[0].name.as_str(), one[0].preload), (1, "demo", true));
+        // A GGUF file is served under its stem (and still answers to its path).
+        let flags = Flags {
+            backend: FlagBackend {
+                model: Some("/models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+                force_load: None,
+            },
+            ..Default::default()
+        };
+        let config = Config::load(Some(Path::new("m.toml")), &flags).unwrap();
+        let one = config.model_specs();
+        assert_eq!(one[0].name, "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(one[0].aliases, ["/models/SmolLM2-135M-Instruct.Q4_1.gguf"]);
+        assert_eq!(config.default_model(), "SmolLM2-135M-Instruct.Q4_1");
+        for (given, short) in [
+            ("./models/qwen/", "qwen"),
+            ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
+            ("a.gguf", "a"),
+        ] {
+            assert_eq!(super::models::short_name(given), short);
+        }
 
         for (bad, key, says) in [
             (

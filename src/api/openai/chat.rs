@@ -75,6 +75,10 @@ const IGNORED: &[&str] = &[
     "parallel_tool_calls",
     "service_tier",
     "reasoning_effort",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "verbosity",
 ];
 
 /// Parses the body, naming the field that is wrong (as the Messages API does).
@@ -486,7 +490,12 @@ pub(super) fn finish_reason(reason: StopReason) -> &'static str {
 }
 
 fn tool_call(id: &str, name: &str, input: &Value) -> Value {
-    json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}})
+    json!({"id": call_id(id), "type": "function", "function": {"name": name, "arguments": input.to_string()}})
+}
+
+/// A call's id as OpenAI writes it: `call_…` (the backend's `toolu_…` with OpenAI's prefix).
+pub(super) fn call_id(id: &str) -> String {
+    format!("call_{}", id.strip_prefix("toolu_").unwrap_or(id))
 }
 
 /// The whole completion.
@@ -494,7 +503,7 @@ async fn collect(mut generation: Generation, reply: Reply, span: &tracing::Span)
     let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), Vec::new());
     while let Some(ev) = generation.events.recv().await {
         match ev {
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::ToolStart { .. } | Event::ToolInput(_) => {}
             Event::Text(t) => content.push_str(&t),
             Event::Thinking(t) => reasoning.push_str(&t),
             Event::ToolUse { id, name, input } => calls.push(tool_call(&id, &name, &input)),
@@ -529,18 +538,47 @@ async fn collect(mut generation: Generation, reply: Reply, span: &tracing::Span)
 fn stream(mut generation: Generation, reply: Reply, include_usage: bool, span: tracing::Span) -> Response {
     let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
     let stream = async_stream::stream! {
-        yield data(reply.chunk(json!({"role": "assistant", "content": ""}), None));
+        // The role comes first, with no content: an empty `content` would be an empty text
+        // part for clients that open one on any content (the AI SDK), even before a call.
+        yield data(reply.chunk(json!({"role": "assistant"}), None));
         let mut calls = 0;
+        // The streamed call open now: its id and the arguments sent for it.
+        let mut open: Option<(String, String)> = None;
         loop {
             match generation.events.recv().await {
                 Some(Event::Started { .. }) => {}
                 Some(Event::Text(t)) => yield data(reply.chunk(json!({"content": t}), None)),
                 Some(Event::Thinking(t)) => yield data(reply.chunk(json!({"reasoning_content": t}), None)),
-                Some(Event::ToolUse { id, name, input }) => {
-                    let mut call = tool_call(&id, &name, &input);
-                    call["index"] = calls.into();
-                    calls += 1;
+                Some(Event::ToolStart { id, name }) => {
+                    let call = json!({"index": calls, "id": call_id(&id), "type": "function",
+                        "function": {"name": name, "arguments": ""}});
+                    open = Some((id, String::new()));
                     yield data(reply.chunk(json!({"tool_calls": [call]}), None));
+                }
+                Some(Event::ToolInput(fragment)) => {
+                    if let Some((_, sent)) = &mut open {
+                        sent.push_str(&fragment);
+                        yield data(reply.chunk(json!({"tool_calls": [{"index": calls, "function": {"arguments": fragment}}]}), None));
+                    }
+                }
+                Some(Event::ToolUse { id, name, input }) => {
+                    match open.take() {
+                        Some((streamed, sent)) if streamed == id => {
+                            // The rest of a call cut short (its arguments completed); nothing
+                            // when the model wrote them another way than compact JSON.
+                            let whole = input.to_string();
+                            let rest = if sent.trim().is_empty() { Some(whole.as_str()) } else { whole.strip_prefix(sent.as_str()) };
+                            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                                yield data(reply.chunk(json!({"tool_calls": [{"index": calls, "function": {"arguments": rest}}]}), None));
+                            }
+                        }
+                        _ => {
+                            let mut call = tool_call(&id, &name, &input);
+                            call["index"] = calls.into();
+                            yield data(reply.chunk(json!({"tool_calls": [call]}), None));
+                        }
+                    }
+                    calls += 1;
                 }
                 Some(Event::Done { reason, output_tokens, .. }) => {
                     span.record("output_tokens", output_tokens);

@@ -71,7 +71,50 @@ const IGNORED: &[&str] = &[
     "truncation",
     "safety_identifier",
     "prompt_cache_retention",
+    "stream_options",
+    "max_tool_calls",
 ];
+
+/// The request's fields that the response object repeats (OpenAI's defaults where not given).
+fn echo(req: &ResponsesRequest) -> Map<String, Value> {
+    let given = |key: &str, default: Value| req.rest.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
+    let mut text = req.text.clone().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    if text.get("format").is_none_or(Value::is_null) {
+        text["format"] = json!({"type": "text"});
+    }
+    let mut out = Map::new();
+    out.insert(
+        "instructions".into(),
+        req.instructions.clone().map_or(Value::Null, Value::from),
+    );
+    out.insert(
+        "max_output_tokens".into(),
+        req.max_output_tokens.map_or(Value::Null, Value::from),
+    );
+    out.insert("temperature".into(), json!(req.temperature.unwrap_or(1.0)));
+    out.insert("top_p".into(), json!(req.top_p.unwrap_or(1.0)));
+    out.insert("tools".into(), Value::Array(req.tools.clone()));
+    out.insert(
+        "tool_choice".into(),
+        req.tool_choice.clone().unwrap_or_else(|| "auto".into()),
+    );
+    out.insert("parallel_tool_calls".into(), given("parallel_tool_calls", true.into()));
+    out.insert("text".into(), text);
+    out.insert("store".into(), json!(req.store.unwrap_or(true)));
+    out.insert("metadata".into(), given("metadata", json!({})));
+    out.insert(
+        "reasoning".into(),
+        given("reasoning", json!({"effort": null, "summary": null})),
+    );
+    out.insert("truncation".into(), given("truncation", "disabled".into()));
+    out.insert("max_tool_calls".into(), given("max_tool_calls", Value::Null));
+    for key in ["user", "prompt_cache_key", "safety_identifier", "service_tier"] {
+        if let Some(v) = req.rest.get(key) {
+            out.insert(key.into(), v.clone());
+        }
+    }
+    out
+}
 
 /// Responses kept for `previous_response_id`: the conversation, the reply last.
 pub type Kept = Bounded<Vec<ChatMessage>>;
@@ -282,6 +325,7 @@ pub async fn create(
         backend_req.model = model.clone();
         let previous = req.previous_response_id.clone();
         let keep = (req.store != Some(false)).then(|| (app.responses.clone(), history));
+        let echo = echo(&req);
         let (inner, span, streamed, name) = (app.clone(), span.clone(), req.stream, model.clone());
         let answer = async move {
             let (generation, input_tokens, cached_tokens) = start(&inner, backend_req, &span).await?;
@@ -293,6 +337,7 @@ pub async fn create(
                 cached_tokens,
                 previous,
                 keep,
+                echo,
             };
             if streamed {
                 Ok(stream(generation, reply, span))
@@ -315,22 +360,37 @@ fn error_event(e: &ApiError, _request_id: Option<&str>) -> String {
     format!("event: error\ndata: {data}\n\n")
 }
 
-/// What the response is made of, as it comes.
+/// One output item, as it came.
+enum Item {
+    /// Answer text (`message`).
+    Message(String),
+    /// A function call: its `call_…` id, name and arguments.
+    Call { id: String, name: String, args: String },
+}
+
+/// What the response is made of, as it comes: its items in order, and the reasoning.
 #[derive(Default)]
 struct Output {
-    text: String,
+    items: Vec<Item>,
     reasoning: String,
-    calls: Vec<(String, String, String)>,
 }
 
 impl Output {
-    /// The output items: reasoning, the message, the calls.
-    /// The output items, in the order the stream opens them: the message, the calls, then the
-    /// reasoning (sent whole at the end).
+    /// The output items, in the order the stream opens them (the message and calls as they
+    /// came), then the reasoning (sent whole at the end). An answer with neither text nor a
+    /// call is one empty message; a call has no empty message before it.
     fn items(&self, msg_id: &str) -> Vec<Value> {
-        let mut items = vec![message_item(msg_id, &self.text, "completed")];
-        for (call_id, name, args) in &self.calls {
-            items.push(call_item(call_id, name, args, "completed"));
+        let mut items: Vec<Value> = self
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Item::Message(text) => message_item(&item_id(msg_id, i), text, "completed"),
+                Item::Call { id, name, args } => call_item(id, name, args, "completed"),
+            })
+            .collect();
+        if items.is_empty() {
+            items.push(message_item(msg_id, "", "completed"));
         }
         if !self.reasoning.is_empty() {
             items.push(
@@ -341,17 +401,49 @@ impl Output {
         items
     }
 
+    /// The answer's text (every message's).
+    fn text(&self) -> String {
+        self.items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Message(t) => Some(t.as_str()),
+                Item::Call { .. } => None,
+            })
+            .collect()
+    }
+
+    fn calls(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.items.iter().filter_map(|i| match i {
+            Item::Call { id, name, args } => Some((id.as_str(), name.as_str(), args.as_str())),
+            Item::Message(_) => None,
+        })
+    }
+
     /// Adds one event's content.
     fn push(&mut self, ev: &Event) {
         match ev {
-            Event::Text(t) => self.text.push_str(t),
+            Event::Text(t) => match self.items.last_mut() {
+                Some(Item::Message(text)) => text.push_str(t),
+                _ => self.items.push(Item::Message(t.clone())),
+            },
             Event::Thinking(t) => self.reasoning.push_str(t),
-            Event::ToolUse { id, name, input } => {
-                self.calls
-                    .push((format!("call_{}", suffix(id)), name.clone(), input.to_string()))
-            }
+            Event::ToolUse { id, name, input } => self.items.push(Item::Call {
+                id: format!("call_{}", suffix(id)),
+                name: name.clone(),
+                args: input.to_string(),
+            }),
+            Event::ToolStart { .. } | Event::ToolInput(_) => {}
             Event::Started { .. } | Event::Done { .. } | Event::Failed(_) => {}
         }
+    }
+}
+
+/// The id of the message at `index` of the output: the first is the response's `msg_…`.
+fn item_id(msg_id: &str, index: usize) -> String {
+    if index == 0 {
+        msg_id.to_owned()
+    } else {
+        format!("{msg_id}_{index}")
     }
 }
 
@@ -409,6 +501,8 @@ struct Reply {
     cached_tokens: u32,
     previous: Option<String>,
     keep: Option<(Arc<Kept>, Vec<ChatMessage>)>,
+    /// The request's fields the response repeats ([`echo`]).
+    echo: Map<String, Value>,
 }
 
 impl Reply {
@@ -431,11 +525,11 @@ impl Reply {
                    "output_tokens": d.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                    "total_tokens": self.input_tokens + d.output_tokens})
         });
-        json!({"id": self.id, "object": "response", "created_at": self.created, "status": status,
+        let mut object = json!({"id": self.id, "object": "response", "created_at": self.created, "status": status,
                "model": self.model, "output": output, "usage": usage, "error": null,
-               "incomplete_details": incomplete, "previous_response_id": self.previous,
-               "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
-               "text": {"format": {"type": "text"}}})
+               "incomplete_details": incomplete, "previous_response_id": self.previous});
+        object.as_object_mut().expect("an object").extend(self.echo.clone());
+        object
     }
 
     /// The finished response; kept for `previous_response_id` unless `store` was false.
@@ -443,14 +537,13 @@ impl Reply {
         if let Some((kept, history)) = &self.keep {
             let mut messages = history.clone();
             let calls = out
-                .calls
-                .iter()
+                .calls()
                 .map(|(id, name, args)| {
                     let arguments: Value = serde_json::from_str(args).unwrap_or_default();
                     json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
                 })
                 .collect();
-            messages.push(message("assistant", out.text.clone(), calls, None));
+            messages.push(message("assistant", out.text(), calls, None));
             let bytes = messages
                 .iter()
                 .map(|m| 64 + m.content.len() + m.tool_calls.iter().map(|c| c.to_string().len()).sum::<usize>())
@@ -461,7 +554,183 @@ impl Reply {
     }
 }
 
-/// The stream of events in OpenAI's order, each with its `sequence_number`.
+/// The item a stream has open.
+enum Open {
+    None,
+    /// The message at this output index.
+    Message(usize),
+    /// The function call at this output index, streamed from the backend's call `id`.
+    Call {
+        index: usize,
+        id: String,
+        sent: String,
+    },
+}
+
+/// Stream events, in order: what one backend event adds to the response's stream.
+type Events = Vec<(&'static str, Value)>;
+
+/// Closes the open message (its text done) or forgets the open call.
+fn close(open: &mut Open, out: &Output, msg_id: &str, events: &mut Events) {
+    if let Open::Message(index) = std::mem::replace(open, Open::None) {
+        let id = item_id(msg_id, index);
+        let text = match &out.items[index] {
+            Item::Message(t) => t.as_str(),
+            Item::Call { .. } => "",
+        };
+        events.push((
+            "response.output_text.done",
+            json!({"item_id": id, "output_index": index,
+            "content_index": 0, "text": text}),
+        ));
+        events.push((
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": index,
+            "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}}),
+        ));
+        events.push((
+            "response.output_item.done",
+            json!({"output_index": index,
+            "item": message_item(&id, text, "completed")}),
+        ));
+    }
+}
+
+/// Opens a message item at the end of the output.
+fn open_message(open: &mut Open, out: &mut Output, msg_id: &str, events: &mut Events) {
+    let index = out.items.len();
+    let id = item_id(msg_id, index);
+    out.items.push(Item::Message(String::new()));
+    events.push((
+        "response.output_item.added",
+        json!({"output_index": index,
+        "item": message_item(&id, "", "in_progress")}),
+    ));
+    events.push((
+        "response.content_part.added",
+        json!({"item_id": id, "output_index": index,
+        "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ));
+    *open = Open::Message(index);
+}
+
+/// What one backend event (not `Done` or `Failed`) adds to the stream.
+fn on_event(ev: Event, open: &mut Open, out: &mut Output, msg_id: &str) -> Events {
+    let mut events = Events::new();
+    match ev {
+        Event::Text(t) => {
+            if !matches!(open, Open::Message(_)) {
+                open_message(open, out, msg_id, &mut events);
+            }
+            let index = out.items.len() - 1;
+            events.push((
+                "response.output_text.delta",
+                json!({"item_id": item_id(msg_id, index),
+                "output_index": index, "content_index": 0, "delta": t}),
+            ));
+            out.push(&Event::Text(t));
+        }
+        Event::ToolStart { id, name } => {
+            close(open, out, msg_id, &mut events);
+            let index = out.items.len();
+            let call_id = format!("call_{}", suffix(&id));
+            events.push((
+                "response.output_item.added",
+                json!({"output_index": index,
+                "item": call_item(&call_id, &name, "", "in_progress")}),
+            ));
+            out.items.push(Item::Call {
+                id: call_id,
+                name,
+                args: String::new(),
+            });
+            *open = Open::Call {
+                index,
+                id,
+                sent: String::new(),
+            };
+        }
+        Event::ToolInput(fragment) => {
+            if let Open::Call { index, sent, .. } = open {
+                if let Some(Item::Call { id, .. }) = out.items.get(*index) {
+                    events.push((
+                        "response.function_call_arguments.delta",
+                        json!({
+                        "item_id": format!("fc_{}", suffix(id)), "output_index": *index, "delta": fragment}),
+                    ));
+                }
+                sent.push_str(&fragment);
+            }
+        }
+        Event::ToolUse { id, name, input } => {
+            let whole = input.to_string();
+            let (index, sent) = match std::mem::replace(open, Open::None) {
+                Open::Call {
+                    index,
+                    id: streamed,
+                    sent,
+                } if streamed == id => (index, sent),
+                other => {
+                    *open = other;
+                    close(open, out, msg_id, &mut events);
+                    let index = out.items.len();
+                    let call_id = format!("call_{}", suffix(&id));
+                    events.push((
+                        "response.output_item.added",
+                        json!({"output_index": index,
+                        "item": call_item(&call_id, &name, "", "in_progress")}),
+                    ));
+                    out.items.push(Item::Call {
+                        id: call_id,
+                        name,
+                        args: String::new(),
+                    });
+                    (index, String::new())
+                }
+            };
+            let Some(Item::Call {
+                id: call_id,
+                name,
+                args,
+            }) = out.items.get_mut(index)
+            else {
+                return events;
+            };
+            let item = format!("fc_{}", suffix(call_id));
+            // What the stream still lacks (all of it for a call not streamed; the completion of
+            // one cut short; nothing when the model wrote it other than as compact JSON).
+            let rest = if sent.trim().is_empty() {
+                Some(whole.as_str())
+            } else {
+                whole.strip_prefix(sent.as_str())
+            };
+            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                events.push((
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": item,
+                    "output_index": index, "delta": rest}),
+                ));
+            }
+            args.clone_from(&whole);
+            events.push((
+                "response.function_call_arguments.done",
+                json!({"item_id": item,
+                "output_index": index, "arguments": whole}),
+            ));
+            events.push((
+                "response.output_item.done",
+                json!({"output_index": index,
+                "item": call_item(call_id, name, &whole, "completed")}),
+            ));
+        }
+        ev => out.push(&ev),
+    }
+    events
+}
+
+/// The stream of events in OpenAI's order, each with its `sequence_number`: items open as
+/// they come (a message at the first text, a call at its start), never an empty message
+/// before a call.
 fn stream(generation: Generation, reply: Reply, span: tracing::Span) -> Response {
     let stream = async_stream::stream! {
         let mut seq = 0u64;
@@ -474,14 +743,11 @@ fn stream(generation: Generation, reply: Reply, span: tracing::Span) -> Response
         let msg_id = reply.msg_id();
         yield event("response.created", json!({"response": reply.object(Vec::new(), None)}));
         yield event("response.in_progress", json!({"response": reply.object(Vec::new(), None)}));
-        // The message item opens at once; calls and reasoning follow it as they come.
-        yield event("response.output_item.added", json!({"output_index": 0, "item": message_item(&msg_id, "", "in_progress")}));
-        yield event("response.content_part.added", json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
-            "part": {"type": "output_text", "text": "", "annotations": []}}));
         // The generation is read here, in the stream: a client that leaves drops it, and the
         // backend stops it at its next token.
         let mut generation = generation;
         let mut out = Output::default();
+        let mut open = Open::None;
         let done = loop {
             let Some(ev) = generation.events.recv().await else {
                 break Err(ApiError::new(ErrorKind::Api, "the backend ended the generation without a result"));
@@ -492,36 +758,24 @@ fn stream(generation: Generation, reply: Reply, span: tracing::Span) -> Response
                     break Ok(Done { output_tokens, reason });
                 }
                 Event::Failed(e) => break Err(ApiError::from(e)),
-                Event::Text(ref t) => {
-                    yield event("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0,
-                        "content_index": 0, "delta": t}));
-                    out.push(&ev);
+                ev => {
+                    for (name, data) in on_event(ev, &mut open, &mut out, &msg_id) {
+                        yield event(name, data);
+                    }
                 }
-                Event::ToolUse { .. } => {
-                    out.push(&ev);
-                    let index = out.calls.len();
-                    let (call_id, name, args) = out.calls.last().cloned().expect("just pushed");
-                    let item_id = format!("fc_{}", suffix(&call_id));
-                    yield event("response.output_item.added", json!({"output_index": index,
-                        "item": call_item(&call_id, &name, "", "in_progress")}));
-                    yield event("response.function_call_arguments.delta", json!({"item_id": item_id,
-                        "output_index": index, "delta": args}));
-                    yield event("response.function_call_arguments.done", json!({"item_id": item_id,
-                        "output_index": index, "arguments": args}));
-                    yield event("response.output_item.done", json!({"output_index": index,
-                        "item": call_item(&call_id, &name, &args, "completed")}));
-                }
-                ev => out.push(&ev),
             }
         };
         match done {
             Ok(done) => {
-                yield event("response.output_text.done", json!({"item_id": msg_id, "output_index": 0,
-                    "content_index": 0, "text": out.text}));
-                yield event("response.content_part.done", json!({"item_id": msg_id, "output_index": 0,
-                    "content_index": 0, "part": {"type": "output_text", "text": out.text, "annotations": []}}));
-                yield event("response.output_item.done", json!({"output_index": 0,
-                    "item": message_item(&msg_id, &out.text, "completed")}));
+                let mut events = Events::new();
+                if out.items.is_empty() {
+                    // An empty answer is one empty message, as the response object says.
+                    open_message(&mut open, &mut out, &msg_id, &mut events);
+                }
+                close(&mut open, &out, &msg_id, &mut events);
+                for (name, data) in events {
+                    yield event(name, data);
+                }
                 let response = reply.finish(&out, done);
                 let name = if response["status"] == "incomplete" { "response.incomplete" } else { "response.completed" };
                 yield event(name, json!({"response": response}));

@@ -198,6 +198,8 @@ pub(crate) struct Shared {
     active: AtomicU32,
     context_length: AtomicU32,
     kv_bytes_per_token: AtomicU64,
+    /// A [`crate::backend::ToolFormat`], by code.
+    tool_format: AtomicU8,
     max_concurrent: AtomicU32,
     prompt_cache_bytes: AtomicU64,
     prompt_cache_entries: AtomicU64,
@@ -223,6 +225,7 @@ impl Shared {
             active: AtomicU32::new(0),
             context_length: AtomicU32::new(0),
             kv_bytes_per_token: AtomicU64::new(0),
+            tool_format: AtomicU8::new(0),
             max_concurrent: AtomicU32::new(max_concurrent as u32),
             prompt_cache_bytes: AtomicU64::new(0),
             prompt_cache_entries: AtomicU64::new(0),
@@ -443,6 +446,7 @@ impl MlxBackend {
                 .map(|e| e.total(slot.spec.max_concurrent as u64, 0))
                 .unwrap_or(0),
             context_length: s.context_length.load(Ordering::Relaxed),
+            tool_format: crate::backend::ToolFormat::from_code(s.tool_format.load(Ordering::Relaxed)),
             active_generations: s.active.load(Ordering::Relaxed),
             idle_secs: s.idle_for().map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
             keep_alive_secs: slot.spec.keep_alive_secs,

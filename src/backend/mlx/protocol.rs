@@ -13,10 +13,15 @@ pub(crate) enum Piece {
     Text(String),
     /// Reasoning.
     Thinking(String),
-    /// A parsed tool call: JSON `{"name": ..., "arguments": {...}}`.
+    /// A whole tool call: JSON `{"name": ..., "arguments": {...}}`. It ends the call that
+    /// [`Piece::ToolStart`] began, if one is open.
     Tool(String),
     /// This generation failed; why.
     Error(String),
+    /// A tool call begins: the tool's name (its arguments stream next).
+    ToolStart(String),
+    /// The next fragment of the open call's arguments (JSON text).
+    ToolArgs(String),
 }
 
 /// Why a generation ended.
@@ -90,6 +95,10 @@ pub(crate) trait Batcher {
     fn context_length(&self) -> u32;
     /// KV cache bytes one token of one sequence takes (0: unknown).
     fn kv_bytes_per_token(&self) -> u64;
+    /// How the model is shown tools and writes its calls.
+    fn tool_format(&self) -> ToolFormat {
+        ToolFormat::Native
+    }
     /// Renders a request and puts it in the batch (or says it is too long). `Err`: the chat
     /// template refused it.
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError>;
@@ -118,6 +127,8 @@ pub(crate) trait Batcher {
     fn set_memory_limit(&mut self, bytes: u64) -> Result<(), BridgeError>;
 }
 
+pub(crate) use crate::backend::ToolFormat;
+
 /// Where finished generations' KV caches go, by memory tier ([`Batcher::set_caching`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Caching {
@@ -142,11 +153,13 @@ impl Caching {
 }
 
 /// Every code, as Python's `protocol.codes()` names them.
-pub(crate) const CODES: [(&str, u8); 16] = [
+pub(crate) const CODES: [(&str, u8); 18] = [
     ("Piece.TEXT", 0),
     ("Piece.THINKING", 1),
     ("Piece.TOOL", 2),
     ("Piece.ERROR", 3),
+    ("Piece.TOOL_START", 4),
+    ("Piece.TOOL_ARGS", 5),
     ("Finish.STOP", 0),
     ("Finish.LENGTH", 1),
     ("Finish.TOOL_USE", 2),
@@ -169,6 +182,8 @@ impl Piece {
             1 => Piece::Thinking(payload),
             2 => Piece::Tool(payload),
             3 => Piece::Error(payload),
+            4 => Piece::ToolStart(payload),
+            5 => Piece::ToolArgs(payload),
             other => return Err(BridgeError::Protocol(format!("unknown piece code {other}"))),
         })
     }

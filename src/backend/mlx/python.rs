@@ -14,14 +14,14 @@ use std::path::Path;
 use pyo3::prelude::*;
 use serde::Serialize;
 
-use super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped, CODES};
+use super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped, ToolFormat, CODES};
 use super::worker::pool::Loader;
 use crate::backend::{BridgeError, Chat, Constraint, GenerateRequest, PromptCacheDisk};
 use crate::config::ModelSpec;
 
 /// The protocol's version: bumped with `VERSION` in `protocol.py` whenever a code or a record
 /// changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// A record of the protocol: its name in `protocol.py`, and its fields in order.
 trait Record {
@@ -191,6 +191,7 @@ pub(crate) struct PyBatcher {
     batcher: Py<PyAny>,
     context_length: u32,
     kv_bytes_per_token: u64,
+    tool_format: ToolFormat,
 }
 
 impl PyLoader {
@@ -261,6 +262,15 @@ impl Loader for PyLoader {
                 tracing::info!(model = %spec.name, %info, "model ready");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
                 let kv_bytes_per_token: u64 = engine.getattr("kv_bytes_per_token")?.extract().unwrap_or(0);
+                let tool_format = match engine.getattr("tool_format")?.extract::<String>()?.as_str() {
+                    "native" => ToolFormat::Native,
+                    "generic" => ToolFormat::Generic,
+                    other => {
+                        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                            "unknown tool format {other:?}"
+                        )))
+                    }
+                };
                 let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
                     &engine,
                     spec.max_concurrent as u32,
@@ -273,6 +283,7 @@ impl Loader for PyLoader {
                     batcher: batcher.unbind(),
                     context_length,
                     kv_bytes_per_token,
+                    tool_format,
                 })
             };
             setup().map_err(|e| python_error(py, &e))
@@ -305,6 +316,10 @@ impl Batcher for PyBatcher {
 
     fn kv_bytes_per_token(&self) -> u64 {
         self.kv_bytes_per_token
+    }
+
+    fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError> {

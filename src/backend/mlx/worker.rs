@@ -62,6 +62,8 @@ struct Running {
     /// what its KV cache may grow to, reserved at admission.
     input_tokens: u32,
     max_tokens: u32,
+    /// The id of the tool call streaming now, between its `ToolStart` and its `ToolUse`.
+    call: Option<String>,
 }
 
 impl Running {
@@ -285,6 +287,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 outbox,
                 input_tokens,
                 max_tokens,
+                call: None,
             },
         );
         self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
@@ -501,7 +504,20 @@ fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>, retry_a
                 continue;
             }
             Piece::Thinking(text) => Event::Thinking(text),
-            Piece::Tool(call) => tool_use(&call),
+            Piece::ToolStart(name) => {
+                let id = call_id();
+                r.call = Some(id.clone());
+                Event::ToolStart { id, name }
+            }
+            Piece::ToolArgs(fragment) if r.call.is_some() => Event::ToolInput(fragment),
+            Piece::ToolArgs(_) => {
+                let error = BridgeError::Protocol("tool arguments with no call open".into());
+                return Step::Ended {
+                    last: Event::Failed(BackendError::Generation(error)),
+                    cancel: finish.is_none(),
+                };
+            }
+            Piece::Tool(call) => tool_use(&call, r.call.take().unwrap_or_else(call_id)),
             Piece::Error(message) if finish == Some(Finish::Memory) => {
                 tracing::warn!(output_tokens = r.output_tokens, "{message}");
                 let error = BackendError::Aborted {
@@ -545,11 +561,16 @@ fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>, retry_a
     }
 }
 
+/// A new tool call's id.
+fn call_id() -> String {
+    format!("toolu_{}", uuid::Uuid::new_v4().simple())
+}
+
 /// A parsed call from the bridge (`{"name": ..., "arguments": {...}}`) as a `ToolUse` event.
-fn tool_use(payload: &str) -> Event {
+fn tool_use(payload: &str, id: String) -> Event {
     let call: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
     Event::ToolUse {
-        id: format!("toolu_{}", uuid::Uuid::new_v4().simple()),
+        id,
         name: call["name"].as_str().unwrap_or_default().to_owned(),
         input: match call.get("arguments") {
             Some(v @ serde_json::Value::Object(_)) => v.clone(),

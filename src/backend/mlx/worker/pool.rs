@@ -252,6 +252,7 @@ impl<'a, L: Loader> Pool<'a, L> {
             }
         };
         shared.context_length.store(batcher.context_length(), Ordering::Relaxed);
+        shared.tool_format.store(batcher.tool_format() as u8, Ordering::Relaxed);
         shared
             .kv_bytes_per_token
             .store(batcher.kv_bytes_per_token(), Ordering::Relaxed);
