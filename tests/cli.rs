@@ -54,7 +54,7 @@ fn a_model_that_cannot_load_stops_the_server_with_a_clear_message() {
     let (ok, _, err) = run(&["serve", "--port", "0", "--model", "/nonexistent/model-folder"], &[]);
     assert!(!ok);
     assert!(
-        err.contains("could not load model `/nonexistent/model-folder`"),
+        err.contains("could not load model `model-folder` from `/nonexistent/model-folder`"),
         "{err}"
     );
     assert!(err.contains("backend.model"), "{err}");

@@ -151,7 +151,8 @@ class Batcher:
                     return AddResult(Added.READING, 0, n, 0, "", "")
         processors = None
         constraint = params.constraint or {}
-        generic = bool(chat.get("tools")) and engine.tool_format == tool_format.GENERIC
+        # A prefill is continued as it is, not held to the format.
+        generic = bool(chat.get("tools")) and engine.tool_format == tool_format.GENERIC and not chat.get("continue_final")
         if generic and constraint.get("type") in (None, "strict_tools"):
             # Tools in the generic format: the answer is held to a call or a reply.
             constraint = {"type": "generic"}

@@ -23,10 +23,13 @@ token, so other requests in the batch are untouched. Once the grammar is complet
 of sequence is allowed, and the generation stops there.
 
 A forced call is generated as bare JSON, whatever the model's own tool-call markers are (there
-is no marker to get wrong), and :class:`ConstrainedOutput` turns it into the tool call. JSON is
-generated compact (no free whitespace between tokens), so that a model cannot spend its
-``max_tokens`` on blanks. A generation cut by ``max_tokens`` is still cut: its JSON is then
-incomplete, and the answer says ``max_tokens``.
+is no marker to get wrong), and :class:`ConstrainedOutput` streams it as the tool call (on a
+model in the generic tool format, :mod:`~pensieve_bridge.tool_format`, it is that format's
+``{"tool_call": ...}``). JSON is generated compact (no free whitespace between tokens), so that
+a model cannot spend its ``max_tokens`` on blanks, and every object that lists its properties
+is closed (:func:`closed`). A generation cut by ``max_tokens`` is still cut: a JSON text is
+then incomplete, and the answer says ``max_tokens``; a call is still a call, its arguments
+completed where they were cut.
 """
 
 from __future__ import annotations

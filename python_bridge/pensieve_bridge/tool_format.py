@@ -11,8 +11,11 @@ for such templates: ``generic``.
 - The answer is constrained to exactly that (:func:`answer_schema`): one call to a listed tool
   with arguments valid against its schema, or a reply. A forced call (``tool_choice`` ``any``
   or ``tool``) allows only the call.
-- Earlier turns are written in the same words: an assistant's calls as the JSON above, a tool's
-  result as a user message ``Result of <tool>: ...``.
+- Earlier turns are written in the same words, compact as the grammar writes them (so that a
+  conversation's next turn finds the answer in the prompt cache): an assistant's reply as
+  ``{"response": ...}``, its calls as ``{"tool_call": ...}``, a tool's result as a user message
+  ``Result of <tool>: ...``. A final assistant message that the reply continues (a prefill) is
+  left as it is, and that reply is not held to the format.
 
 The answer is read by :class:`~pensieve_bridge.calls.GenericOutput`: a reply streams as text, a
 call as a call.
@@ -68,10 +71,11 @@ def rewrite(chat: dict) -> dict:
     messages = [dict(m) for m in chat["messages"]]
     names = {}
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         calls = m.pop("tool_calls", None) or []
-        if m["role"] == "assistant" and calls:
-            written = []
+        prefill = chat.get("continue_final") and i == len(messages) - 1
+        if m["role"] == "assistant" and not prefill:
+            written = [_compact({"response": m["content"]})] if m.get("content") else []
             for c in calls:
                 fn = c.get("function") or {}
                 args = fn.get("arguments")
@@ -81,8 +85,8 @@ def rewrite(chat: dict) -> dict:
                     except ValueError:
                         pass
                 names[c.get("id")] = fn.get("name")
-                written.append(json.dumps({"tool_call": {"name": fn.get("name"), "arguments": args}}, ensure_ascii=False))
-            m["content"] = "\n".join(filter(None, [m.get("content") or "", *written]))
+                written.append(_compact({"tool_call": {"name": fn.get("name"), "arguments": args}}))
+            m["content"] = "\n".join(written)
         elif m["role"] == "tool":
             name = names.get(m.pop("tool_call_id", None)) or "the tool"
             text = f"Result of {name}: {m.get('content') or ''}"
@@ -98,6 +102,11 @@ def rewrite(chat: dict) -> dict:
         out.insert(0, {"role": "system", "content": system})
     rest = {k: v for k, v in chat.items() if k not in ("messages", "tools")}
     return {**rest, "messages": out}
+
+
+def _compact(value) -> str:
+    """JSON as the grammar writes it: no blanks, text as it is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def answer_schema(call: dict, forced: bool) -> dict:

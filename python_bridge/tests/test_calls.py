@@ -109,8 +109,12 @@ def test_tools_are_described_to_a_template_without_them_and_turns_written_in_the
     system, user, assistant, result = out["messages"]
     assert system["content"].startswith("Be brief.\n\nYou can call these tools:\n")
     assert '"name": "get_weather"' in system["content"] and '"tool_call"' in system["content"]
-    assert json.loads(assistant["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    assert assistant["content"] == '{"tool_call":{"name":"get_weather","arguments":{"city":"Paris"}}}', "compact, as generated"
     assert result == {"role": "user", "content": "Result of get_weather: 15 C"}
+    chat["messages"].append({"role": "assistant", "content": "It is 15 C."})
+    assert tool_format.rewrite(chat)["messages"][-1]["content"] == '{"response":"It is 15 C."}'
+    chat["continue_final"] = True
+    assert tool_format.rewrite(chat)["messages"][-1]["content"] == "It is 15 C.", "a prefill is left as it is"
 
 
 def test_the_format_is_told_from_the_template(engine):

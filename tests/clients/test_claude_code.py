@@ -99,7 +99,7 @@ def test_claude_codes_two_slots_are_served_by_the_two_models_they_are_mapped_to(
     result = run_claude(
         s, tmp_path, f"ask a helper [[script]]{AGENT_CALL}[[/script]]",
         ANTHROPIC_MODEL="main", ANTHROPIC_DEFAULT_HAIKU_MODEL="small", ANTHROPIC_SMALL_FAST_MODEL="small",
-        # SmolLM2 writes until the limit under Claude Code's agent prompt: keep the subagent short.
+        # The demo model writes until the limit under Claude Code's agent prompt: keep the subagent short.
         # The main model's scripted call is 123 tokens.
         CLAUDE_CODE_MAX_OUTPUT_TOKENS="150",
     )
