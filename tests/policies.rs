@@ -44,6 +44,8 @@ async fn hostile_policies_are_contained_and_the_server_keeps_serving() {
         ("trap", "hostile"),
         ("refuse", "hostile"),
         ("printer", "hostile"),
+        ("socket_configure", "hostile"),
+        ("socket_decide", "hostile"),
     ]);
     std::fs::write(dir.path().join("wrong_world.wat"), "(component)").unwrap();
     std::fs::write(
@@ -63,9 +65,31 @@ async fn hostile_policies_are_contained_and_the_server_keeps_serving() {
         ("PENSIEVE_POLICIES__SETTINGS__TRAP", r#"{mode="trap"}"#),
         ("PENSIEVE_POLICIES__SETTINGS__REFUSE", r#"{mode="refuse"}"#),
         ("PENSIEVE_POLICIES__SETTINGS__PRINTER", r#"{mode="print"}"#),
+        // Waits on the host and opens a socket in `configure`, at start-up (the server used to
+        // panic there) and in `decide`.
+        (
+            "PENSIEVE_POLICIES__SETTINGS__SOCKET_CONFIGURE",
+            r#"{mode="socket_configure"}"#,
+        ),
+        ("PENSIEVE_POLICIES__SETTINGS__SOCKET_DECIDE", r#"{mode="socket_decide"}"#),
+        ("PENSIEVE_POLICIES__ON_ERROR", "admit"),
     ]);
     let h = s.health().await;
-    for bad in ["loop_configure", "refuse", "wrong_world", "random"] {
+    assert!(
+        policy(&h, "socket_configure")["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("socket"),
+        "a policy that tries the network is listed as not loaded, with why: {h}"
+    );
+    // Its decide is refused the network too, and says so in its rejection.
+    let res = s.post(&hello(3)).await;
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("socket"));
+    std::fs::remove_file(dir.path().join("socket_decide.wasm")).unwrap();
+    wait_for(&s, 200).await;
+    let h = s.health().await;
+    for bad in ["loop_configure", "refuse", "wrong_world", "random", "socket_configure"] {
         let p = policy(&h, bad);
         assert_eq!(p["loaded"], false, "{p}");
         assert!(p["last_error"].is_string(), "{p}");

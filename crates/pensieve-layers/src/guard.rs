@@ -86,7 +86,12 @@ impl Guard {
         #[cfg(feature = "policies")]
         let policies = {
             let engine = Arc::new(PolicyEngine::new(&config.policies).map_err(GuardError::Policies)?);
-            for p in engine.load_dir() {
+            // On a thread of its own, as reloads are: a policy that waits on the host in
+            // `configure` (a sleep, a socket) makes wasmtime-wasi block on a Tokio runtime, which
+            // panics on a runtime's own thread, and start-up may run on one.
+            let loaded = std::thread::scope(|s| s.spawn(|| engine.load_dir()).join())
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for p in loaded {
                 if !p.loaded {
                     tracing::error!(policy = %p.name, error = ?p.last_error, "policy not loaded; serving without it");
                 }

@@ -1,10 +1,12 @@
 //! A policy that misbehaves as its settings say, for the tests: `{"mode": "loop_decide"}`,
-//! `"loop_configure"`, `"memory_bomb"`, `"trap"`, `"print"` (writes to stdout and stderr), or
-//! `"refuse"` (configure returns an error).
+//! `"loop_configure"`, `"memory_bomb"`, `"trap"`, `"print"` (writes to stdout and stderr),
+//! `"refuse"` (configure returns an error), `"socket_configure"` / `"socket_decide"` (opens a
+//! TCP connection: configure fails with the host's answer; decide rejects with it).
 
 wit_bindgen::generate!({ path: "../../wit", world: "admission-policy" });
 
 
+use pensieve::policy::types::Rejection;
 use std::sync::Mutex;
 
 static MODE: Mutex<String> = Mutex::new(String::new());
@@ -23,6 +25,9 @@ impl Guest for Hostile {
                 std::hint::black_box(());
             },
             "refuse" => return Err("this policy refuses to run".into()),
+            "socket_configure" => {
+                connect()?;
+            }
             _ => {}
         }
         *MODE.lock().unwrap() = mode;
@@ -46,6 +51,15 @@ impl Guest for Hostile {
                 }
             }
             "trap" => unreachable_trap(),
+            "socket_decide" => match connect() {
+                Ok(()) => Verdict::Admit,
+                Err(e) => Verdict::Reject(Rejection {
+                    status: 403,
+                    error_type: "permission_error".into(),
+                    message: e,
+                    retry_after_secs: None,
+                }),
+            },
             "print" => {
                 println!("hello from a policy's stdout");
                 eprintln!("hello from a policy's stderr");
@@ -54,6 +68,16 @@ impl Guest for Hostile {
             _ => Verdict::Admit,
         }
     }
+}
+
+/// Tries a TCP connection by name (a name lookup, then a connect): the host grants no
+/// network, so this is its refusal.
+fn connect() -> Result<(), String> {
+    // Waiting on a host pollable too (a sleep), as a client waiting for its connection does.
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    std::net::TcpStream::connect("localhost:9")
+        .map(|_| ())
+        .map_err(|e| format!("socket: {e}"))
 }
 
 fn unreachable_trap() -> Verdict {
