@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import struct
 import sys
 import threading
@@ -62,7 +63,7 @@ from .protocol import DiskStats
 log = logging.getLogger(__name__)
 
 #: Written in every file; a file with another value is not read.
-FORMAT = "pensieve-prompt-cache-1"
+FORMAT = "pensieve-prompt-cache-2"
 #: Entries shorter than this many tokens are not written: processing them again is as cheap.
 MIN_TOKENS = 64
 #: A disk entry is read only when it covers this many prompt tokens more than memory does.
@@ -180,9 +181,11 @@ class Entry:
     tokens: bytes
     nbytes: int
     trimmable: bool
-    #: Where its data starts in the file, and the data's CRC-32.
+    #: Where its data starts in the file, and the CRC-32 of its header and data.
     data_start: int
     crc: int
+    #: The CRC-32 of its header alone (:func:`_header_crc`): where the data's CRC starts.
+    header_crc: int
 
 
 @dataclass
@@ -239,7 +242,7 @@ class DiskTier:
         self.writes = self.removed = 0
         self.read_seconds = self.write_seconds = 0.0
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            private_folder(folder)
             probe = folder / f".probe{os.getpid()}{TMP}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -261,12 +264,14 @@ class DiskTier:
             if not path.name.endswith(SUFFIX):
                 continue
             try:
-                with open(path, "rb") as f:
-                    entry = self._check_header(path.name, f, path.stat().st_size)
+                f, size = open_entry(path)
+                with f:
+                    entry = self._check_header(path.name, f, size)
+                    mtime = os.fstat(f.fileno()).st_mtime
             except Exception as e:  # whatever is wrong with the file, it is not used
                 self._discard(path, str(e))
                 continue
-            found.append((path.stat().st_mtime, path.name, entry))
+            found.append((mtime, path.name, entry))
         for _, name, entry in sorted(found):
             self._index[name] = entry
             self._bytes += entry.nbytes
@@ -294,7 +299,7 @@ class DiskTier:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             raise ValueError(f"truncated: {size} bytes where its header says {8 + n + end}")
-        return Entry(tokens, size, meta.get("0.trimmable") == "1", 8 + n, int(meta["0.crc32"]))
+        return Entry(tokens, size, meta.get("0.trimmable") == "1", 8 + n, int(meta["0.crc32"]), _header_crc(header))
 
     def _make_room(self, need: int) -> bool:
         """Removes least recently used entries until ``need`` more bytes fit under the cap."""
@@ -404,12 +409,21 @@ class DiskTier:
                 continue
             started = time.perf_counter()
             try:
-                with open(self.folder / name, "rb") as f:
-                    data = f.read()
+                with self._lock:
+                    indexed = self._index.get(name)
+                if indexed is None:
+                    raise FileNotFoundError(name)
+                f, size = open_entry(self.folder / name)
+                with f:
+                    if size != indexed.nbytes:
+                        raise ValueError(f"{size} bytes where {indexed.nbytes} were indexed")
+                    data = f.read(indexed.nbytes + 1)  # never more than the index says
                     _out_of_page_cache(f.fileno(), sync=False)
+                if len(data) != indexed.nbytes:
+                    raise ValueError(f"{len(data)} bytes read where {indexed.nbytes} were indexed")
                 entry = self._check_header(name, io.BytesIO(data), len(data))
-                if zlib.crc32(memoryview(data)[entry.data_start :]) != entry.crc:
-                    raise ValueError("its data does not match its checksum")
+                if zlib.crc32(memoryview(data)[entry.data_start :], entry.header_crc) != entry.crc:
+                    raise ValueError("its header and data do not match its checksum")
                 pending.data = data
             except Exception as e:
                 pending.error = e
@@ -479,14 +493,15 @@ class DiskTier:
 
     def _write(self, job: Job) -> None:
         started = time.perf_counter()
-        crc = 0
+        header_crc = crc = _header_crc(job.header)
         for a in job.arrays:
             crc = zlib.crc32(a, crc)
         job.header["__metadata__"]["0.crc32"] = f"{crc:010d}"  # as long as the placeholder
         tmp = self.folder / f".{job.name}.{os.getpid()}{TMP}"
         head = _header_bytes(job.header)
         try:
-            with open(tmp, "wb") as f:
+            # 0600 whatever the umask: the file holds the prompt's tokens.
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
                 f.write(struct.pack("<Q", len(head)))
                 f.write(head)
                 for a in job.arrays:
@@ -499,7 +514,7 @@ class DiskTier:
             raise
         with self._lock:
             trimmable = job.header["__metadata__"]["0.trimmable"] == "1"
-            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable, 8 + len(head), crc)
+            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable, 8 + len(head), crc, header_crc)
             self._bytes += job.nbytes
             self.writes += 1
             self.write_seconds += time.perf_counter() - started
@@ -537,6 +552,37 @@ class DiskTier:
                 spills=self.spills, spilled_bytes=self.spilled_bytes, writes=self.writes, removed=self.removed,
                 read_seconds=self.read_seconds, write_seconds=self.write_seconds,
             )
+
+
+def _header_crc(header: dict) -> int:
+    """The CRC-32 of a file's header (the tensors' names, dtypes, shapes and offsets, and the
+    metadata), its own checksum left out: where the data's CRC starts, so that the checksum
+    covers both (two tensors' offsets swapped, or a shape changed, fail it)."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != "0.crc32"}
+    canonical = {**header, "__metadata__": meta}
+    return zlib.crc32(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
+
+
+def open_entry(path: Path):
+    """Opens a cache file for reading, ``(file, size)``: never through a symlink, never
+    blocking on a FIFO or a device (``O_NONBLOCK``), a regular file only (ValueError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def private_folder(folder: Path) -> None:
+    """Makes ``folder`` (and its parents) and leaves it to its owner alone (0700, whatever the
+    umask): its files hold prompts' tokens. Only the model's own folder: the root above it may
+    be a folder the user shares (``backend.prompt_cache_dir``)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
 
 
 def _header_bytes(header: dict) -> bytes:

@@ -27,7 +27,8 @@ MARK = "model.json"
 def mark(folder: Path, source: str) -> None:
     """Records in ``folder`` that this process uses it for the model ``source``."""
     tmp = folder / f".{MARK}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"source": source, "pid": os.getpid()}))
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as f:
+        f.write(json.dumps({"source": source, "pid": os.getpid()}))
     os.replace(tmp, folder / MARK)
 
 

@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -131,6 +132,63 @@ def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(e
     assert run(b)[uid] == reference["two"]
     assert not two.exists()
     assert stats(b)["removed"] == 3
+
+
+def test_fifos_symlinks_and_devices_are_refused_without_blocking_and_files_are_private(engine, folder):
+    b = batcher(engine, folder)
+    for q in ["one", "two", "three"]:
+        add(b, chat(q), GREEDY)
+    run(b)
+    spill(b)
+    one, two, three = files(folder)
+    tier = one.parent
+    assert tier.stat().st_mode & 0o777 == 0o700, "the model's folder is its owner's alone"
+    assert {f.stat().st_mode & 0o777 for f in (one, two, three)} == {0o600}, "files too"
+    # A FIFO in an entry's place would block open() forever; a symlink to /dev/zero would be
+    # read without end; a symlink to a good entry is still not followed.
+    name_one, name_two = one.name, two.name
+    one.unlink()
+    os.mkfifo(one)
+    two.unlink()
+    os.symlink("/dev/zero", two)
+    restart()
+    b = batcher(engine, folder)  # at start-up: refused and removed, in no time
+    assert not (tier / name_one).exists() and not os.path.lexists(tier / name_two)
+    assert stats(b)["entries"] == 1
+    # At run time too: the indexed entry swapped for a FIFO is refused by the reader thread,
+    # and the prompt is processed instead.
+    three.unlink()
+    os.mkfifo(three)
+    uid, n, cached = add(b, chat("three"), GREEDY)
+    assert cached == 0, "processed, not read from the FIFO"
+    run(b)
+    assert not os.path.lexists(three) or not stat.S_ISFIFO(os.lstat(three).st_mode)
+
+
+def test_a_header_changed_on_disk_fails_the_checksum(engine, folder):
+    """Two tensors' offsets swapped: the data is intact, the header is not."""
+    b = batcher(engine, folder)
+    add(b, chat("one"), GREEDY)
+    run(b)
+    spill(b)
+    (one,) = files(folder)
+    raw = one.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    names = [k for k in header if k != "__metadata__"][:2]
+    a, c = header[names[0]]["data_offsets"], header[names[1]]["data_offsets"]
+    assert a[1] - a[0] == c[1] - c[0], "two tensors of one size"
+    header[names[0]]["data_offsets"], header[names[1]]["data_offsets"] = c, a
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (n - len(head))
+    assert len(head) == n
+    one.write_bytes(raw[:8] + head + raw[8 + n :])
+    restart()
+    b = batcher(engine, folder)
+    uid, _, cached = add(b, chat("one"), GREEDY)
+    assert cached == 0, "the swapped entry is never used"
+    run(b)
+    assert not one.exists() and stats(b)["removed"] == 1
 
 
 def test_the_cap_holds_and_the_least_recently_used_entry_goes_first(engine, folder):
