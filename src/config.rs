@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub default_model: Option<String>,
     /// What a `model` name no model answers to gets: `"default"` or `"404"`.
     pub fallback: Fallback,
+    /// Web origins (`https://app.example`) whose pages may call the server, besides pages
+    /// served from this machine; `"*"` allows any. Others get a 403.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +82,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             default_model: None,
             fallback: Fallback::Default,
+            allowed_origins: Vec::new(),
         }
     }
 }

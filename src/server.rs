@@ -79,7 +79,13 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, stack: Stack) -> Route
         .layer(plain)
         .merge(v1)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            browser::BrowserRules::new(&config.server.host, &config.server.allowed_origins),
+            browser::check,
+        ))
 }
+
+pub mod browser;
 
 /// Why the server could not serve (or stopped with an error); each names what failed.
 #[derive(Debug, thiserror::Error)]

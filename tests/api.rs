@@ -136,6 +136,7 @@ async fn count_tokens_is_exact_and_counts_system_and_tools() {
     assert!(count(with_tools).await > counted + 10);
     let res = client
         .post(s.url("/v1/messages/count_tokens"))
+        .header("content-type", "application/json")
         .body("nope")
         .send()
         .await

@@ -71,7 +71,10 @@ async fn hostile_policies_are_contained_and_the_server_keeps_serving() {
             "PENSIEVE_POLICIES__SETTINGS__SOCKET_CONFIGURE",
             r#"{mode="socket_configure"}"#,
         ),
-        ("PENSIEVE_POLICIES__SETTINGS__SOCKET_DECIDE", r#"{mode="socket_decide"}"#),
+        (
+            "PENSIEVE_POLICIES__SETTINGS__SOCKET_DECIDE",
+            r#"{mode="socket_decide"}"#,
+        ),
         ("PENSIEVE_POLICIES__ON_ERROR", "admit"),
     ]);
     let h = s.health().await;

@@ -252,8 +252,69 @@ async fn a_corpus_of_bad_requests_gets_named_4xx_errors_and_the_server_serves_on
             "prompt is too long",
         ),
     ];
+    // Conversations Anthropic refuses: the same call id twice, a call left unanswered, a call
+    // answered twice; and bytes after the body's object.
+    let call = |id: &str| {
+        format!(r#"{{"role":"assistant","content":[{{"type":"tool_use","id":"{id}","name":"t","input":{{}}}}]}}"#)
+    };
+    let result = |id: &str| format!(r#"{{"type":"tool_result","tool_use_id":"{id}","content":"ok"}}"#);
+    let turn = |blocks: &str| format!(r#"{{"role":"user","content":[{blocks}]}}"#);
+    let conversations = [
+        (
+            format!(
+                r#"{{{ok},"messages":[{{"role":"user","content":"go"}},{},{},{},{}]}}"#,
+                call("a"),
+                turn(&result("a")),
+                call("a"),
+                turn(&result("a"))
+            ),
+            "ids must be unique",
+        ),
+        (
+            format!(
+                r#"{{{ok},"messages":[{{"role":"user","content":"go"}},{},{{"role":"user","content":"and?"}}]}}"#,
+                call("a")
+            ),
+            "has no tool_result",
+        ),
+        (
+            format!(
+                r#"{{{ok},"messages":[{{"role":"user","content":"go"}},{},{}]}}"#,
+                call("a"),
+                turn(&format!("{},{}", result("a"), result("a")))
+            ),
+            "answered twice",
+        ),
+        (format!(r#"{{{ok},"messages":{user}}} {{}}"#), "not valid JSON"),
+    ];
     for (body, needle) in &fields {
         cases.push(("POST", "/v1/messages", body.clone().into_bytes(), 400, needle));
+    }
+    for (body, needle) in &conversations {
+        cases.push(("POST", "/v1/messages", body.clone().into_bytes(), 400, needle));
+    }
+    // OpenAI's ranges and conversations, named in OpenAI's `param`.
+    let chat = |more: &str| format!(r#"{{"model":"demo","max_tokens":5,"messages":{user}{more}}}"#).into_bytes();
+    let openai: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("/v1/chat/completions", chat(r#","temperature":3"#), "temperature"),
+        ("/v1/chat/completions", chat(r#","temperature":-1"#), "temperature"),
+        ("/v1/chat/completions", chat(r#","temperature":1e308"#), "temperature"),
+        ("/v1/chat/completions", chat(r#","top_p":2"#), "top_p"),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"demo","messages":[{"role":"user","content":"hi"},{"role":"tool","tool_call_id":"call_9","content":"x"}]}"#.to_vec(),
+            "call_9",
+        ),
+        ("/v1/responses", br#"{"model":"demo","input":[]}"#.to_vec(), "input"),
+        ("/v1/responses", br#"{"model":"demo","input":"hi","top_p":-1}"#.to_vec(), "top_p"),
+        (
+            "/v1/responses",
+            br#"{"model":"demo","input":[{"type":"function_call_output","call_id":"call_9","output":"x"}]}"#.to_vec(),
+            "call_9",
+        ),
+    ];
+    for (path, body, needle) in openai {
+        cases.push(("POST", path, body, 400, needle));
     }
     // Over the limit by content-length: answered after the body is read, never a reset
     // (several times, and large enough that the body cannot sit in a socket buffer).
@@ -288,7 +349,14 @@ async fn a_corpus_of_bad_requests_gets_named_4xx_errors_and_the_server_serves_on
         assert_eq!(res.status().as_u16(), status, "{what}");
         assert!(res.headers().contains_key("request-id"), "{what}");
         let v: Value = res.json().await.unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
-        assert_eq!(v["type"], "error", "{what}");
+        if path.starts_with("/v1/chat/") || path.starts_with("/v1/responses") {
+            assert!(
+                v["error"]["param"].is_string(),
+                "{what}: OpenAI's param names the field: {v}"
+            );
+        } else {
+            assert_eq!(v["type"], "error", "{what}");
+        }
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{what}: {msg}");
         assert!(
@@ -356,4 +424,70 @@ async fn a_flood_of_connections_is_bounded_and_served_as_they_close() {
     assert_eq!(res.status(), 200);
     drop(idle);
     assert_eq!(s.post(&hello(2)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_web_page_cannot_drive_the_local_server() {
+    let s = Server::start_with(&[("PENSIEVE_SERVER__ALLOWED_ORIGINS", r#"["https://app.example"]"#)]);
+    let client = reqwest::Client::new();
+    let body = serde_json::to_vec(&hello(2)).unwrap();
+    let post = |content_type: &'static str, origin: Option<&'static str>| {
+        let mut req = client
+            .post(s.url("/v1/messages"))
+            .header("content-type", content_type)
+            .body(body.clone());
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        req.send()
+    };
+    // A form or a `text/plain` POST (what a page sends without a preflight) is refused, from
+    // anywhere: a 415 that says why.
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let res = post(ct, None).await.unwrap();
+        assert_eq!(res.status(), 415, "{ct}");
+        let v: Value = res.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("application/json"),
+            "{v}"
+        );
+    }
+    // A cross-site page is refused even with JSON; a page of this machine, or an allowed
+    // origin, is served with CORS headers.
+    let res = post("application/json", Some("https://evil.example")).await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"]["type"], "permission_error");
+    for origin in ["http://localhost:3000", "https://app.example"] {
+        let res = post("application/json", Some(origin)).await.unwrap();
+        assert_eq!(res.status(), 200, "{origin}");
+        assert_eq!(res.headers()["access-control-allow-origin"], origin);
+    }
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/messages"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    assert!(preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-api-key"));
+    // DNS rebinding: a name that resolves here but is not a loopback name is refused, on every
+    // route (the server is bound to 127.0.0.1).
+    for path in ["/v1/messages", "/health"] {
+        let res = client
+            .get(s.url(path))
+            .header("host", "rebind.evil.example:7777")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403, "{path}");
+    }
+    assert_eq!(client.get(s.url("/health")).send().await.unwrap().status(), 200);
 }

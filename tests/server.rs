@@ -429,6 +429,7 @@ async fn a_body_over_the_limit_is_413_request_too_large() {
         futures_util::stream::iter((0..30).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 100_000]))));
     let res = reqwest::Client::new()
         .post(s.url("/v1/messages"))
+        .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await

@@ -26,7 +26,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T
         _ => {}
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -40,7 +40,11 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T
             (path, None) => path.to_owned(),
         };
         ApiError::invalid_field(path, problem)
-    })
+    })?;
+    // Bytes after the object (a second object, garbage): the body is not one JSON value.
+    de.end()
+        .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+    Ok(value)
 }
 
 /// serde's words in ours: what is wrong and what is allowed, without its type names or the

@@ -57,40 +57,79 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// A `tool_result` answers a `tool_use` of the assistant message just before it.
+/// Calls and results pair up, as Anthropic checks them: every `tool_use` id is unique in the
+/// conversation, a `tool_result` answers a `tool_use` of the assistant message just before it,
+/// at most once, and every `tool_use` is answered in the next message (when there is one).
 fn tool_results_answer_calls(req: &MessagesRequest) -> Result<(), ApiError> {
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    // The calls of the assistant message just before, and where that message is.
     let mut calls: Vec<&str> = Vec::new();
+    let mut asked_at = 0;
     for (i, m) in req.messages.iter().enumerate() {
         let blocks: &[Block] = match &m.content {
             Content::Blocks(b) => b,
             Content::Text(_) => &[],
         };
         if m.role == Role::Assistant {
-            calls = blocks
-                .iter()
-                .filter_map(|b| match b {
-                    Block::ToolUse { id, .. } => Some(id.as_str()),
-                    _ => None,
-                })
-                .collect();
+            unanswered(&calls, asked_at)?;
+            calls.clear();
+            asked_at = i;
+            for (j, b) in blocks.iter().enumerate() {
+                if let Block::ToolUse { id, .. } = b {
+                    if !seen.insert(id.as_str()) {
+                        return Err(ApiError::invalid_field(
+                            format!("messages[{i}].content[{j}].id"),
+                            format!("`{id}` is the id of an earlier tool_use block: ids must be unique"),
+                        ));
+                    }
+                    calls.push(id.as_str());
+                }
+            }
             continue;
         }
         for (j, b) in blocks.iter().enumerate() {
             if let Block::ToolResult { tool_use_id, .. } = b {
-                if !calls.contains(&tool_use_id.as_str()) {
-                    return Err(ApiError::invalid_field(
-                        format!("messages[{i}].content[{j}].tool_use_id"),
-                        format!(
-                            "`{tool_use_id}` answers no tool_use block in \
-                         the assistant message before it"
-                        ),
-                    ));
+                let at = format!("messages[{i}].content[{j}].tool_use_id");
+                match calls.iter().position(|c| *c == tool_use_id.as_str()) {
+                    Some(k) => {
+                        calls.swap_remove(k);
+                    }
+                    None if seen.contains(tool_use_id.as_str()) && asked_at + 1 == i => {
+                        return Err(ApiError::invalid_field(
+                            at,
+                            format!("`{tool_use_id}` is answered twice: one tool_result per tool_use"),
+                        ))
+                    }
+                    None => {
+                        return Err(ApiError::invalid_field(
+                            at,
+                            format!(
+                                "`{tool_use_id}` answers no tool_use block in \
+                             the assistant message before it"
+                            ),
+                        ))
+                    }
                 }
             }
         }
+        unanswered(&calls, asked_at)?;
         calls.clear();
     }
     Ok(())
+}
+
+/// Calls of the assistant message at `at` that the next message did not answer.
+fn unanswered(calls: &[&str], at: usize) -> Result<(), ApiError> {
+    match calls.first() {
+        None => Ok(()),
+        Some(id) => Err(ApiError::invalid_field(
+            format!("messages[{}]", at + 1),
+            format!(
+                "the tool_use `{id}` of messages[{at}] has no tool_result here: each tool_use is answered by a \
+                 tool_result in the next message"
+            ),
+        )),
+    }
 }
 
 /// `thinking: {"type": "enabled", "budget_tokens": N}`: 1024 ≤ N < `max_tokens`, and no
@@ -277,6 +316,29 @@ mod tests {
         // Not an earlier turn's call either.
         b["messages"] = json!([{"role": "user", "content": "go"}, call, answer("toolu_1"),
             {"role": "assistant", "content": "done"}, answer("toolu_1")]);
-        assert!(check(b).unwrap_err().starts_with("messages[4].content[0].tool_use_id"));
+        assert!(check(b.clone())
+            .unwrap_err()
+            .starts_with("messages[4].content[0].tool_use_id"));
+        // A call unanswered in the next message.
+        b["messages"] = json!([{"role": "user", "content": "go"}, call, {"role": "user", "content": "and?"}]);
+        assert!(check(b.clone())
+            .unwrap_err()
+            .starts_with("messages[2]: the tool_use `toolu_1` of messages[1] has no tool_result"));
+        // A call that ends the conversation waits for its result: fine.
+        b["messages"] = json!([{"role": "user", "content": "go"}, call]);
+        assert_eq!(check(b.clone()), Ok(()));
+        // Two results for one call.
+        let twice = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"},
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "again"}]});
+        b["messages"] = json!([{"role": "user", "content": "go"}, call, twice]);
+        assert!(check(b.clone())
+            .unwrap_err()
+            .starts_with("messages[2].content[1].tool_use_id: `toolu_1` is answered twice"));
+        // The same id for two calls.
+        b["messages"] = json!([{"role": "user", "content": "go"}, call, answer("toolu_1"), call, answer("toolu_1")]);
+        assert!(check(b)
+            .unwrap_err()
+            .starts_with("messages[3].content[0].id: `toolu_1` is the id of an earlier"));
     }
 }

@@ -226,6 +226,13 @@ impl HttpConfig {
         if self.max_body_mb == 0 {
             return Err(("server.max_body_mb", "must be at least 1".into()));
         }
+        // An empty key would let in a request with an empty `x-api-key`.
+        if let Some(i) = self.api_keys.iter().position(|k| k.trim().is_empty()) {
+            return Err((
+                "server.api_keys",
+                format!("key {i} is empty or blank: every key must have characters"),
+            ));
+        }
         for (name, value) in &self.headers {
             if http::HeaderName::try_from(name.as_str()).is_err()
                 || http::HeaderValue::try_from(value.as_str()).is_err()
@@ -363,6 +370,22 @@ mod tests {
             assert_eq!(c.memory.warning_gb, 3.0);
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        let mut c = GuardConfig::default();
+        c.server.api_keys = vec!["sk-1".into(), " ".into()];
+        let (key, problem) = c.check().unwrap_err();
+        assert_eq!(
+            (key, problem.as_str()),
+            (
+                "server.api_keys",
+                "key 1 is empty or blank: every key must have characters"
+            )
+        );
+        c.server.api_keys = vec!["sk-1".into()];
+        assert!(c.check().is_ok());
     }
 
     #[test]

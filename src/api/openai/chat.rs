@@ -89,6 +89,7 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
 /// The normalised request; `context` is the model's (the default `max_tokens`).
 pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, ApiError> {
     refuse_unsupported(req)?;
+    super::sampling_ranges(req.temperature, req.top_p)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_field("messages", "must contain at least one message"));
     }
@@ -118,6 +119,7 @@ pub fn to_backend(req: &ChatRequest, context: u32) -> Result<GenerateRequest, Ap
                 let id = m.tool_call_id.clone().ok_or_else(|| {
                     ApiError::invalid_field(format!("{at}.tool_call_id"), "required in a tool message")
                 })?;
+                super::answers_a_call(&messages, &id, &format!("{at}.tool_call_id"))?;
                 messages.push(message("tool", text, Vec::new(), Some(id)));
             }
             other => {

@@ -126,6 +126,7 @@ pub fn to_backend(
     context: u32,
     kept: &Kept,
 ) -> Result<(GenerateRequest, Vec<ChatMessage>), ApiError> {
+    super::sampling_ranges(req.temperature, req.top_p)?;
     for (key, value) in &req.rest {
         match key.as_str() {
             _ if value.is_null() || IGNORED.contains(&key.as_str()) => {}
@@ -203,6 +204,9 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
             out.push(message("user", s.clone(), Vec::new(), None));
             return Ok(());
         }
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid_field("input", "at least one item is required"))
+        }
         Value::Array(items) => items,
         _ => {
             return Err(ApiError::invalid_field(
@@ -254,6 +258,7 @@ fn items(input: &Value, system: &mut String, out: &mut Vec<ChatMessage>) -> Resu
                     .get("call_id")
                     .and_then(Value::as_str)
                     .ok_or_else(|| ApiError::invalid_field(format!("{at}.call_id"), "required"))?;
+                super::answers_a_call(out, id, &format!("{at}.call_id"))?;
                 let output = match item.get("output") {
                     Some(Value::String(s)) => s.clone(),
                     other => text_of(other, &format!("{at}.output"))?,

@@ -55,9 +55,11 @@ impl ApiKeyLayer {
             return Ok(());
         }
         let presented = headers.get(X_API_KEY).map(|v| v.as_bytes()).or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            // The scheme is case-insensitive (RFC 9110): `bearer` and `BEARER` too.
+            headers.get(header::AUTHORIZATION).and_then(|v| {
+                let v = v.as_bytes();
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+            })
         });
         let Some(presented) = presented else {
             return Err(ApiError::new(
@@ -125,6 +127,8 @@ mod tests {
     async fn x_api_key_and_bearer_both_work_and_wrong_keys_do_not() {
         assert_eq!(status(&["k1", "k2"], Some(("x-api-key", "k2"))).await, 200);
         assert_eq!(status(&["k1"], Some(("authorization", "Bearer k1"))).await, 200);
+        assert_eq!(status(&["k1"], Some(("authorization", "bearer k1"))).await, 200);
+        assert_eq!(status(&["k1"], Some(("authorization", "BEARER k1"))).await, 200);
         assert_eq!(status(&["k1"], Some(("x-api-key", "k"))).await, 401);
         assert_eq!(status(&["k1"], Some(("authorization", "Basic k1"))).await, 401);
         assert_eq!(status(&["k1"], None).await, 401);

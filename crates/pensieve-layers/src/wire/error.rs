@@ -47,12 +47,16 @@ pub enum ErrorKind {
     InvalidRequest,
     /// 401
     Authentication,
+    /// 403: a request the server will not take from where it came (a cross-site page).
+    Forbidden,
     /// 404
     NotFound,
     /// 405 (Anthropic has no type of its own for it; the message says which methods work)
     MethodNotAllowed,
     /// 413
     RequestTooLarge,
+    /// 415: a body that is not JSON where JSON is read.
+    UnsupportedMediaType,
     /// 429
     RateLimit,
     /// 500
@@ -67,9 +71,11 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Authentication => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Api => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,8 +85,11 @@ impl ErrorKind {
     /// The `error.type` string.
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed | ErrorKind::UnsupportedMediaType => {
+                "invalid_request_error"
+            }
             ErrorKind::Authentication => "authentication_error",
+            ErrorKind::Forbidden => "permission_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::RequestTooLarge => "request_too_large",
             ErrorKind::RateLimit => "rate_limit_error",
@@ -210,7 +219,9 @@ impl ApiError {
     fn openai_body(&self, request_id: Option<&str>) -> Bytes {
         let (kind, code) = match self.kind {
             ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed => ("invalid_request_error", None),
+            ErrorKind::UnsupportedMediaType => ("invalid_request_error", Some("unsupported_media_type")),
             ErrorKind::Authentication => ("authentication_error", Some("invalid_api_key")),
+            ErrorKind::Forbidden => ("permission_error", Some("forbidden_origin")),
             ErrorKind::NotFound => ("invalid_request_error", Some("not_found")),
             ErrorKind::RequestTooLarge => ("invalid_request_error", Some("request_too_large")),
             ErrorKind::RateLimit => ("rate_limit_error", Some("rate_limit_exceeded")),
