@@ -58,8 +58,15 @@ pub struct ServerConfig {
     pub headers: BTreeMap<String, String>,
     /// How long running generations may finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
-    /// Open connections at most; more wait in the kernel's backlog until one closes.
+    /// Open connections at most: at the limit, the oldest connection without a request in
+    /// flight is closed for a new one; when every one has a request in flight, new ones wait
+    /// in the kernel's backlog.
     pub max_connections: usize,
+    /// Seconds for a request's head to arrive, from the connection's opening or its last
+    /// answer (an idle keep-alive connection closes then).
+    pub header_timeout_secs: u64,
+    /// Seconds for a request's body to arrive whole, from its head.
+    pub body_timeout_secs: u64,
     /// With `[models]`: the model that `/health` names and that unknown names get.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_model: Option<String>,
@@ -80,6 +87,8 @@ impl Default for ServerConfig {
             headers: BTreeMap::new(),
             shutdown_grace_secs: 30,
             max_connections: 1024,
+            header_timeout_secs: 10,
+            body_timeout_secs: 60,
             default_model: None,
             fallback: Fallback::Default,
             allowed_origins: Vec::new(),
@@ -261,6 +270,14 @@ impl Config {
         self.guard().check().map_err(|(key, problem)| invalid(key, problem))?;
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1".into()));
+        }
+        for (key, secs) in [
+            ("server.header_timeout_secs", self.server.header_timeout_secs),
+            ("server.body_timeout_secs", self.server.body_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         if self.backend.max_concurrent == 0 || self.backend.max_concurrent > 256 {
             return Err(invalid(

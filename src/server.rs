@@ -145,151 +145,91 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     // Armed before we say we serve: a signal sent from then on is never lost.
-    let signal = shutdown_signal()?;
+    let mut signals = Signals::listen()?;
     tracing::info!(%addr, "pensieve is serving");
+    if !browser::is_loopback_host(&config.server.host) && config.server.api_keys.is_empty() {
+        tracing::warn!(
+            host = %config.server.host,
+            "bound to an address other machines can reach, with no server.api_keys: anyone who can reach it can use it"
+        );
+    }
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let listener = ConnectionLimit::new(listener, config.server.max_connections);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        signal.await;
+    // Signals received so far: the first starts the shutdown, the second ends its grace.
+    let (received_tx, received) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            signals.next().await;
+            received_tx.send_modify(|n| *n += 1);
+        }
+    });
+    let limits = conns::Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: Duration::from_secs(config.server.header_timeout_secs),
+        body_timeout: Duration::from_secs(config.server.body_timeout_secs),
+    };
+    let (mut first, mut second) = (received.clone(), received);
+    let stopping = async move {
+        let _ = first.wait_for(|n| *n >= 1).await;
         tracing::info!(
             grace_secs = grace.as_secs(),
-            "shutting down: no new connections; running requests may finish"
+            "shutting down: no new connections; running requests may finish (a second signal stops at once)"
         );
-        let _ = stop_tx.send(true);
-    });
+    };
     tokio::select! {
-        res = server => res.map_err(ServeError::Serve)?,
+        _ = conns::serve(listener, app, limits, stopping) => {}
         _ = async move {
-            let _ = stop_rx.wait_for(|stopped| *stopped).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("grace period over; remaining requests are aborted"),
+            let _ = second.wait_for(|n| *n >= 1).await;
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; remaining requests are aborted"),
+                _ = second.wait_for(|n| *n >= 2) => tracing::warn!("a second signal: remaining requests are aborted"),
+            }
+        } => {}
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Listens for SIGINT and SIGTERM from the moment it is called (not from the first poll), so
-/// that a signal sent right after start-up is not lost.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServeError> {
+/// SIGINT and SIGTERM, listened for from the moment [`Signals::listen`] is called (not from
+/// the first poll), so that a signal sent right after start-up is not lost.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let listen = |kind, signal_name| {
-            signal(kind).map_err(|source| ServeError::Signal {
-                signal: signal_name,
-                source,
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> Result<Signals, ServeError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind, signal_name| {
+                signal(kind).map_err(|source| ServeError::Signal {
+                    signal: signal_name,
+                    source,
+                })
+            };
+            Ok(Signals {
+                int: listen(SignalKind::interrupt(), "SIGINT")?,
+                term: listen(SignalKind::terminate(), "SIGTERM")?,
             })
-        };
-        let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
-        let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
-        Ok(async move {
-            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
     }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-    }
-}
 
-/// A listener that keeps at most `max` connections open: past that it stops accepting, and new
-/// connections wait in the kernel's backlog until one closes (a flood of connections is bounded
-/// in file descriptors, tasks and memory). Each accepted stream holds a permit until dropped.
-struct ConnectionLimit {
-    inner: tokio::net::TcpListener,
-    permits: Arc<tokio::sync::Semaphore>,
-    max: usize,
-}
-
-impl ConnectionLimit {
-    fn new(inner: tokio::net::TcpListener, max: usize) -> Self {
-        let permits = Arc::new(tokio::sync::Semaphore::new(max));
-        Self { inner, permits, max }
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! { _ = self.int.recv() => {}, _ = self.term.recv() => {} }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
-impl axum::serve::Listener for ConnectionLimit {
-    type Io = Permitted;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Permitted, std::net::SocketAddr) {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                tracing::warn!(
-                    max = self.max,
-                    "connection limit reached (server.max_connections); new connections wait"
-                );
-                self.permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed")
-            }
-        };
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (Permitted { io, _permit: permit }, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection counted against [`ConnectionLimit`].
-struct Permitted {
-    io: tokio::net::TcpStream,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl tokio::io::AsyncRead for Permitted {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Permitted {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+mod conns;
 
 #[cfg(test)]
 mod tests;

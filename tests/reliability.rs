@@ -400,21 +400,145 @@ async fn sigterm_with_no_grace_aborts_running_work_and_exits_zero() {
 }
 
 #[tokio::test]
-async fn a_flood_of_connections_is_bounded_and_served_as_they_close() {
-    let s = Server::start_with(&[("PENSIEVE_SERVER__MAX_CONNECTIONS", "4")]);
-    let addr = s.base.trim_start_matches("http://").to_owned();
-    // Four connections that never send a request take every slot.
-    let mut idle: Vec<_> = (0..4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+async fn a_second_signal_ends_the_grace_at_once() {
+    let mut s = Server::start_with(&[("PENSIEVE_SERVER__SHUTDOWN_GRACE_SECS", "60")]);
+    // A request in flight (its body still coming) keeps the server in its grace...
+    let _busy = raw(
+        &s,
+        b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{",
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let client = reqwest::Client::builder()
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(1)), None, "it waits for the request");
+    // ...until a second signal.
+    s.signal("INT");
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0), "{}", s.log());
+    assert!(s.log().contains("a second signal"), "{}", s.log());
+}
+
+/// Sends `bytes` on a raw connection to `s`.
+fn raw(s: &Server, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+    c.write_all(bytes).unwrap();
+    c
+}
+
+/// Seconds until the server closes `c` (reads to its end), at most `limit`.
+fn closed_after(c: &mut std::net::TcpStream, limit: Duration) -> (f64, String) {
+    use std::io::Read;
+    c.set_read_timeout(Some(limit)).unwrap();
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    (t.elapsed().as_secs_f64(), String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn idle_and_slow_sockets_cannot_keep_a_request_out() {
+    let s = Server::start_with(&[
+        ("PENSIEVE_SERVER__MAX_CONNECTIONS", "8"),
+        ("PENSIEVE_SERVER__HEADER_TIMEOUT_SECS", "3"),
+        ("PENSIEVE_SERVER__BODY_TIMEOUT_SECS", "3"),
+    ]);
+    // Slowloris: 16 connections (twice the limit) sending their heads a byte every 2 s, and 40
+    // that send nothing at all. A normal request is served at once all the same: a connection
+    // without a whole head does not keep a new one out.
+    let slow: Vec<_> = (0..16).map(|_| raw(&s, b"POST /v1/messages HTTP/1.1\r\n")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drip = std::thread::spawn({
+        let stop = stop.clone();
+        let mut slow: Vec<_> = slow.iter().map(|c| c.try_clone().unwrap()).collect();
+        move || {
+            use std::io::Write;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for c in &mut slow {
+                    let _ = c.write_all(b"X");
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    });
+    let idle: Vec<_> = (0..40).map(|_| raw(&s, b"")).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let res = reqwest::Client::new()
+            .post(s.url("/v1/messages"))
+            .json(&hello(2))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("served");
+        assert_eq!(res.status(), 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "waited {:?} behind idle sockets",
+            t.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drip.join().unwrap();
+    drop((slow, idle));
+
+    // A head that never ends is closed at the header timeout; so is a keep-alive connection
+    // left idle after its answer.
+    let mut c = raw(&s, b"GET /health HTTP/1.1\r\nHost: localhost\r\n");
+    let (secs, _) = closed_after(&mut c, Duration::from_secs(10));
+    assert!((2.5..6.0).contains(&secs), "a half head held {secs} s");
+    let mut c = raw(&s, b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let (secs, answer) = closed_after(&mut c, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        (2.5..6.0).contains(&secs),
+        "an idle keep-alive connection held {secs} s"
+    );
+    // A body sent a byte at a time fails at the body timeout, with a 400 that says so.
+    let mut c = raw(
+        &s,
+        b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+    );
+    let writer = {
+        use std::io::Write;
+        let mut w = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..8 {
+                std::thread::sleep(Duration::from_secs(1));
+                if w.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (secs, answer) = closed_after(&mut c, Duration::from_secs(15));
+    let _ = writer.join();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("server.body_timeout_secs"), "{answer}");
+    assert!(secs < 6.0, "the slow body held {secs} s");
+}
+
+#[tokio::test]
+async fn connections_with_requests_in_flight_are_bounded_and_new_ones_wait_for_them() {
+    let s = Server::start_with(&[("PENSIEVE_SERVER__MAX_CONNECTIONS", "2")]);
+    // Two requests in flight (their heads in, their bodies still coming) take both slots: a
+    // third connection waits...
+    let head = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{";
+    let busy = [raw(&s, head), raw(&s, head)];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blocked = reqwest::Client::builder()
         .timeout(Duration::from_millis(1500))
         .build()
-        .unwrap();
-    let blocked = client.get(s.url("/health")).send().await;
-    assert!(blocked.is_err(), "a fifth connection was served: {blocked:?}");
+        .unwrap()
+        .get(s.url("/health"))
+        .send()
+        .await;
+    assert!(
+        blocked.is_err(),
+        "a third connection was served while two requests ran: {blocked:?}"
+    );
     assert!(s.log().contains("connection limit reached"));
-    // One closes: the waiting connection is served.
-    idle.pop();
+    // ...and is served once one of them ends.
+    drop(busy);
     let res = reqwest::Client::new()
         .get(s.url("/health/live"))
         .timeout(Duration::from_secs(5))
@@ -422,7 +546,6 @@ async fn a_flood_of_connections_is_bounded_and_served_as_they_close() {
         .await
         .expect("served once a slot was free");
     assert_eq!(res.status(), 200);
-    drop(idle);
     assert_eq!(s.post(&hello(2)).await.status(), 200);
 }
 

@@ -52,7 +52,7 @@ impl BrowserRules {
 }
 
 /// `localhost`, a `*.localhost` name, or a loopback address (`127.x.x.x`, `::1`).
-fn is_loopback_host(host: &str) -> bool {
+pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
     host.eq_ignore_ascii_case("localhost")
         || host.to_ascii_lowercase().ends_with(".localhost")
