@@ -614,3 +614,88 @@ async fn a_web_page_cannot_drive_the_local_server() {
     }
     assert_eq!(client.get(s.url("/health")).send().await.unwrap().status(), 200);
 }
+
+/// The server's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[tokio::test]
+async fn a_prompt_far_over_the_context_is_refused_before_it_is_tokenised() {
+    let s = Server::start();
+    let pid = s.pid();
+    // Warm: the model has answered once (its context and vocabulary are known).
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+    let before = rss(pid);
+    // Peak memory while the big requests are handled, sampled every 5 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        }
+    });
+    // A stream runs meanwhile; its tokens keep coming.
+    let mut running = s.post_stream(&hello(2_000)).await.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let gaps = tokio::spawn(async move {
+        let (mut last, mut worst) = (Instant::now(), Duration::ZERO);
+        while let Some(chunk) = running.next().await {
+            chunk.unwrap();
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+        }
+        worst
+    });
+    for (mb, path) in [
+        (8usize, "/v1/messages"),
+        (30, "/v1/messages"),
+        (8, "/v1/messages/count_tokens"),
+    ] {
+        let body = json!({"model": "demo", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "word ".repeat((mb << 20) / 5)}]});
+        let t = Instant::now();
+        let res = reqwest::Client::new()
+            .post(s.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert_eq!(res.status(), 400, "{mb} MB on {path}");
+        let v: Value = res.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("prompt is too long: at least"),
+            "{v}"
+        );
+        assert!(took < Duration::from_secs(5), "{mb} MB on {path} took {took:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let grew = peak.saturating_sub(before);
+    println!(
+        "RSS {} MB before, peak {} MB (+{} MB)",
+        before >> 20,
+        peak >> 20,
+        grew >> 20
+    );
+    assert!(grew < 100 << 20, "RSS grew {} MB", grew >> 20);
+    let worst = gaps.await.unwrap();
+    println!("the running stream's longest gap: {worst:?}");
+    assert!(worst < Duration::from_secs(2), "the running stream stalled {worst:?}");
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+}

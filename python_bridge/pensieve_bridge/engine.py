@@ -66,6 +66,10 @@ class Engine:
         self.context_length = int(ctx) if ctx and ctx < 10**9 else 0
         self._float32_on_cpu(cpu_float32_budget)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        #: The most bytes one token stands for (its vocabulary's longest entry, UTF-8): a prompt of
+        #: N bytes is at least N / this many tokens, which Rust checks against the context
+        #: before anything is tokenised (an 8 MB prompt is refused without being read).
+        self.max_token_bytes = max_token_bytes(self.tokenizer)
         #: How the model is shown tools and writes calls (:mod:`~pensieve_bridge.tool_format`).
         self.tool_format = tool_format.NATIVE
         self.tool_format = tool_format.detect(self.tokenizer, self.render_chat)
@@ -168,6 +172,18 @@ class Engine:
         """Restarts MLX's peak counter, keeping the peak so far for :meth:`memory`."""
         self.peak_before_reset = max(self.peak_before_reset, mx.get_peak_memory())
         mx.reset_peak_memory()
+
+
+def max_token_bytes(tokenizer) -> int:
+    """The longest vocabulary entry in UTF-8 bytes (0 when the tokenizer does not list one).
+    For byte-level BPE an entry's characters stand for one byte each and take one or two in
+    UTF-8, so this is at most twice the truth: a safe bound, never too small."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        vocab = hf.get_vocab()
+    except Exception:
+        return 0
+    return max((len(t.encode()) for t in vocab), default=0)
 
 
 def float32_bytes(model) -> int:

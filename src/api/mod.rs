@@ -213,6 +213,25 @@ pub(crate) fn model_for(app: &AppState, name: &str) -> Result<(String, u32), Api
     Ok((model, context))
 }
 
+/// Refuses a prompt longer than `model`'s context however it tokenises, before anything reads
+/// it: `N` bytes are at least `N / max_token_bytes` tokens (a 30 MB prompt would otherwise be
+/// tokenised whole, gigabytes of memory, before the context check). Models not loaded yet are
+/// checked by the backend after their load, as before.
+pub(crate) fn prompt_fits(app: &AppState, model: &str, chat: &crate::backend::Chat) -> Result<(), ApiError> {
+    let (context, per_token) = (app.backend.context_length(model), app.backend.max_token_bytes(model));
+    if context == 0 || per_token == 0 {
+        return Ok(());
+    }
+    let bytes = chat.text_bytes();
+    let at_least = bytes / per_token as usize;
+    if at_least > context as usize {
+        return Err(ApiError::invalid(format!(
+            "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {per_token} bytes a token for this model) > {context} maximum"
+        )));
+    }
+    Ok(())
+}
+
 /// Hands `request` to the backend and waits until its prompt is tokenised, so that a refusal
 /// before the start (prompt too long, memory fell while queued) is a proper HTTP error rather
 /// than an event in a 200 stream. Returns the generation, its prompt tokens and how many of
@@ -222,6 +241,7 @@ pub(crate) async fn start(
     request: crate::backend::GenerateRequest,
     span: &tracing::Span,
 ) -> Result<(crate::backend::Generation, u32, u32), ApiError> {
+    prompt_fits(app, &request.model, &request.chat)?;
     let mut generation = app.backend.generate(request)?;
     let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
         .await
@@ -263,6 +283,7 @@ pub async fn count_tokens(
         let req = translate::parse(&serde_json::to_vec(&value).expect("json"))?;
         let model = app.backend.resolve(&req.model)?;
         let chat = translate::to_backend(&req, false)?.chat;
+        prompt_fits(&app, &model, &chat)?;
         let pending = app.backend.count_tokens(&model, chat)?;
         let n = tokio::time::timeout(app.queue_timeout, pending)
             .await

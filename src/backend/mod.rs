@@ -44,6 +44,16 @@ pub struct Chat {
     pub continue_final: bool,
 }
 
+impl Chat {
+    /// The bytes of text the template is given: message contents, calls and tool definitions.
+    pub fn text_bytes(&self) -> usize {
+        let calls = |m: &ChatMessage| m.tool_calls.iter().map(|c| c.to_string().len()).sum::<usize>();
+        let messages: usize = self.messages.iter().map(|m| m.content.len() + calls(m)).sum();
+        let tools: usize = self.tools.iter().flatten().map(|t| t.to_string().len()).sum();
+        messages + tools
+    }
+}
+
 impl GenerateRequest {
     /// One user message for `model`, greedy, no stop sequence, no constraint (for tests).
     #[cfg(test)]
@@ -465,6 +475,10 @@ pub trait Backend: Send + Sync + 'static {
     fn resolve(&self, name: &str) -> Result<String, BackendError>;
     /// `model`'s context in tokens (0 when unknown: never loaded yet).
     fn context_length(&self, model: &str) -> u32;
+    /// The most bytes one of `model`'s tokens stands for (0 when unknown: never loaded yet).
+    fn max_token_bytes(&self, _model: &str) -> u32 {
+        0
+    }
     /// Counters for `/health`.
     fn status(&self) -> BackendStatus;
     /// Whether `model` is loaded now (a request for it starts without a load).

@@ -200,6 +200,8 @@ pub(crate) struct Shared {
     kv_bytes_per_token: AtomicU64,
     /// A [`crate::backend::ToolFormat`], by code.
     tool_format: AtomicU8,
+    /// The most bytes one token stands for (0: unknown).
+    max_token_bytes: AtomicU32,
     max_concurrent: AtomicU32,
     prompt_cache_bytes: AtomicU64,
     prompt_cache_entries: AtomicU64,
@@ -226,6 +228,7 @@ impl Shared {
             context_length: AtomicU32::new(0),
             kv_bytes_per_token: AtomicU64::new(0),
             tool_format: AtomicU8::new(0),
+            max_token_bytes: AtomicU32::new(0),
             max_concurrent: AtomicU32::new(max_concurrent as u32),
             prompt_cache_bytes: AtomicU64::new(0),
             prompt_cache_entries: AtomicU64::new(0),
@@ -495,6 +498,13 @@ impl Backend for MlxBackend {
     fn context_length(&self, model: &str) -> u32 {
         match self.registry.resolve(model) {
             Ok(i) => self.slots[i].shared.context_length.load(Ordering::Relaxed),
+            Err(_) => 0,
+        }
+    }
+
+    fn max_token_bytes(&self, model: &str) -> u32 {
+        match self.registry.resolve(model) {
+            Ok(i) => self.slots[i].shared.max_token_bytes.load(Ordering::Relaxed),
             Err(_) => 0,
         }
     }

@@ -99,6 +99,10 @@ pub(crate) trait Batcher {
     fn tool_format(&self) -> ToolFormat {
         ToolFormat::Native
     }
+    /// The most bytes one token stands for (0: unknown).
+    fn max_token_bytes(&self) -> u32 {
+        0
+    }
     /// Renders a request and puts it in the batch (or says it is too long). `Err`: the chat
     /// template refused it.
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError>;

@@ -191,6 +191,7 @@ pub(crate) struct PyBatcher {
     batcher: Py<PyAny>,
     context_length: u32,
     kv_bytes_per_token: u64,
+    max_token_bytes: u32,
     tool_format: ToolFormat,
 }
 
@@ -262,6 +263,7 @@ impl Loader for PyLoader {
                 tracing::info!(model = %spec.name, %info, "model ready");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
                 let kv_bytes_per_token: u64 = engine.getattr("kv_bytes_per_token")?.extract().unwrap_or(0);
+                let max_token_bytes: u32 = engine.getattr("max_token_bytes")?.extract().unwrap_or(0);
                 let tool_format = match engine.getattr("tool_format")?.extract::<String>()?.as_str() {
                     "native" => ToolFormat::Native,
                     "generic" => ToolFormat::Generic,
@@ -283,6 +285,7 @@ impl Loader for PyLoader {
                     batcher: batcher.unbind(),
                     context_length,
                     kv_bytes_per_token,
+                    max_token_bytes,
                     tool_format,
                 })
             };
@@ -320,6 +323,10 @@ impl Batcher for PyBatcher {
 
     fn tool_format(&self) -> ToolFormat {
         self.tool_format
+    }
+
+    fn max_token_bytes(&self) -> u32 {
+        self.max_token_bytes
     }
 
     fn add(&mut self, request: &GenerateRequest, context_length: u32) -> Result<Added, BridgeError> {

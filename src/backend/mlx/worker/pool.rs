@@ -254,6 +254,9 @@ impl<'a, L: Loader> Pool<'a, L> {
         shared.context_length.store(batcher.context_length(), Ordering::Relaxed);
         shared.tool_format.store(batcher.tool_format() as u8, Ordering::Relaxed);
         shared
+            .max_token_bytes
+            .store(batcher.max_token_bytes(), Ordering::Relaxed);
+        shared
             .kv_bytes_per_token
             .store(batcher.kv_bytes_per_token(), Ordering::Relaxed);
         let mut worker = Worker::new(batcher, shared, self.gate);
