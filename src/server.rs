@@ -183,11 +183,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; remaining requests are aborted"),
                 _ = second.wait_for(|n| *n >= 2) => tracing::warn!("a second signal: remaining requests are aborted"),
             }
+            // Running answers end with an error (a stream's `error` event) rather than a cut;
+            // a moment for them to reach their clients.
+            crate::backend::abort_generations();
+            tokio::time::sleep(ABORT_FLUSH).await;
         } => {}
     }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long answers ended by the shutdown have to send their error before the process exits.
+const ABORT_FLUSH: Duration = Duration::from_millis(300);
 
 /// SIGINT and SIGTERM, listened for from the moment [`Signals::listen`] is called (not from
 /// the first poll), so that a signal sent right after start-up is not lost.

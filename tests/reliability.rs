@@ -394,9 +394,25 @@ async fn sigterm_with_no_grace_aborts_running_work_and_exits_zero() {
     stream.next().await.unwrap().unwrap();
     s.signal("TERM");
     assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0), "{}", s.log());
-    // The client sees the stream end (cut), not hang.
-    let drained = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
+    // The client sees the stream end with an error event that says why, not a bare cut.
+    let mut rest = String::new();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
     assert!(drained.is_ok());
+    let error = rest
+        .split("event: error\ndata: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no error event: {rest}"));
+    assert!(
+        error.contains("overloaded_error") && error.contains("shutting down"),
+        "{error}"
+    );
+    assert!(!rest.contains("message_stop"));
+    assert!(s.log().contains("answer cut"), "the cut is logged: {}", s.log());
 }
 
 #[tokio::test]

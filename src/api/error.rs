@@ -30,6 +30,7 @@ impl From<BackendError> for ApiError {
             BackendError::InvalidRequest(msg) => ApiError::invalid(msg),
             BackendError::Refused { field, problem } => ApiError::invalid_field(field, problem),
             BackendError::Stopped => ApiError::new(ErrorKind::Overloaded, "the backend has stopped").retry_after(5),
+            e @ BackendError::ShuttingDown => ApiError::new(ErrorKind::Overloaded, e.to_string()).retry_after(5),
             e @ BackendError::UnknownModel { .. } => ApiError::new(ErrorKind::NotFound, e.to_string()).param("model"),
             BackendError::LoadRefused {
                 message,

@@ -283,7 +283,7 @@ pub fn response(
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             let next = tokio::select! {
-                next = generation.events.recv() => next,
+                next = generation.next() => next,
                 _ = ping.tick() => {
                     yield event("ping", json!({"type": "ping"}));
                     continue;
@@ -349,7 +349,7 @@ pub async fn collect(
     mut timing: Timing,
 ) -> Result<Message, ApiError> {
     let mut m = Message::new(&model);
-    while let Some(ev) = generation.events.recv().await {
+    while let Some(ev) = generation.next().await {
         if matches!(
             ev,
             Event::Text(_) | Event::Thinking(_) | Event::ToolStart { .. } | Event::ToolUse { .. }

@@ -349,6 +349,9 @@ pub enum BackendError {
     /// The backend thread is gone.
     #[error("backend stopped")]
     Stopped,
+    /// The server is stopping and its grace is over: the answer is cut.
+    #[error("the server is shutting down (its grace, server.shutdown_grace_secs, is over); the answer was cut: retry")]
+    ShuttingDown,
 }
 
 /// What `/health` shows of the backend.
@@ -460,6 +463,32 @@ impl PromptCacheDisk {
 pub struct Generation {
     /// Events from the backend thread.
     pub events: mpsc::Receiver<Event>,
+}
+
+/// Set when the server's shutdown grace is over: running answers end with an error.
+static ABORT: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(false).0);
+
+/// Ends every answer still running: each generation's next event is
+/// [`BackendError::ShuttingDown`] (a stream's `error` event, or a 503), instead of a cut.
+pub fn abort_generations() {
+    ABORT.send_replace(true);
+}
+
+impl Generation {
+    /// The next event; a [`BackendError::ShuttingDown`] failure once [`abort_generations`] was
+    /// called.
+    pub async fn next(&mut self) -> Option<Event> {
+        let mut abort = ABORT.subscribe();
+        tokio::select! {
+            biased;
+            _ = abort.wait_for(|a| *a) => {
+                tracing::warn!("answer cut: the server's shutdown grace is over");
+                Some(Event::Failed(BackendError::ShuttingDown))
+            }
+            event = self.events.recv() => event,
+        }
+    }
 }
 
 /// The answer to a token count, when the backend thread gets to it.

@@ -503,7 +503,7 @@ pub(super) fn call_id(id: &str) -> String {
 /// The whole completion.
 async fn collect(mut generation: Generation, reply: Reply, span: &tracing::Span) -> Result<Response, ApiError> {
     let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), Vec::new());
-    while let Some(ev) = generation.events.recv().await {
+    while let Some(ev) = generation.next().await {
         match ev {
             Event::Started { .. } | Event::ToolStart { .. } | Event::ToolInput(_) => {}
             Event::Text(t) => content.push_str(&t),
@@ -547,7 +547,7 @@ fn stream(mut generation: Generation, reply: Reply, include_usage: bool, span: t
         // The streamed call open now: its id and the arguments sent for it.
         let mut open: Option<(String, String)> = None;
         loop {
-            match generation.events.recv().await {
+            match generation.next().await {
                 Some(Event::Started { .. }) => {}
                 Some(Event::Text(t)) => yield data(reply.chunk(json!({"content": t}), None)),
                 Some(Event::Thinking(t)) => yield data(reply.chunk(json!({"reasoning_content": t}), None)),

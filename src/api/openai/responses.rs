@@ -479,7 +479,7 @@ struct Done {
 
 /// The whole generation into `out`.
 async fn run(mut generation: Generation, out: &mut Output, span: &tracing::Span) -> Result<Done, ApiError> {
-    while let Some(ev) = generation.events.recv().await {
+    while let Some(ev) = generation.next().await {
         match ev {
             Event::Done {
                 reason, output_tokens, ..
@@ -754,7 +754,7 @@ fn stream(generation: Generation, reply: Reply, span: tracing::Span) -> Response
         let mut out = Output::default();
         let mut open = Open::None;
         let done = loop {
-            let Some(ev) = generation.events.recv().await else {
+            let Some(ev) = generation.next().await else {
                 break Err(ApiError::new(ErrorKind::Api, "the backend ended the generation without a result"));
             };
             match ev {
