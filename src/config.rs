@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub default_model: Option<String>,
     /// What a `model` name no model answers to gets: `"default"` or `"404"`.
     pub fallback: Fallback,
+    /// With `api_keys`: `/health` and `/metrics` need a key too (`/health/live` and
+    /// `/health/ready` stay open for probes).
+    pub protect_health: bool,
     /// Web origins (`https://app.example`) whose pages may call the server, besides pages
     /// served from this machine; `"*"` allows any. Others get a 403.
     pub allowed_origins: Vec<String>,
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             default_model: None,
             fallback: Fallback::Default,
             allowed_origins: Vec::new(),
+            protect_health: false,
         }
     }
 }

@@ -70,11 +70,18 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, stack: Stack) -> Route
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(MetricsLayer::new(http))
         .layer(CatchPanicLayer::custom(panic_response as PanicResponse));
-    Router::new()
+    // `/health` and `/metrics` show paths, models and counts: behind the API keys with
+    // `server.protect_health`. Liveness and readiness stay open for probes.
+    let mut details = Router::new()
         .route("/health", get(api::health).fallback(api::method_not_allowed))
+        .route("/metrics", get(api::metrics).fallback(api::method_not_allowed));
+    if config.server.protect_health && !config.server.api_keys.is_empty() {
+        details = details.route_layer(crate::layers::ApiKeyLayer::new(config.server.api_keys.clone()));
+    }
+    Router::new()
         .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))
         .route("/health/live", get(api::live).fallback(api::method_not_allowed))
-        .route("/metrics", get(api::metrics).fallback(api::method_not_allowed))
+        .merge(details)
         .fallback(api::not_found)
         .layer(plain)
         .merge(v1)

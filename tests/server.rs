@@ -392,6 +392,28 @@ async fn api_keys_are_required_when_configured() {
 }
 
 #[tokio::test]
+async fn protect_health_puts_health_and_metrics_behind_the_keys_but_not_the_probes() {
+    let s = Server::start_with(&[
+        ("PENSIEVE_SERVER__API_KEYS", "[\"sk-one\"]"),
+        ("PENSIEVE_SERVER__PROTECT_HEALTH", "true"),
+    ]);
+    let client = reqwest::Client::new();
+    for path in ["/health", "/metrics"] {
+        assert_eq!(client.get(s.url(path)).send().await.unwrap().status(), 401, "{path}");
+        let res = client
+            .get(s.url(path))
+            .header("x-api-key", "sk-one")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+    }
+    for path in ["/health/live", "/health/ready"] {
+        assert_eq!(client.get(s.url(path)).send().await.unwrap().status(), 200, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_413_request_too_large() {
     let s = Server::start_with(&[("PENSIEVE_SERVER__MAX_BODY_MB", "1")]);
     // A declared length over the limit, sent by hand: with `expect: 100-continue` the client
