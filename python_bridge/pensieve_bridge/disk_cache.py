@@ -36,6 +36,7 @@ loaded again finds its index and its counters as they were.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -70,6 +71,8 @@ MIN_TOKENS = 64
 MIN_GAIN = 32
 #: Seconds a finished read waits for its request to take it.
 READ_KEPT = 30.0
+#: Seconds writes pause after the disk was full (ENOSPC, EDQUOT); then they are tried again.
+FULL_PAUSE = 10.0
 #: Bytes of each weight file hashed into a model's identity, at its start, middle and end.
 SAMPLE = 1 << 20
 SUFFIX = ".safetensors"
@@ -228,6 +231,9 @@ class DiskTier:
         self.identity = identity
         self.max_bytes = max_bytes
         self.off: Optional[str] = None
+        #: Writes paused until then (``time.monotonic()``), and why: the disk was full.
+        self._full_until = 0.0
+        self._full_reason = ""
         self._lock = threading.Lock()
         self._index: "OrderedDict[str, Entry]" = OrderedDict()  # least recently used first
         self._bytes = 0
@@ -318,6 +324,10 @@ class DiskTier:
             path.unlink(missing_ok=True)
         except OSError:
             pass
+
+    def _paused(self) -> str:
+        """Why writes are paused now (the disk was full), else ""."""
+        return self._full_reason if time.monotonic() < self._full_until else ""
 
     def _turn_off(self, why: str) -> None:
         if self.off is None:
@@ -448,7 +458,7 @@ class DiskTier:
     def spill(self, tokens: List[int], prompt_cache: List[Any]) -> bool:
         """Queues an entry for writing (unless it is on disk already, too short or too big);
         True when it is, or will be, on disk. On the backend thread; no copy."""
-        if self.off is not None or len(tokens) < MIN_TOKENS:
+        if self.off is not None or len(tokens) < MIN_TOKENS or time.monotonic() < self._full_until:
             return False
         token_bytes = _tokens_bytes(tokens)
         name = _name(token_bytes)
@@ -480,7 +490,14 @@ class DiskTier:
                 if self.off is None:
                     self._write(job)
             except OSError as e:
-                self._turn_off(f"writing to {self.folder} failed ({e})")
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # A full disk empties again: writes pause, then are tried again.
+                    self._full_reason = f"writes paused for {FULL_PAUSE:.0f} s: the disk is full ({e})"
+                    if time.monotonic() >= self._full_until:
+                        log.warning("the prompt cache's disk tier: %s", self._full_reason)
+                    self._full_until = time.monotonic() + FULL_PAUSE
+                else:
+                    self._turn_off(f"writing to {self.folder} failed ({e})")
             finally:
                 with self._lock:
                     self._pending.pop(job.name, None)
@@ -547,7 +564,7 @@ class DiskTier:
         pending = self.poll()
         with self._lock:
             return DiskStats(
-                folder=str(self.folder), off_reason=self.off or "", entries=len(self._index), bytes=self._bytes,
+                folder=str(self.folder), off_reason=self.off or self._paused(), entries=len(self._index), bytes=self._bytes,
                 max_bytes=self.max_bytes, pending_bytes=pending, hits=self.hits, hit_tokens=self.hit_tokens,
                 spills=self.spills, spilled_bytes=self.spilled_bytes, writes=self.writes, removed=self.removed,
                 read_seconds=self.read_seconds, write_seconds=self.write_seconds,
