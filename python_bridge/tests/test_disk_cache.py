@@ -101,13 +101,18 @@ def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prom
     assert s["hits"] == 2 and s["hit_tokens"] == n - 1 + cached2 and s["read_seconds"] > 0
 
 
-def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(engine, folder):
+def three_on_disk(engine, folder):
+    """A batcher whose three answered prompts were spilled: it and their files."""
     b = batcher(engine, folder)
     for q in ["one", "two", "three"]:
         add(b, chat(q), GREEDY)
     run(b)
     spill(b)
-    one, two, three = files(folder)
+    return b, files(folder)
+
+
+def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(engine, folder):
+    b, (one, two, three) = three_on_disk(engine, folder)
     data = one.read_bytes()
     one.write_bytes(data[: len(data) - 1000])  # truncated: a crash of another writer, a full disk
     data = bytearray(two.read_bytes())
@@ -135,12 +140,7 @@ def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(e
 
 
 def test_fifos_symlinks_and_devices_are_refused_without_blocking_and_files_are_private(engine, folder):
-    b = batcher(engine, folder)
-    for q in ["one", "two", "three"]:
-        add(b, chat(q), GREEDY)
-    run(b)
-    spill(b)
-    one, two, three = files(folder)
+    b, (one, two, three) = three_on_disk(engine, folder)
     tier = one.parent
     assert tier.stat().st_mode & 0o777 == 0o700, "the model's folder is its owner's alone"
     assert {f.stat().st_mode & 0o777 for f in (one, two, three)} == {0o600}, "files too"

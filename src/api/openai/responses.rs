@@ -619,6 +619,24 @@ fn open_message(open: &mut Open, out: &mut Output, msg_id: &str, events: &mut Ev
     *open = Open::Message(index);
 }
 
+/// Closes the open message and adds a call item (the backend's call `id`) at the end of the
+/// output; its index.
+fn open_call(open: &mut Open, out: &mut Output, msg_id: &str, id: &str, name: String, events: &mut Events) -> usize {
+    close(open, out, msg_id, events);
+    let index = out.items.len();
+    let call_id = format!("call_{}", suffix(id));
+    events.push((
+        "response.output_item.added",
+        json!({"output_index": index, "item": call_item(&call_id, &name, "", "in_progress")}),
+    ));
+    out.items.push(Item::Call {
+        id: call_id,
+        name,
+        args: String::new(),
+    });
+    index
+}
+
 /// What one backend event (not `Done` or `Failed`) adds to the stream.
 fn on_event(ev: Event, open: &mut Open, out: &mut Output, msg_id: &str) -> Events {
     let mut events = Events::new();
@@ -636,19 +654,7 @@ fn on_event(ev: Event, open: &mut Open, out: &mut Output, msg_id: &str) -> Event
             out.push(&Event::Text(t));
         }
         Event::ToolStart { id, name } => {
-            close(open, out, msg_id, &mut events);
-            let index = out.items.len();
-            let call_id = format!("call_{}", suffix(&id));
-            events.push((
-                "response.output_item.added",
-                json!({"output_index": index,
-                "item": call_item(&call_id, &name, "", "in_progress")}),
-            ));
-            out.items.push(Item::Call {
-                id: call_id,
-                name,
-                args: String::new(),
-            });
+            let index = open_call(open, out, msg_id, &id, name, &mut events);
             *open = Open::Call {
                 index,
                 id,
@@ -677,20 +683,7 @@ fn on_event(ev: Event, open: &mut Open, out: &mut Output, msg_id: &str) -> Event
                 } if streamed == id => (index, sent),
                 other => {
                     *open = other;
-                    close(open, out, msg_id, &mut events);
-                    let index = out.items.len();
-                    let call_id = format!("call_{}", suffix(&id));
-                    events.push((
-                        "response.output_item.added",
-                        json!({"output_index": index,
-                        "item": call_item(&call_id, &name, "", "in_progress")}),
-                    ));
-                    out.items.push(Item::Call {
-                        id: call_id,
-                        name,
-                        args: String::new(),
-                    });
-                    (index, String::new())
+                    (open_call(open, out, msg_id, &id, name, &mut events), String::new())
                 }
             };
             let Some(Item::Call {
