@@ -121,6 +121,17 @@ async fn one(client: &reqwest::Client, url: &str, stream: bool, max_tokens: u32)
 /// SIGTERM phase would leave nothing to send to the survivor (seen on a fast run: 600 reached,
 /// and the only requests answered after SIGTERM were A's own).
 fn load(url: &str, workers: u32, stop: Arc<AtomicBool>, tally: Arc<Tally>) -> Vec<tokio::task::JoinHandle<()>> {
+    load_with_pause(url, workers, Duration::from_millis(40), stop, tally)
+}
+
+/// [`load`] with `pause` between two requests of a client (zero: none).
+fn load_with_pause(
+    url: &str,
+    workers: u32,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let sent = Arc::new(AtomicU32::new(0));
     (0..workers)
         .map(|w| {
@@ -141,7 +152,7 @@ fn load(url: &str, workers: u32, stop: Arc<AtomicBool>, tally: Arc<Tally>) -> Ve
                             0
                         }
                     };
-                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    tokio::time::sleep(pause).await;
                 }
             })
         })
@@ -247,6 +258,52 @@ async fn haproxy_keeps_every_request_answered_while_an_instance_runs_out_of_memo
     assert!(
         after_term > 0 && b_after_term > 0,
         "the survivor took the load after SIGTERM: {after_term} answered, {b_after_term} by B"
+    );
+    assert_eq!(cg.oom_kills(), 0);
+}
+
+#[tokio::test]
+async fn with_clients_that_never_pause_no_request_gets_the_critical_instances_503() {
+    const LIMIT: u64 = 1 << 30;
+    let cg = Cgroup::create(&format!("pensieve-haproxy-np-{}", std::process::id()), LIMIT);
+    let a = Server::start();
+    let b = Server::start_in_cgroup(
+        &cg.procs(),
+        &[
+            ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
+            ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
+            ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.2"),
+            ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "100"),
+        ],
+    );
+    let proxy = Haproxy::start(&a, &b).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let workers = load_with_pause(&proxy.url, 4, Duration::ZERO, stop.clone(), tally.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut alloc = Allocator::start(&cg);
+    if push_to(&b, &cg, &mut alloc, &["Warning", "Critical"]).await["memory"]["status"] == "Warning" {
+        alloc.send("alloc 250");
+    }
+    push_to(&b, &cg, &mut alloc, &["Critical"]).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    alloc.send("free");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let errors = tally.errors.lock().unwrap().clone();
+    let total = tally.ok.load(Ordering::SeqCst) + errors.len() as u32;
+    println!(
+        "{total} requests through HAProxy with no pause, {} errors; B refused {} with 503",
+        errors.len(),
+        refused(&b).await
+    );
+    assert!(errors.is_empty(), "clients saw errors: {errors:#?}");
+    assert!(
+        refused(&b).await > 0,
+        "B refused nothing: the test did not test the retry"
     );
     assert_eq!(cg.oom_kills(), 0);
 }

@@ -535,6 +535,31 @@ class DiskTier:
             self._bytes += job.nbytes
             self.writes += 1
             self.write_seconds += time.perf_counter() - started
+        self._hold_folder_cap()
+
+    def _hold_folder_cap(self) -> None:
+        """The cap holds for the folder, not only for this process's entries: another server
+        sharing it writes there too. After each write (on the writer thread), the oldest files
+        (by modification time, which a read refreshes) go until the folder's entries fit."""
+        files = []
+        try:
+            with os.scandir(self.folder) as it:
+                for e in it:
+                    if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        files.append((st.st_mtime, e.name, st.st_size))
+        except OSError:
+            return
+        total = sum(size for _, _, size in files)
+        for _, name, size in sorted(files):
+            if total <= self.max_bytes:
+                break
+            with self._lock:
+                gone = self._index.pop(name, None)
+                if gone is not None:
+                    self._bytes -= gone.nbytes
+            (self.folder / name).unlink(missing_ok=True)
+            total -= size
 
     def poll(self) -> int:
         """Frees, on the backend thread, what finished writes held; returns the bytes still

@@ -191,6 +191,30 @@ def test_a_header_changed_on_disk_fails_the_checksum(engine, folder):
     assert not one.exists() and stats(b)["removed"] == 1
 
 
+def test_two_servers_sharing_a_folder_hold_the_cap_together(engine, folder):
+    """Two processes on one folder, each with its own index of it (two tiers, as two servers
+    open them): each write keeps the folder's entries under the cap, whoever wrote them."""
+    b = batcher(engine, folder)
+    add(b, chat("one"), GREEDY)
+    run(b)
+    spill(b)
+    (one,) = files(folder)
+    cap = int(one.stat().st_size * 2.5)  # room for two entries
+    one.unlink()
+    restart()
+    mine = batcher(engine, folder, cap)
+    restart()  # the next batcher opens a tier of its own on the same folder
+    theirs = batcher(engine, folder, cap)
+    assert mine._disk is not theirs._disk
+    for i, b in enumerate([mine, theirs, mine, theirs, mine]):
+        add(b, chat(f"question {i}"), GREEDY)
+        run(b)
+        spill(b)
+        total = sum(f.stat().st_size for f in files(folder))
+        assert total <= cap, f"{total} bytes on disk over the cap of {cap} after write {i}"
+    assert len(files(folder)) == 2
+
+
 def test_the_cap_holds_and_the_least_recently_used_entry_goes_first(engine, folder):
     b = batcher(engine, folder)
     add(b, chat("q0"), GREEDY)
