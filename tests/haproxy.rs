@@ -159,13 +159,10 @@ fn load_with_pause(
         .collect()
 }
 
-#[tokio::test]
-async fn haproxy_keeps_every_request_answered_while_an_instance_runs_out_of_memory_or_stops() {
-    const LIMIT: u64 = 1 << 30;
-    let cg = Cgroup::create(&format!("pensieve-haproxy-{}", std::process::id()), LIMIT);
-    let grace = [("PENSIEVE_SERVER__SHUTDOWN_GRACE_SECS", "20")];
-    let mut a = Server::start_with(&grace);
-    let b = Server::start_in_cgroup(
+/// The instance that memory pressure takes to Critical: in `cg`, with thresholds a real
+/// allocator there can cross, sampled every 100 ms.
+fn pressured(cg: &Cgroup) -> Server {
+    Server::start_in_cgroup(
         &cg.procs(),
         &[
             ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
@@ -173,7 +170,16 @@ async fn haproxy_keeps_every_request_answered_while_an_instance_runs_out_of_memo
             ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.2"),
             ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "100"),
         ],
-    );
+    )
+}
+
+#[tokio::test]
+async fn haproxy_keeps_every_request_answered_while_an_instance_runs_out_of_memory_or_stops() {
+    const LIMIT: u64 = 1 << 30;
+    let cg = Cgroup::create(&format!("pensieve-haproxy-{}", std::process::id()), LIMIT);
+    let grace = [("PENSIEVE_SERVER__SHUTDOWN_GRACE_SECS", "20")];
+    let mut a = Server::start_with(&grace);
+    let b = pressured(&cg);
     assert_eq!(tier(&b).await.0, "Safe");
     let proxy = Haproxy::start(&a, &b).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -267,15 +273,7 @@ async fn with_clients_that_never_pause_no_request_gets_the_critical_instances_50
     const LIMIT: u64 = 1 << 30;
     let cg = Cgroup::create(&format!("pensieve-haproxy-np-{}", std::process::id()), LIMIT);
     let a = Server::start();
-    let b = Server::start_in_cgroup(
-        &cg.procs(),
-        &[
-            ("PENSIEVE_MEMORY__WARNING_GB", "0.6"),
-            ("PENSIEVE_MEMORY__CRITICAL_GB", "0.4"),
-            ("PENSIEVE_MEMORY__EMERGENCY_GB", "0.2"),
-            ("PENSIEVE_MEMORY__SAMPLE_INTERVAL_MS", "100"),
-        ],
-    );
+    let b = pressured(&cg);
     let proxy = Haproxy::start(&a, &b).await;
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());

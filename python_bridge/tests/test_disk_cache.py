@@ -101,10 +101,10 @@ def test_spilled_entries_are_read_back_after_a_restart_and_answer_as_a_cold_prom
     assert s["hits"] == 2 and s["hit_tokens"] == n - 1 + cached2 and s["read_seconds"] > 0
 
 
-def three_on_disk(engine, folder):
-    """A batcher whose three answered prompts were spilled: it and their files."""
+def on_disk(engine, folder, questions=("one", "two", "three")):
+    """A batcher whose answered ``questions`` were spilled: it and their files."""
     b = batcher(engine, folder)
-    for q in ["one", "two", "three"]:
+    for q in questions:
         add(b, chat(q), GREEDY)
     run(b)
     spill(b)
@@ -112,7 +112,7 @@ def three_on_disk(engine, folder):
 
 
 def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(engine, folder):
-    b, (one, two, three) = three_on_disk(engine, folder)
+    b, (one, two, three) = on_disk(engine, folder)
     data = one.read_bytes()
     one.write_bytes(data[: len(data) - 1000])  # truncated: a crash of another writer, a full disk
     data = bytearray(two.read_bytes())
@@ -140,7 +140,7 @@ def test_a_truncated_a_corrupted_and_a_foreign_file_are_removed_and_never_read(e
 
 
 def test_fifos_symlinks_and_devices_are_refused_without_blocking_and_files_are_private(engine, folder):
-    b, (one, two, three) = three_on_disk(engine, folder)
+    b, (one, two, three) = on_disk(engine, folder)
     tier = one.parent
     assert tier.stat().st_mode & 0o777 == 0o700, "the model's folder is its owner's alone"
     assert {f.stat().st_mode & 0o777 for f in (one, two, three)} == {0o600}, "files too"
@@ -167,11 +167,7 @@ def test_fifos_symlinks_and_devices_are_refused_without_blocking_and_files_are_p
 
 def test_a_header_changed_on_disk_fails_the_checksum(engine, folder):
     """Two tensors' offsets swapped: the data is intact, the header is not."""
-    b = batcher(engine, folder)
-    add(b, chat("one"), GREEDY)
-    run(b)
-    spill(b)
-    (one,) = files(folder)
+    b, (one,) = on_disk(engine, folder, ["one"])
     raw = one.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
@@ -194,11 +190,7 @@ def test_a_header_changed_on_disk_fails_the_checksum(engine, folder):
 def test_two_servers_sharing_a_folder_hold_the_cap_together(engine, folder):
     """Two processes on one folder, each with its own index of it (two tiers, as two servers
     open them): each write keeps the folder's entries under the cap, whoever wrote them."""
-    b = batcher(engine, folder)
-    add(b, chat("one"), GREEDY)
-    run(b)
-    spill(b)
-    (one,) = files(folder)
+    b, (one,) = on_disk(engine, folder, ["one"])
     cap = int(one.stat().st_size * 2.5)  # room for two entries
     one.unlink()
     restart()

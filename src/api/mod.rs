@@ -213,6 +213,19 @@ pub(crate) fn model_for(app: &AppState, name: &str) -> Result<(String, u32), Api
     Ok((model, context))
 }
 
+/// What a streamed call's input still lacks once the whole call is known, given the argument
+/// text `sent` so far and the input as JSON (`whole`): all of it when nothing was sent, the
+/// completion of a call cut short, nothing when the model wrote it other than as compact JSON
+/// (what was sent already parses to the same input).
+pub(crate) fn unsent_input<'a>(sent: &str, whole: &'a str) -> Option<&'a str> {
+    let rest = if sent.trim().is_empty() {
+        Some(whole)
+    } else {
+        whole.strip_prefix(sent)
+    };
+    rest.filter(|r| !r.is_empty())
+}
+
 /// Refuses a prompt longer than `model`'s context however it tokenises, before anything reads
 /// it: `N` bytes are at least `N / max_token_bytes` tokens (a 30 MB prompt would otherwise be
 /// tokenised whole, gigabytes of memory, before the context check). Models not loaded yet are

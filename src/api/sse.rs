@@ -139,14 +139,7 @@ impl Blocks {
                 let whole = input.to_string();
                 match self.call.take() {
                     Some((open, sent)) if open == id => {
-                        // What the stream still lacks of the input (a call cut short is
-                        // completed); nothing when it was written another way.
-                        let rest = if sent.trim().is_empty() {
-                            Some(whole.as_str())
-                        } else {
-                            whole.strip_prefix(sent.as_str())
-                        };
-                        if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                        if let Some(rest) = super::unsent_input(&sent, &whole) {
                             out.push(self.input_delta(rest));
                         }
                     }

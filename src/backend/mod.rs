@@ -463,6 +463,8 @@ impl PromptCacheDisk {
 pub struct Generation {
     /// Events from the backend thread.
     pub events: mpsc::Receiver<Event>,
+    /// Whether the server's shutdown grace is over ([`abort_generations`]).
+    abort: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Set when the server's shutdown grace is over: running answers end with an error.
@@ -476,13 +478,20 @@ pub fn abort_generations() {
 }
 
 impl Generation {
+    /// A generation whose events come from `events`.
+    pub fn new(events: mpsc::Receiver<Event>) -> Generation {
+        Generation {
+            events,
+            abort: ABORT.subscribe(),
+        }
+    }
+
     /// The next event; a [`BackendError::ShuttingDown`] failure once [`abort_generations`] was
     /// called.
     pub async fn next(&mut self) -> Option<Event> {
-        let mut abort = ABORT.subscribe();
         tokio::select! {
             biased;
-            _ = abort.wait_for(|a| *a) => {
+            _ = self.abort.wait_for(|a| *a) => {
                 tracing::warn!("answer cut: the server's shutdown grace is over");
                 Some(Event::Failed(BackendError::ShuttingDown))
             }

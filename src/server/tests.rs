@@ -54,7 +54,7 @@ impl Backend for FakeBackend {
                 }
             }
         });
-        Ok(Generation { events: rx })
+        Ok(Generation::new(rx))
     }
 
     fn count_tokens(&self, _model: &str, chat: Chat) -> Result<TokenCount, BackendError> {

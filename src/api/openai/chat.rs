@@ -566,11 +566,8 @@ fn stream(mut generation: Generation, reply: Reply, include_usage: bool, span: t
                 Some(Event::ToolUse { id, name, input }) => {
                     match open.take() {
                         Some((streamed, sent)) if streamed == id => {
-                            // The rest of a call cut short (its arguments completed); nothing
-                            // when the model wrote them another way than compact JSON.
                             let whole = input.to_string();
-                            let rest = if sent.trim().is_empty() { Some(whole.as_str()) } else { whole.strip_prefix(sent.as_str()) };
-                            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                            if let Some(rest) = super::super::unsent_input(&sent, &whole) {
                                 yield data(reply.chunk(json!({"tool_calls": [{"index": calls, "function": {"arguments": rest}}]}), None));
                             }
                         }

@@ -695,14 +695,7 @@ fn on_event(ev: Event, open: &mut Open, out: &mut Output, msg_id: &str) -> Event
                 return events;
             };
             let item = format!("fc_{}", suffix(call_id));
-            // What the stream still lacks (all of it for a call not streamed; the completion of
-            // one cut short; nothing when the model wrote it other than as compact JSON).
-            let rest = if sent.trim().is_empty() {
-                Some(whole.as_str())
-            } else {
-                whole.strip_prefix(sent.as_str())
-            };
-            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+            if let Some(rest) = super::super::unsent_input(&sent, &whole) {
                 events.push((
                     "response.function_call_arguments.delta",
                     json!({"item_id": item,

@@ -475,7 +475,7 @@ impl Backend for MlxBackend {
             events,
             span: Span::current(),
         }))?;
-        Ok(Generation { events: rx })
+        Ok(Generation::new(rx))
     }
 
     fn count_tokens(&self, model: &str, chat: Chat) -> Result<TokenCount, BackendError> {
