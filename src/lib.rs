@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod server;

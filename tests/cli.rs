@@ -22,15 +22,19 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
 
 #[test]
 fn config_prints_every_value_and_its_source() {
-    let (ok, out, err) = run(&["config"], &[("PENSIEVE_MEMORY__CRITICAL_GB", "1.5")]);
+    let (ok, out, err) = run(
+        &["config", "--config", "config/pensieve.toml"],
+        &[("PENSIEVE_MEMORY__CRITICAL_GB", "1.5")],
+    );
     assert!(ok, "{err}");
     assert!(
         out.contains("memory.critical_gb = 1.5  # environment PENSIEVE_MEMORY__CRITICAL_GB"),
         "{out}"
     );
+    assert!(out.contains("server.port = 7777  # file config/pensieve.toml"), "{out}");
     assert!(
-        out.contains("server.port = 7777  # file config/pensieve.toml") || out.contains("server.port = 7777  # file"),
-        "{out}"
+        out.contains("config/pensieve.toml\"  # --config"),
+        "the file read is named: {out}"
     );
     assert!(out.contains("backend.model = \"demo\""), "{out}");
 }

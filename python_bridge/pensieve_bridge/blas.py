@@ -6,6 +6,14 @@ MLX's Linux CPU wheel bundles the reference BLAS (``mlx_cpu.libs/libblas-*.so``)
 ``cblas_*`` symbols first in the global scope, where MLX's calls resolve, with no change to MLX
 and no ``LD_PRELOAD``. On macOS MLX uses Accelerate and Metal: nothing to do.
 
+Two OpenBLAS builds are looked for, in this order:
+
+1. ``scipy-openblas32`` (PyPI; a dependency of the wheel on Linux, so no root is needed). Its
+   symbols carry a ``scipy_`` prefix, so the wheel's extension module exports the three
+   ``cblas_*gemm`` functions MLX calls, forwards them to the prefixed ones, and is made global.
+   The ``pensieve`` binary built from a checkout has no such module and skips this one.
+2. The system's OpenBLAS (Debian's ``libopenblas0-pthread`` and the like).
+
 :func:`preload` must run before anything imports ``mlx``; this module imports nothing of it.
 """
 
@@ -42,6 +50,10 @@ def preload(setting: str = "auto") -> str:
     if setting != "auto":
         candidates = [setting]
     else:
+        wheel = _scipy_openblas()
+        if wheel is not None:
+            _chosen = wheel
+            return f"BLAS: {wheel} (scipy-openblas32 from PyPI, loaded ahead of MLX's reference BLAS)"
         found = ctypes.util.find_library("openblas")
         candidates = CANDIDATES + ([found] if found else [])
     for path in candidates:
@@ -57,6 +69,35 @@ def preload(setting: str = "auto") -> str:
     if setting != "auto":
         raise OSError(f"backend.blas = {setting}: no such library")
     return "BLAS: MLX's bundled reference BLAS (no OpenBLAS found: `apt-get install libopenblas0-pthread` makes CPU matmuls ~30x faster)"
+
+
+def _scipy_openblas() -> str | None:
+    """Puts scipy-openblas32 behind MLX's ``cblas_*gemm`` calls when it and the wheel's
+    extension module are both installed; returns the library's path, or None."""
+    try:
+        import scipy_openblas32
+
+        from . import _pensieve
+    except ImportError:
+        return None
+    path = str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True))
+    try:
+        lib = ctypes.CDLL(path)
+        addresses = [
+            ctypes.cast(getattr(lib, f"scipy_cblas_{name}"), ctypes.c_void_p).value
+            for name in ("sgemm", "dgemm", "cgemm")
+        ]
+        _pensieve.forward_blas(*addresses)
+        # Global from now on: MLX, imported after this, resolves cblas_*gemm here first.
+        ctypes.CDLL(_pensieve.__file__, mode=ctypes.RTLD_GLOBAL)
+    except (OSError, AttributeError, ValueError):
+        return None
+    _KEEP.append(lib)
+    return path
+
+
+#: The libraries loaded here stay loaded for the life of the process.
+_KEEP: list = []
 
 
 def chosen() -> str | None:

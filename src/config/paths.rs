@@ -4,14 +4,67 @@
 //! - State: one folder per kind under [`state_dir`] (`$PENSIEVE_CACHE_DIR`, else
 //!   `$XDG_CACHE_HOME/pensieve`, else `~/.cache/pensieve`): `models/` (the demo model) and
 //!   `prompt-cache/` (the prompt cache's disk tier). The bridge is told this folder at start-up.
-//! - The Python environment holding mlx and mlx-lm ([`find_python`]): `backend.python` when
-//!   set, else `$PENSIEVE_PYTHON`, else `$VIRTUAL_ENV`, else `.venv` in the working directory.
+//! - The Python environment holding mlx and mlx-lm ([`find_python`]): the interpreter pensieve
+//!   runs inside (the wheel's `pensieve` command), else `backend.python` when set, else
+//!   `$PENSIEVE_PYTHON`, else `$VIRTUAL_ENV`, else `.venv` in the working directory.
+//! - The configuration file ([`config_file`]): `--config`, else `$PENSIEVE_CONFIG`, else
+//!   `$XDG_CONFIG_HOME/pensieve/pensieve.toml` (`~/.config/pensieve/pensieve.toml`), else none.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn var(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The configuration file to read, and why that one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// The file; `None` when there is none (defaults, the environment and flags only).
+    pub path: Option<PathBuf>,
+    /// Where it was named: `--config`, `PENSIEVE_CONFIG`, the user's configuration folder, or
+    /// nothing found.
+    pub from: &'static str,
+    /// Named explicitly (`--config`, `PENSIEVE_CONFIG`): it must exist.
+    pub required: bool,
+}
+
+/// The configuration file: `flag` (`--config`), else `$PENSIEVE_CONFIG`, else
+/// `$XDG_CONFIG_HOME/pensieve/pensieve.toml` (`~/.config/pensieve/pensieve.toml`) when it exists.
+pub fn config_file(flag: Option<&Path>) -> ConfigFile {
+    if let Some(path) = flag {
+        return ConfigFile {
+            path: Some(path.to_owned()),
+            from: "--config",
+            required: true,
+        };
+    }
+    if let Some(path) = var("PENSIEVE_CONFIG") {
+        return ConfigFile {
+            path: Some(path),
+            from: "PENSIEVE_CONFIG",
+            required: true,
+        };
+    }
+    let user = var("XDG_CONFIG_HOME")
+        .or_else(|| var("HOME").map(|home| home.join(".config")))
+        .map(|dir| dir.join("pensieve").join("pensieve.toml"));
+    match user {
+        Some(path) if path.is_file() => ConfigFile {
+            path: Some(path),
+            from: "the user's configuration folder",
+            required: false,
+        },
+        _ => ConfigFile {
+            path: None,
+            from: "none found: defaults",
+            required: false,
+        },
+    }
+}
 
 /// The folder all of pensieve's state lives under.
 pub fn state_dir() -> PathBuf {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var("PENSIEVE_CACHE_DIR") {
         return dir;
     }
@@ -43,8 +96,33 @@ pub fn prompt_cache_dir(configured: &str) -> PathBuf {
 pub struct PythonEnv {
     /// The environment's folder (it has `lib/python3.x/site-packages`).
     pub dir: PathBuf,
-    /// Where it was found: `backend.python`, `PENSIEVE_PYTHON`, `VIRTUAL_ENV` or `./.venv`.
+    /// Where it was found: `backend.python`, `PENSIEVE_PYTHON`, `VIRTUAL_ENV`, `./.venv`, or
+    /// [`RUNNING_INTERPRETER`].
     pub from: &'static str,
+}
+
+impl PythonEnv {
+    /// pensieve runs inside this environment's interpreter (the wheel): its packages are
+    /// importable already, and the interpreter's main thread is not pensieve's.
+    pub fn is_running_interpreter(&self) -> bool {
+        self.from == RUNNING_INTERPRETER
+    }
+}
+
+/// How [`PythonEnv::from`] names the interpreter pensieve was started from.
+pub const RUNNING_INTERPRETER: &str = "the interpreter running pensieve";
+
+static HOST: OnceLock<PathBuf> = OnceLock::new();
+
+/// Says that pensieve runs inside a Python interpreter (the wheel's extension module), whose
+/// `sys.prefix` is `prefix`: that environment is the one used, whatever is configured.
+pub fn run_inside_python(prefix: PathBuf) {
+    let _ = HOST.set(prefix);
+}
+
+/// The prefix of the interpreter pensieve runs inside, if it does.
+pub fn running_interpreter() -> Option<&'static Path> {
+    HOST.get().map(PathBuf::as_path)
 }
 
 /// No Python environment was found; says where it looked.
@@ -59,11 +137,17 @@ pub struct NoPython {
     pub tried: String,
 }
 
-/// Finds the Python environment: `configured` (`backend.python`) when not empty, else
-/// `$PENSIEVE_PYTHON`, else `$VIRTUAL_ENV`, else `.venv` in the working directory. Each may
-/// name the environment's folder or an interpreter inside it (`.venv/bin/python`).
+/// Finds the Python environment: the interpreter pensieve runs inside, if it does; else
+/// `configured` (`backend.python`) when not empty, else `$PENSIEVE_PYTHON`, else
+/// `$VIRTUAL_ENV`, else `.venv` in the working directory. Each may name the environment's
+/// folder or an interpreter inside it (`.venv/bin/python`).
 pub fn find_python(configured: &Path) -> Result<PythonEnv, NoPython> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(prefix) = running_interpreter() {
+        return Ok(PythonEnv {
+            dir: prefix.to_owned(),
+            from: RUNNING_INTERPRETER,
+        });
+    }
     let candidates: Vec<(Option<PathBuf>, &'static str)> = if configured.as_os_str().is_empty() {
         vec![
             (var("PENSIEVE_PYTHON"), "PENSIEVE_PYTHON"),

@@ -22,7 +22,11 @@ fn defaults_are_the_documented_ones() {
 fn file_then_env_then_flags_override_in_order() {
     Jail::expect_with(|jail| {
         jail.create_dir("config")?;
-        jail.create_file(DEFAULT_FILE, "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n")?;
+        jail.create_file(
+            "config/pensieve.toml",
+            "[memory]\ncritical_gb = 1.5\n[server]\nport = 8000\n",
+        )?;
+        jail.set_env("PENSIEVE_CONFIG", "config/pensieve.toml");
         jail.set_env("PENSIEVE_SERVER__PORT", "9000");
         jail.set_env("PENSIEVE_UNRELATED", "ignored");
         let c = Config::load(None, &Flags::default()).unwrap();
@@ -277,6 +281,59 @@ prompt_cache_disk_mb = 100
             .unwrap_err()
             .to_string();
         assert!(e.contains("fallback"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_file_read_is_the_flag_then_pensieve_config_then_the_users_folder() {
+    Jail::expect_with(|jail| {
+        let home = jail.directory().to_owned();
+        jail.set_env("HOME", home.display());
+        jail.set_env("XDG_CONFIG_HOME", "");
+        jail.set_env("PENSIEVE_CONFIG", "");
+        // Nothing anywhere: defaults, and `config` says so.
+        assert_eq!(config_file(None).path, None);
+        let text = Config::explain(None, &Flags::default()).unwrap();
+        assert!(
+            text.contains("resolved.config_file = \"\"  # none found: defaults"),
+            "{text}"
+        );
+        // The user's folder.
+        jail.create_dir(".config/pensieve")?;
+        jail.create_file(".config/pensieve/pensieve.toml", "[server]\nport = 8001\n")?;
+        assert_eq!(Config::load(None, &Flags::default()).unwrap().server.port, 8001);
+        let text = Config::explain(None, &Flags::default()).unwrap();
+        assert!(
+            text.contains(".config/pensieve/pensieve.toml\"  # the user's configuration folder"),
+            "{text}"
+        );
+        // XDG_CONFIG_HOME moves that folder.
+        jail.create_dir("xdg/pensieve")?;
+        jail.create_file("xdg/pensieve/pensieve.toml", "[server]\nport = 8002\n")?;
+        jail.set_env("XDG_CONFIG_HOME", home.join("xdg").display());
+        assert_eq!(Config::load(None, &Flags::default()).unwrap().server.port, 8002);
+        // PENSIEVE_CONFIG above it; a file it names must exist.
+        jail.create_file("env.toml", "[server]\nport = 8003\n")?;
+        jail.set_env("PENSIEVE_CONFIG", "env.toml");
+        assert_eq!(Config::load(None, &Flags::default()).unwrap().server.port, 8003);
+        // --config above everything.
+        jail.create_file("flag.toml", "[server]\nport = 8004\n")?;
+        let flag = Some(Path::new("flag.toml"));
+        assert_eq!(Config::load(flag, &Flags::default()).unwrap().server.port, 8004);
+        assert!(Config::explain(flag, &Flags::default())
+            .unwrap()
+            .contains("flag.toml\"  # --config"));
+        jail.set_env("PENSIEVE_CONFIG", "missing.toml");
+        let err = Config::load(None, &Flags::default()).unwrap_err().to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+        // A file in the working directory's config/ is not read (it was before the wheel).
+        jail.set_env("PENSIEVE_CONFIG", "");
+        jail.set_env("XDG_CONFIG_HOME", home.join("nothing").display());
+        jail.set_env("HOME", home.join("nothing").display());
+        jail.create_dir("config")?;
+        jail.create_file("config/pensieve.toml", "[server]\nport = 8005\n")?;
+        assert_eq!(Config::load(None, &Flags::default()).unwrap().server.port, 7777);
         Ok(())
     });
 }

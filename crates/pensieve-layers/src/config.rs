@@ -317,8 +317,8 @@ pub enum ConfigError {
         /// Where the value came from.
         source_name: String,
     },
-    /// `--config` names a file that does not exist.
-    #[error("invalid configuration: the file {0} given with --config does not exist")]
+    /// `--config` (or `PENSIEVE_CONFIG`) names a file that does not exist.
+    #[error("invalid configuration: the file {0} (named by --config or PENSIEVE_CONFIG) does not exist")]
     MissingFile(PathBuf),
 }
 

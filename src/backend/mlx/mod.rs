@@ -290,7 +290,12 @@ impl MlxBackend {
     pub fn start(config: &Config, gate: Gate) -> Result<MlxBackend, StartError> {
         let python = crate::config::paths::find_python(&config.backend.python)?;
         tracing::info!(dir = %python.dir.display(), from = python.from, "python environment");
-        let venv = python.dir;
+        if python.is_running_interpreter() && !config.backend.python.as_os_str().is_empty() {
+            tracing::warn!(
+                python = %config.backend.python.display(),
+                "backend.python is ignored: pensieve runs inside the Python it was installed into"
+            );
+        }
         // A quarter of what is available now: float32 weights are faster on a CPU, but not at
         // the price of the memory pensieve exists to guard.
         let available = gate.snapshot().load().available_bytes;
@@ -300,7 +305,7 @@ impl MlxBackend {
             cpu_float32_budget: if b.cpu_float32 { available / 4 } else { 0 },
         };
         Self::spawn(config, gate, move || {
-            PyLoader::new(&venv, settings).map_err(StartError::Bridge)
+            PyLoader::new(&python, settings).map_err(StartError::Bridge)
         })
     }
 

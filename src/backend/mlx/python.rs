@@ -9,7 +9,6 @@
 //! both test suites read.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use pyo3::prelude::*;
 use serde::Serialize;
@@ -17,6 +16,7 @@ use serde::Serialize;
 use super::protocol::{Added, Batcher, Caching, Finish, Memory, Piece, Stepped, ToolFormat, CODES};
 use super::worker::pool::Loader;
 use crate::backend::{BridgeError, Chat, Constraint, GenerateRequest, PromptCacheDisk};
+use crate::config::paths::PythonEnv;
 use crate::config::ModelSpec;
 
 /// The protocol's version: bumped with `VERSION` in `protocol.py` whenever a code or a record
@@ -196,16 +196,19 @@ pub(crate) struct PyBatcher {
 }
 
 impl PyLoader {
-    /// Sets up the embedded interpreter: the venv's packages, signals, BLAS, and a bridge that
-    /// speaks this binary's protocol.
-    pub fn new(venv: &Path, settings: LoadSettings) -> Result<PyLoader, BridgeError> {
+    /// Sets up the interpreter: the environment's packages, signals, BLAS, and a bridge that
+    /// speaks this server's protocol. Inside the interpreter that runs pensieve (the wheel) the
+    /// packages are importable already and signals are the console script's to set.
+    pub fn new(python: &PythonEnv, settings: LoadSettings) -> Result<PyLoader, BridgeError> {
+        let inside = python.is_running_interpreter();
         Python::attach(|py| {
             let v = py.version_info();
-            let site_packages = venv
+            let site_packages = python
+                .dir
                 .join("lib")
                 .join(format!("python{}.{}", v.major, v.minor))
                 .join("site-packages");
-            if !site_packages.is_dir() {
+            if !inside && !site_packages.is_dir() {
                 return Err(BridgeError::Environment(format!(
                     "{} does not exist: the venv was made for another Python than the one pensieve was \
                      built against ({}); rebuild with `make build`",
@@ -217,10 +220,12 @@ impl PyLoader {
                 // Signals belong to the server (graceful shutdown), not to Python: without this,
                 // Python's handler turns the first SIGINT into a KeyboardInterrupt inside a
                 // running generation, and the server never hears of it.
-                let signal = py.import("signal")?;
-                signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
-                py.import("site")?
-                    .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+                if !inside {
+                    let signal = py.import("signal")?;
+                    signal.call_method1("signal", (signal.getattr("SIGINT")?, signal.getattr("SIG_DFL")?))?;
+                    py.import("site")?
+                        .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+                }
                 // One state folder, resolved here, so that server and bridge agree on it.
                 let state = crate::config::paths::state_dir();
                 py.import("pensieve_bridge.paths")?
@@ -473,9 +478,10 @@ mod tests {
     /// The bridge, for real: the embedded interpreter with the environment's packages, the
     /// scripted test batcher on the demo model (`pensieve_bridge.testing`).
     fn batcher() -> PyBatcher {
-        let venv = crate::config::paths::find_python(Path::new("")).expect("run from the checkout, with .venv");
+        let venv =
+            crate::config::paths::find_python(std::path::Path::new("")).expect("run from the checkout, with .venv");
         let mut loader = PyLoader::new(
-            &venv.dir,
+            &venv,
             LoadSettings {
                 blas: "auto".into(),
                 cpu_float32_budget: 0,
