@@ -101,3 +101,46 @@ async fn under_a_real_cgroup_limit_the_server_refuses_aborts_survives_and_recove
     assert_eq!(cg.oom_kills(), 0);
     drop(s);
 }
+
+#[tokio::test]
+async fn a_prompt_whose_tokenising_would_take_the_memory_left_is_refused_before_it_is_tokenised() {
+    let cg = Cgroup::create(&format!("pensieve-test-parse-{}", std::process::id()), LIMIT);
+    let s = Server::start_in_cgroup(&cg.procs(), &ONE_GIB_TIERS);
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+    // Another process takes memory until 0.65–0.7 GB is left: still Safe (above 0.6).
+    let mut alloc = Allocator::start(&cg);
+    let available = s.health().await["memory"]["available_bytes"].as_u64().unwrap();
+    alloc.send(&format!("alloc {}", (available >> 20).saturating_sub(670)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let h = s.health().await;
+    assert_eq!(h["memory"]["status"], "Safe", "{h}");
+    let available = h["memory"]["available_bytes"].as_u64().unwrap();
+    assert!(available < 720 << 20, "{h}");
+    // 2.5 MB of text: under the demo model's context bound, and about 400 MB to tokenise (it
+    // peaks at +375 MB), more than the cgroup has above the critical threshold (0.4 GB).
+    let text = "word ".repeat((5 << 20) / 10);
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let res = reqwest::Client::new()
+            .post(s.url(path))
+            .json(&json!({"model": "demo", "max_tokens": 5, "messages": [{"role": "user", "content": text}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let retry = res.headers().get("retry-after").cloned();
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(status, 503, "{path}: {v} (available {available})");
+        assert!(retry.is_some(), "{path}: no retry-after");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("to tokenise") && message.contains("memory.critical_gb"),
+            "{message}"
+        );
+    }
+    // Nothing was tokenised: the server is as it was, and a prompt it can afford is served.
+    let h = s.health().await;
+    assert_eq!(h["memory"]["status"], "Safe", "{h}");
+    let mut fits = hello(2);
+    fits["messages"][0]["content"] = json!("word ".repeat(2_000));
+    assert_eq!(s.post(&fits).await.status(), 200);
+}

@@ -715,3 +715,54 @@ async fn a_prompt_far_over_the_context_is_refused_before_it_is_tokenised() {
     assert!(worst < Duration::from_secs(2), "the running stream stalled {worst:?}");
     assert_eq!(s.post(&hello(2)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_long_prompt_under_the_bound_is_tokenised_off_the_batch_thread() {
+    let s = Server::start();
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+    // A stream runs meanwhile; its tokens keep coming.
+    let mut running = s.post_stream(&hello(4_000)).await.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let gaps = tokio::spawn(async move {
+        let (mut last, mut worst) = (Instant::now(), Duration::ZERO);
+        while let Some(chunk) = running.next().await {
+            chunk.unwrap();
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+        }
+        worst
+    });
+    // 2.5 MB: under the cheap bound (the demo model's context × its longest token's bytes), so
+    // it is really tokenised: ~1.5 s of template and tokenizer here, which on the batch thread
+    // would stall the stream that long, each time.
+    let text = "word ".repeat((5 << 20) / 10);
+    let t = Instant::now();
+    let res = reqwest::Client::new()
+        .post(s.url("/v1/messages/count_tokens"))
+        .json(&json!({"model": "demo", "messages": [{"role": "user", "content": text}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["input_tokens"].as_u64().unwrap() > 131_072, "{v}");
+    let counted = t.elapsed();
+    let res = s
+        .post(&json!({"model": "demo", "max_tokens": 5, "messages": [{"role": "user", "content": text}]}))
+        .await;
+    let status = res.status();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("prompt is too long"),
+        "{v}"
+    );
+    let worst = gaps.await.unwrap();
+    println!("count_tokens of 2.5 MB took {counted:?}; the running stream's longest gap: {worst:?}");
+    assert!(
+        worst < counted / 2,
+        "the running stream stalled {worst:?} while a prompt took {counted:?} to count"
+    );
+    assert_eq!(s.post(&hello(2)).await.status(), 200);
+}

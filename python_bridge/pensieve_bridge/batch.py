@@ -19,6 +19,10 @@ and a prompt that memory does not cover is read from disk when disk covers more.
 finished generations go straight to disk (:class:`~pensieve_bridge.protocol.Caching`), so that
 a session's next turn reads its prefix from disk even while memory stays short.
 
+A long prompt is rendered off this thread (:mod:`~pensieve_bridge.render`): :meth:`Batcher.add`
+answers :attr:`~pensieve_bridge.protocol.Added.READING` (add it again) until its tokens are
+ready, and :meth:`Batcher.count_tokens` answers -1, so that running streams keep flowing.
+
 A request's stop sequences go to mlx-lm too, as token sequences, so that a sequence whose
 tokens match stops inside the batch at once; Rust still matches the text (a stop string can be
 tokenised another way) and names the sequence.
@@ -26,7 +30,6 @@ tokenised another way) and names the sequence.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -42,6 +45,7 @@ from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
 from .prompt_cache import PromptCache, own
 from .protocol import Added, AddParams, AddResult, CacheStats, Caching, DiskStats, Finish, Out, Piece, Stepped
+from .render import Renderer
 from .response import ResponseSplitter, initial_state
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,7 @@ class Batcher:
         self._eos = set(self.engine.tokenizer.eos_token_ids)
         self._disk = None
         self._cache = None
-        #: Prompts waiting for a disk read, rendered: ``{chat_json: tokens}``.
+        #: Prompts waiting for a disk read, rendered: ``{chat_json: (chat, tokens)}``.
         self._reading = {}
         if self.prompt_cache_bytes > 0:
             if self.disk_bytes > 0 and self.engine.identity:
@@ -112,6 +116,7 @@ class Batcher:
             spill = self._disk.spill if self._disk is not None else None
             self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes, spill)
         self._grammars = Grammars(self.engine.tokenizer)
+        self._renderer = Renderer(self.engine.render_chat)
         self._new_generator()
 
     def _new_generator(self):
@@ -133,9 +138,12 @@ class Batcher:
         off this thread: add it again).
         """
         engine = self.engine
-        chat = json.loads(chat_json)
+        rendered = self._reading.pop(chat_json, None) or self._renderer.render(chat_json)
+        if rendered is None:
+            # A long prompt, being rendered off this thread: the others keep stepping.
+            return AddResult(Added.READING, 0, 0, 0, "", "")
+        chat, tokens = rendered
         params = AddParams.from_json(params_json)
-        tokens = self._reading.pop(chat_json, None) or engine.render_chat(chat)
         n = len(tokens)
         if context_length and n > context_length:
             return AddResult(Added.TOO_LONG, 0, n, 0, "", "")
@@ -145,7 +153,7 @@ class Batcher:
             if hit is not None:
                 ready, on_disk = self._disk.read(hit)
                 if not ready:
-                    self._reading[chat_json] = tokens
+                    self._reading[chat_json] = (chat, tokens)
                     while len(self._reading) > MAX_READING:  # requests that left while waiting
                         del self._reading[next(iter(self._reading))]
                     return AddResult(Added.READING, 0, n, 0, "", "")
@@ -212,6 +220,11 @@ class Batcher:
         self._running[uid] = running
         self._fit_cache()
         return AddResult(Added.STARTED, uid, n, cached, "", "")
+
+    def count_tokens(self, chat_json: str) -> int:
+        """The prompt's token count; -1 while a long prompt is rendered off this thread (ask
+        again with the same chat)."""
+        return self._renderer.count(chat_json)
 
     def _prepare(self, running: Running, tokens: list[int], max_tokens: int) -> tuple[Running, int]:
         """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""

@@ -226,23 +226,56 @@ pub(crate) fn unsent_input<'a>(sent: &str, whole: &'a str) -> Option<&'a str> {
     rest.filter(|r| !r.is_empty())
 }
 
-/// Refuses a prompt longer than `model`'s context however it tokenises, before anything reads
-/// it: `N` bytes are at least `N / max_token_bytes` tokens (a 30 MB prompt would otherwise be
-/// tokenised whole, gigabytes of memory, before the context check). Models not loaded yet are
-/// checked by the backend after their load, as before.
+/// Peak memory the chat template and tokenizer take per byte of prompt text. Measured on the
+/// demo model's tokenizer: a 2.5 MB prompt (524,297 tokens) peaked at +375 MB while it was
+/// rendered, 150 bytes a byte; the transformers tokenizers pensieve runs are of that kind.
+pub(crate) const TOKENISE_BYTES_PER_BYTE: u64 = 160;
+/// Below this estimated cost a prompt's tokenising is not weighed against memory: the tiers'
+/// own admission covers it.
+const TOKENISE_COST_FLOOR: u64 = 64 << 20;
+
+/// Refuses, before anything tokenises it, a prompt that cannot fit or whose tokenising would
+/// take the machine past the critical threshold:
+/// - longer than `model`'s context however it tokenises: `N` bytes are at least
+///   `N / max_token_bytes` tokens (a 30 MB prompt would otherwise be tokenised whole,
+///   gigabytes of memory, before the context check); models not loaded yet are checked by the
+///   backend after their load;
+/// - more to tokenise than memory has above `memory.critical_gb`: about
+///   [`TOKENISE_BYTES_PER_BYTE`] bytes per byte of text (503 with retry-after when the machine
+///   could hold it with more memory free, 400 when it never could).
 pub(crate) fn prompt_fits(app: &AppState, model: &str, chat: &crate::backend::Chat) -> Result<(), ApiError> {
+    let bytes = chat.text_bytes();
     let (context, per_token) = (app.backend.context_length(model), app.backend.max_token_bytes(model));
-    if context == 0 || per_token == 0 {
+    if context > 0 && per_token > 0 {
+        let at_least = bytes / per_token as usize;
+        if at_least > context as usize {
+            return Err(ApiError::invalid(format!(
+                "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {per_token} bytes a token for this model) > {context} maximum"
+            )));
+        }
+    }
+    let cost = (bytes as u64).saturating_mul(TOKENISE_BYTES_PER_BYTE);
+    let snapshot = app.gate.snapshot().load();
+    let critical = app.gate.thresholds().critical;
+    if cost < TOKENISE_COST_FLOOR
+        || snapshot.available_bytes == 0
+        || snapshot.available_bytes.saturating_sub(cost) > critical
+    {
         return Ok(());
     }
-    let bytes = chat.text_bytes();
-    let at_least = bytes / per_token as usize;
-    if at_least > context as usize {
-        return Err(ApiError::invalid(format!(
-            "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {per_token} bytes a token for this model) > {context} maximum"
-        )));
+    let gb = |b: u64| b as f64 / crate::memory::GIB;
+    let message = format!(
+        "this prompt ({:.1} MB of text) would take about {:.2} GB to tokenise, and {:.2} GB is available, with memory.critical_gb at {:.2} GB",
+        bytes as f64 / (1 << 20) as f64,
+        gb(cost),
+        gb(snapshot.available_bytes),
+        gb(critical)
+    );
+    if snapshot.total_bytes.saturating_sub(cost) > critical {
+        Err(ApiError::new(ErrorKind::Overloaded, message).retry_after(app.gate.retry_after_secs()))
+    } else {
+        Err(ApiError::invalid(message))
     }
-    Ok(())
 }
 
 /// Hands `request` to the backend and waits until its prompt is tokenised, so that a refusal

@@ -120,8 +120,9 @@ pub(crate) trait Batcher {
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, BridgeError> {
         Ok(None)
     }
-    /// Prompt tokens of `chat`, with the same template as generation.
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError>;
+    /// Prompt tokens of `chat`, with the same template as generation; `None` while a long
+    /// prompt is rendered off the batch thread (ask again with the same chat).
+    fn count_tokens(&mut self, chat: &Chat) -> Result<Option<u32>, BridgeError>;
     /// Frees MLX's allocator cache (`thorough`: after a cycle collection); the bytes left.
     fn clear_cache(&mut self, thorough: bool) -> Result<u64, BridgeError>;
     /// The memory counters.

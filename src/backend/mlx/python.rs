@@ -394,9 +394,12 @@ impl Batcher for PyBatcher {
         }))
     }
 
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError> {
+    fn count_tokens(&mut self, chat: &Chat) -> Result<Option<u32>, BridgeError> {
         let chat = serde_json::to_string(chat).expect("chat serialises");
-        self.call(|_, e, _| e.call_method1("render", (chat,))?.len().map(|n| n as u32))
+        self.call(|_, _, b| {
+            let n: i64 = b.call_method1("count_tokens", (chat,))?.extract()?;
+            Ok(u32::try_from(n).ok())
+        })
     }
 
     fn clear_cache(&mut self, thorough: bool) -> Result<u64, BridgeError> {
@@ -519,7 +522,10 @@ mod tests {
         let mut b = batcher();
         assert!(b.context_length() >= 131072 && b.kv_bytes_per_token() > 0);
         let chat = request("hello", 8).chat;
-        let n = b.count_tokens(&chat).unwrap();
+        let n = b
+            .count_tokens(&chat)
+            .unwrap()
+            .expect("a short prompt is counted at once");
         assert!(n > 0);
         // A scripted answer comes back as text pieces, then its finish.
         let r = request("[[script]]Paris is the capital.[[/script]]", 64);

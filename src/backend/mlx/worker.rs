@@ -105,6 +105,9 @@ pub(crate) struct Worker<'a, B: Batcher> {
     /// Generations waiting for their prompt's cache to be read from disk (counted as queued):
     /// added again at the next round, ahead of the others.
     reading: Vec<Job>,
+    /// Token counts whose long prompt is rendered off this thread (counted as queued): asked
+    /// again at the next round.
+    counting: Vec<Work>,
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
@@ -137,6 +140,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
             running: HashMap::new(),
             waiting: VecDeque::new(),
             reading: Vec::new(),
+            counting: Vec::new(),
             draining: Vec::new(),
             steps: 0,
             caching: Caching::Memory,
@@ -144,9 +148,15 @@ impl<'a, B: Batcher> Worker<'a, B> {
         }
     }
 
-    /// Generations running or waiting (for a slot, or for a disk read).
+    /// Generations running or waiting (for a slot, a disk read or a render), or counts waiting.
     fn busy(&self) -> bool {
-        self.computing() || !self.reading.is_empty()
+        self.computing() || !self.reading.is_empty() || !self.counting.is_empty()
+    }
+
+    /// Something is prepared off this thread (a disk read, a long prompt's render): the loop
+    /// asks again soon.
+    fn preparing(&self) -> bool {
+        !self.reading.is_empty() || !self.counting.is_empty()
     }
 
     /// Generations running or waiting for a slot: the loop has work at once.
@@ -156,6 +166,9 @@ impl<'a, B: Batcher> Worker<'a, B> {
 
     /// Drops waiting requests whose clients left, and starts waiting ones while slots are free.
     fn admit(&mut self) {
+        for count in std::mem::take(&mut self.counting) {
+            self.take(count);
+        }
         for job in std::mem::take(&mut self.reading).into_iter().rev() {
             self.waiting.push_front(job);
         }
@@ -187,15 +200,37 @@ impl<'a, B: Batcher> Worker<'a, B> {
     fn take(&mut self, work: Work) {
         match work {
             Work::Generate(job) => self.waiting.push_back(job),
-            Work::Count { chat, reply, span, .. } => {
-                self.shared.global.queued.fetch_sub(1, Ordering::SeqCst);
-                let _enter = span.enter();
+            Work::Count {
+                model,
+                chat,
+                reply,
+                span,
+            } => {
+                let queued = &self.shared.global.queued;
                 if reply.is_closed() {
+                    queued.fetch_sub(1, Ordering::SeqCst);
                     return;
                 }
-                let counted = catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
-                    .unwrap_or(Err(BridgeError::Panicked))
-                    .map_err(refused_or_failed);
+                let counted = {
+                    let _enter = span.enter();
+                    catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
+                        .unwrap_or(Err(BridgeError::Panicked))
+                        .map_err(refused_or_failed)
+                };
+                let counted = match counted {
+                    Ok(Some(n)) => Ok(n),
+                    Ok(None) => {
+                        // A long prompt, rendered off this thread: asked again next round.
+                        return self.counting.push(Work::Count {
+                            model,
+                            chat,
+                            reply,
+                            span,
+                        });
+                    }
+                    Err(e) => Err(e),
+                };
+                queued.fetch_sub(1, Ordering::SeqCst);
                 let _ = reply.send(counted);
             }
         }

@@ -177,7 +177,7 @@ impl<'a, L: Loader> Pool<'a, L> {
             .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)));
         let mut tick = None;
         for (i, w) in loaded {
-            if !w.draining.is_empty() || !w.reading.is_empty() {
+            if !w.draining.is_empty() || w.preparing() {
                 return Some(DRAIN_TICK);
             }
             let watch_cache = (w.caching == Caching::Memory && w.shared.prompt_cache_bytes.load(Ordering::Relaxed) > 0)

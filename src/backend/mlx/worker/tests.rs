@@ -143,11 +143,11 @@ impl Batcher for Fake {
         Ok(())
     }
 
-    fn count_tokens(&mut self, chat: &Chat) -> Result<u32, BridgeError> {
+    fn count_tokens(&mut self, chat: &Chat) -> Result<Option<u32>, BridgeError> {
         if chat.messages[0].content == "panic" {
             panic!("count panicked");
         }
-        Ok(chat.messages.len() as u32 * 5)
+        Ok(Some(chat.messages.len() as u32 * 5))
     }
 
     fn clear_cache(&mut self, _thorough: bool) -> Result<u64, BridgeError> {
