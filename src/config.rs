@@ -143,6 +143,10 @@ pub struct BackendConfig {
     /// largest running generation (503), and a request whose KV cache would not fit under it
     /// is refused before its prompt is processed.
     pub mlx_memory_limit_mb: u64,
+    /// While generations are decoding, each batch step reads about this much prompt (in
+    /// milliseconds of prefill, at the measured rate), so that a long prompt arriving does not
+    /// stall running streams; 0: full 2,048-token chunks always.
+    pub max_decode_stall_ms: u64,
 }
 
 impl Default for BackendConfig {
@@ -161,6 +165,7 @@ impl Default for BackendConfig {
             kv_context_tokens: 4096,
             force_load: false,
             mlx_memory_limit_mb: 0,
+            max_decode_stall_ms: 500,
         }
     }
 }
@@ -286,6 +291,15 @@ impl Config {
             return Err(invalid(
                 "backend.max_concurrent",
                 format!("must be between 1 and 256, not {}", self.backend.max_concurrent),
+            ));
+        }
+        if self.backend.max_decode_stall_ms > 60_000 {
+            return Err(invalid(
+                "backend.max_decode_stall_ms",
+                format!(
+                    "must be at most 60000 (0 turns the budget off), not {}",
+                    self.backend.max_decode_stall_ms
+                ),
             ));
         }
         if self.backend.queue_timeout_ms == 0 {

@@ -47,6 +47,7 @@ from .prompt_cache import PromptCache, own
 from .protocol import Added, AddParams, AddResult, CacheStats, Caching, DiskStats, Finish, Out, Piece, Stepped
 from .render import Renderer
 from .response import ResponseSplitter, initial_state
+from .step_budget import StepBudget
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,23 @@ FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH}
 
 
 def open_batcher(
-    engine: Engine, max_concurrent: int, prompt_cache_bytes: int, disk_dir: str = "", disk_bytes: int = 0
+    engine: Engine,
+    max_concurrent: int,
+    prompt_cache_bytes: int,
+    disk_dir: str = "",
+    disk_bytes: int = 0,
+    max_decode_stall_ms: int = 0,
 ) -> "Batcher":
     """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id. With
     ``disk_bytes``, its prompt cache has a disk tier of that size under ``disk_dir`` (``""``:
-    the user's cache folder)."""
+    the user's cache folder). ``max_decode_stall_ms`` bounds each step's prefill while other
+    generations decode (:mod:`~pensieve_bridge.step_budget`; 0: full chunks always)."""
     cls = Batcher
     if engine.model_id.startswith(SCRIPTED):
         from .testing import ScriptedBatcher
 
         cls = ScriptedBatcher
-    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes)
+    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes, max_decode_stall_ms)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Batcher:
     prompt_cache_bytes: int = 0
     disk_dir: str = ""
     disk_bytes: int = 0
+    max_decode_stall_ms: int = 0
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
@@ -117,6 +125,7 @@ class Batcher:
             self._cache = PromptCache(self.engine.path, self.prompt_cache_bytes, spill)
         self._grammars = Grammars(self.engine.tokenizer)
         self._renderer = Renderer(self.engine.render_chat)
+        self._budget = StepBudget(self.max_decode_stall_ms, PREFILL_STEP)
         self._new_generator()
 
     def _new_generator(self):
@@ -246,7 +255,12 @@ class Batcher:
         if self._running and self._model_step_needed():
             if self._limit:
                 self.engine.reset_peak()
-            _, responses = self._gen.next()
+            gen = self._gen
+            # While streams decode, a step reads only as much prompt as the budget allows.
+            gen.prefill_step_size = self._budget.tokens(len(gen._generation_batch) > 0, len(gen._currently_processing))
+            before = (gen._counters.prompt_tokens, gen._counters.prompt_time)
+            _, responses = gen.next()
+            self._budget.learn(gen._counters.prompt_tokens - before[0], gen._counters.prompt_time - before[1])
             for r in responses:
                 running = self._running.get(r.uid)
                 if running is not None:

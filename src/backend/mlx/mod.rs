@@ -303,6 +303,7 @@ impl MlxBackend {
         let settings = LoadSettings {
             blas: b.blas.clone(),
             cpu_float32_budget: if b.cpu_float32 { available / 4 } else { 0 },
+            max_decode_stall_ms: b.max_decode_stall_ms,
         };
         Self::spawn(config, gate, move || {
             PyLoader::new(&python, settings).map_err(StartError::Bridge)

@@ -178,6 +178,8 @@ pub(crate) struct LoadSettings {
     pub blas: String,
     /// On a CPU, weights become float32 when they then take at most this (0: never).
     pub cpu_float32_budget: u64,
+    /// `backend.max_decode_stall_ms`: each step's prefill while streams decode.
+    pub max_decode_stall_ms: u64,
 }
 
 /// Loads models in the embedded interpreter, once it is set up with the venv's packages.
@@ -284,6 +286,7 @@ impl Loader for PyLoader {
                     spec.prompt_cache_bytes,
                     spec.prompt_cache_dir.as_str(),
                     spec.prompt_cache_disk_bytes,
+                    self.settings.max_decode_stall_ms,
                 ))?;
                 Ok(PyBatcher {
                     engine: engine.unbind(),
@@ -488,6 +491,7 @@ mod tests {
             LoadSettings {
                 blas: "auto".into(),
                 cpu_float32_budget: 0,
+                max_decode_stall_ms: 0,
             },
         )
         .unwrap();

@@ -1,0 +1,137 @@
+"""A long prompt arriving while a stream decodes: the stream's inter-token gaps during that
+prompt's prefill, and the prompt's own time to first token, with the step budget
+(`backend.max_decode_stall_ms`, default 500) and without it (0: full 2,048-token chunks, as
+mlx-lm's BatchGenerator does), side by side.
+
+    make build smollm2
+    .venv/bin/python benches/prefill_stall.py [MODEL] [PROMPT_TOKENS] [ROUNDS]
+
+MODEL is `demo` (default) or a path (the SmolLM2 GGUF). Each round starts one server per
+setting (alternating which goes first), starts a long-running stream, waits for its first
+tokens, then sends the long prompt (streamed) and records every gap between the running
+stream's tokens from the moment the long prompt is sent until its first token arrives.
+Prints p50/p99/max gap and the long prompt's TTFT per setting (medians over rounds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "target/release/pensieve"
+SETTINGS = {"budget 500 ms": "500", "no budget": "0"}
+
+
+def start(model: str, stall: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PENSIEVE_BACKEND__MAX_DECODE_STALL_MS": stall, "PENSIEVE_BACKEND__PROMPT_CACHE_MB": "0"}
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--port", "0", "--model", model],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    while True:
+        for line in list(lines):
+            if m := re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line):
+                return proc, f"http://127.0.0.1:{m.group(1)}"
+        if proc.poll() is not None:
+            sys.exit("pensieve exited:\n" + "".join(lines))
+        time.sleep(0.05)
+
+
+def stream(base: str, content: str, max_tokens: int, temperature: float):
+    body = {
+        "model": "m",
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+    req = urllib.request.Request(base + "/v1/messages", json.dumps(body).encode(), {"content-type": "application/json"})
+    return urllib.request.urlopen(req, timeout=900)
+
+
+def one_round(model: str, stall: str, prompt_words: int) -> tuple[list[float], float, bool]:
+    proc, base = start(model, stall)
+    try:
+        stamps: list[float] = []
+        stop = threading.Event()
+
+        def run():
+            with stream(base, "Count from 1 to 5000, separated by commas.", 4000, 1.0) as res:
+                for line in res:
+                    if line.startswith(b"data:") and b"content_block_delta" in line:
+                        stamps.append(time.perf_counter())
+                    if stop.is_set():
+                        return
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        while len(stamps) < 5:
+            time.sleep(0.01)
+        words = " ".join(f"w{i % 97}" for i in range(prompt_words))
+        sent = time.perf_counter()
+        with stream(base, f"Summarise: {words}", 1, 0.0) as res:
+            for line in res:
+                if line.startswith(b"data:") and (b"content_block" in line or b"message_delta" in line):
+                    break
+        first = time.perf_counter()
+        running_still = t.is_alive()
+        stop.set()
+        window = [s for s in stamps if s >= sent]
+        before = [s for s in stamps if s < sent]
+        points = ([before[-1]] if before else [sent]) + window + ([first] if running_still else [])
+        gaps = [b - a for a, b in zip(points, points[1:])]
+        return gaps, first - sent, running_still
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    model = sys.argv[1] if len(sys.argv) > 1 else "demo"
+    prompt_words = int(sys.argv[2]) if len(sys.argv) > 2 else 3000  # ~6,000 tokens
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    results = {name: {"p50": [], "p99": [], "max": [], "ttft": [], "covered": 0} for name in SETTINGS}
+    for r in range(rounds):
+        order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
+        for name in order:
+            gaps, ttft, covered = one_round(model, SETTINGS[name], prompt_words)
+            res = results[name]
+            res["p50"].append(statistics.median(gaps))
+            res["p99"].append(pct(gaps, 0.99))
+            res["max"].append(max(gaps))
+            res["ttft"].append(ttft)
+            res["covered"] += covered
+            print(f"round {r} {name}: max gap {max(gaps):.2f} s, p50 {statistics.median(gaps):.3f} s, TTFT {ttft:.1f} s, "
+                  f"{len(gaps)} gaps, stream ran through: {covered}", flush=True)
+    print(f"\n{model}, a ~{2 * prompt_words}-token prompt arriving while a stream decodes ({rounds} rounds, medians):")
+    for name, res in results.items():
+        med = {k: statistics.median(v) for k, v in res.items() if k != "covered"}
+        print(f"  {name:14s} gap p50 {med['p50']:.3f} s  p99 {med['p99']:.2f} s  max {med['max']:.2f} s   "
+              f"long prompt TTFT {med['ttft']:.1f} s   (stream ran through {res['covered']}/{rounds})")
+    a, b = (statistics.median(results[n]["max"]) for n in SETTINGS)
+    ta, tb = (statistics.median(results[n]["ttft"]) for n in SETTINGS)
+    print(f"  max gap ratio (budget / none): {a / b:.2f}; TTFT ratio: {ta / tb:.2f}")
+
+
+if __name__ == "__main__":
+    main()

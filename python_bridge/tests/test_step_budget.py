@@ -1,0 +1,54 @@
+"""The step budget: while a stream decodes, a long prompt is read in chunks of about
+``max_decode_stall_ms`` of prefill, one chunk per step, so the stream gets a token every step."""
+
+import json
+
+from conftest import add
+from pensieve_bridge.batch import PREFILL_STEP, Batcher
+from pensieve_bridge.step_budget import FIRST, FLOOR, StepBudget
+
+
+def test_the_budget_is_full_when_nothing_decodes_and_follows_the_measured_rate():
+    b = StepBudget(500, 2048)
+    assert b.tokens(decoding=False) == 2048
+    assert b.tokens(decoding=True) == FIRST  # rate not known yet
+    b.learn(2048, 1.0)  # 2,048 tokens/s
+    assert b.tokens(decoding=True) == 1024  # half a second of it
+    assert b.tokens(decoding=True, prompts=2) == 512  # two prompts share the step
+    b.learn(100, 10.0)  # far slower now: the moving average follows, the floor holds
+    assert FLOOR <= b.tokens(decoding=True) < 1024
+    assert StepBudget(0, 2048).tokens(decoding=True) == 2048  # 0: off
+    b.learn(3, 0.0)  # too little to learn from: ignored
+    assert b.rate > 0
+
+
+def steps_until_first_token(engine, stall_ms):
+    b = Batcher(engine, 4, 0, max_decode_stall_ms=stall_ms)
+    stream, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 10_000, "temperature": 0}))
+    for _ in range(3):
+        b.step()
+    words = " ".join(f"w{i % 97}" for i in range(700))
+    long, n, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 1, "temperature": 0}))
+    assert n > 3 * FLOOR
+    steps, stream_tokens = 0, 0
+    while True:
+        out = b.step()
+        steps += 1
+        stream_tokens += sum(1 for uid, _, _ in out if uid == stream)
+        if any(uid == long for uid, _, _ in out):
+            break
+        assert steps < 100
+    b.cancel([stream, long])
+    return steps, stream_tokens, n
+
+
+def test_a_long_prompt_is_read_in_budgeted_chunks_while_a_stream_decodes(engine):
+    # 1 ms: every chunk is the floor's size; the stream gets a token at every step.
+    steps, stream_tokens, n = steps_until_first_token(engine, 1)
+    assert steps >= n // FLOOR, (steps, n)
+    assert stream_tokens >= steps - 1, (stream_tokens, steps)
+    # Without a budget, the same prompt is read in one step of PREFILL_STEP tokens.
+    assert n < PREFILL_STEP
+    budgeted = steps
+    steps, _, _ = steps_until_first_token(engine, 0)
+    assert steps <= 3 < budgeted, (steps, budgeted)
