@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import served
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target/release/pensieve"
 SETTINGS = {"budget 500 ms": "500", "no budget": "0"}
@@ -33,23 +34,7 @@ SETTINGS = {"budget 500 ms": "500", "no budget": "0"}
 
 def start(model: str, stall: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PENSIEVE_BACKEND__MAX_DECODE_STALL_MS": stall, "PENSIEVE_BACKEND__PROMPT_CACHE_MB": "0"}
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--port", "0", "--model", model],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    while True:
-        for line in list(lines):
-            if m := re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line):
-                return proc, f"http://127.0.0.1:{m.group(1)}"
-        if proc.poll() is not None:
-            sys.exit("pensieve exited:\n" + "".join(lines))
-        time.sleep(0.05)
+    return served.serve([str(BIN), "serve", "--port", "0", "--model", model], env, ROOT)
 
 
 def stream(base: str, content: str, max_tokens: int, temperature: float):

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import served
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,23 +41,7 @@ def env_for(home: Path, **extra) -> dict:
 
 
 def serve(bin_dir: Path, args: list[str], home: Path, cwd: Path, **extra) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [str(bin_dir / "pensieve"), "serve", "--port", "0", *args],
-        cwd=cwd,
-        env=env_for(home, **extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    while True:
-        for line in list(lines):
-            if m := re.search(r"pensieve is serving.*127\.0\.0\.1:(\d+)", line):
-                return proc, f"http://127.0.0.1:{m.group(1)}"
-        if proc.poll() is not None:
-            sys.exit("pensieve exited:\n" + "".join(lines))
-        time.sleep(0.05)
+    return served.serve([str(bin_dir / "pensieve"), "serve", "--port", "0", *args], env_for(home, **extra), cwd)
 
 
 def ask(base: str, content: str, max_tokens: int = 1) -> float:

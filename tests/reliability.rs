@@ -642,6 +642,21 @@ fn rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// The longest wait between two chunks of a running stream, until it ends.
+fn longest_gap(
+    mut running: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        let (mut last, mut worst) = (Instant::now(), Duration::ZERO);
+        while let Some(chunk) = running.next().await {
+            chunk.unwrap();
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+        }
+        worst
+    })
+}
+
 #[tokio::test]
 async fn a_prompt_far_over_the_context_is_refused_before_it_is_tokenised() {
     let s = Server::start();
@@ -665,15 +680,7 @@ async fn a_prompt_far_over_the_context_is_refused_before_it_is_tokenised() {
     // A stream runs meanwhile; its tokens keep coming.
     let mut running = s.post_stream(&hello(2_000)).await.bytes_stream();
     running.next().await.unwrap().unwrap();
-    let gaps = tokio::spawn(async move {
-        let (mut last, mut worst) = (Instant::now(), Duration::ZERO);
-        while let Some(chunk) = running.next().await {
-            chunk.unwrap();
-            worst = worst.max(last.elapsed());
-            last = Instant::now();
-        }
-        worst
-    });
+    let gaps = longest_gap(running);
     for (mb, path) in [
         (8usize, "/v1/messages"),
         (30, "/v1/messages"),
@@ -723,15 +730,7 @@ async fn a_long_prompt_under_the_bound_is_tokenised_off_the_batch_thread() {
     // A stream runs meanwhile; its tokens keep coming.
     let mut running = s.post_stream(&hello(4_000)).await.bytes_stream();
     running.next().await.unwrap().unwrap();
-    let gaps = tokio::spawn(async move {
-        let (mut last, mut worst) = (Instant::now(), Duration::ZERO);
-        while let Some(chunk) = running.next().await {
-            chunk.unwrap();
-            worst = worst.max(last.elapsed());
-            last = Instant::now();
-        }
-        worst
-    });
+    let gaps = longest_gap(running);
     // 2.5 MB: under the cheap bound (the demo model's context × its longest token's bytes), so
     // it is really tokenised: ~1.5 s of template and tokenizer here, which on the batch thread
     // would stall the stream that long, each time.

@@ -17,55 +17,6 @@ static SGEMM: AtomicUsize = AtomicUsize::new(0);
 static DGEMM: AtomicUsize = AtomicUsize::new(0);
 static CGEMM: AtomicUsize = AtomicUsize::new(0);
 
-type Sgemm = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    f32,
-    *const f32,
-    c_int,
-    *const f32,
-    c_int,
-    f32,
-    *mut f32,
-    c_int,
-);
-type Dgemm = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    f64,
-    *const f64,
-    c_int,
-    *const f64,
-    c_int,
-    f64,
-    *mut f64,
-    c_int,
-);
-type Cgemm = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    *const c_void,
-    *const c_void,
-    c_int,
-    *const c_void,
-    c_int,
-    *const c_void,
-    *mut c_void,
-    c_int,
-);
-
 /// Sets where the three CBLAS functions go: the addresses of `sgemm`, `dgemm` and `cgemm` with
 /// the CBLAS signature and 32-bit integers (scipy-openblas32's `scipy_cblas_*gemm`).
 #[pyfunction]
@@ -92,80 +43,77 @@ fn target(slot: &AtomicUsize, name: &str) -> usize {
     }
 }
 
-/// CBLAS `sgemm`, forwarded.
-///
-/// # Safety
-/// The caller's contract is CBLAS's.
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn cblas_sgemm(
-    order: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
-    m: c_int,
-    n: c_int,
-    k: c_int,
-    alpha: f32,
-    a: *const f32,
-    lda: c_int,
-    b: *const f32,
-    ldb: c_int,
-    beta: f32,
-    c: *mut f32,
-    ldc: c_int,
-) {
-    let f: Sgemm = std::mem::transmute(target(&SGEMM, "cblas_sgemm"));
-    f(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+/// Defines `cblas_<name>` with CBLAS's `?gemm` signature, forwarding to the address in `slot`:
+/// `$scalar` is the type of `alpha` and `beta`, `$in`/`$out` those of the matrices.
+macro_rules! forward_gemm {
+    ($name:ident, $slot:ident, $scalar:ty, $in:ty, $out:ty, $doc:literal) => {
+        #[doc = $doc]
+        ///
+        /// # Safety
+        /// The caller's contract is CBLAS's.
+        #[no_mangle]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "C" fn $name(
+            order: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: $scalar,
+            a: $in,
+            lda: c_int,
+            b: $in,
+            ldb: c_int,
+            beta: $scalar,
+            c: $out,
+            ldc: c_int,
+        ) {
+            type Gemm = unsafe extern "C" fn(
+                c_int,
+                c_int,
+                c_int,
+                c_int,
+                c_int,
+                c_int,
+                $scalar,
+                $in,
+                c_int,
+                $in,
+                c_int,
+                $scalar,
+                $out,
+                c_int,
+            );
+            let f: Gemm = std::mem::transmute(target(&$slot, stringify!($name)));
+            f(
+                order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+            )
+        }
+    };
 }
 
-/// CBLAS `dgemm`, forwarded.
-///
-/// # Safety
-/// The caller's contract is CBLAS's.
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn cblas_dgemm(
-    order: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
-    m: c_int,
-    n: c_int,
-    k: c_int,
-    alpha: f64,
-    a: *const f64,
-    lda: c_int,
-    b: *const f64,
-    ldb: c_int,
-    beta: f64,
-    c: *mut f64,
-    ldc: c_int,
-) {
-    let f: Dgemm = std::mem::transmute(target(&DGEMM, "cblas_dgemm"));
-    f(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-}
-
-/// CBLAS `cgemm` (complex single precision: `alpha` and `beta` point at two floats), forwarded.
-///
-/// # Safety
-/// The caller's contract is CBLAS's.
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn cblas_cgemm(
-    order: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
-    m: c_int,
-    n: c_int,
-    k: c_int,
-    alpha: *const c_void,
-    a: *const c_void,
-    lda: c_int,
-    b: *const c_void,
-    ldb: c_int,
-    beta: *const c_void,
-    c: *mut c_void,
-    ldc: c_int,
-) {
-    let f: Cgemm = std::mem::transmute(target(&CGEMM, "cblas_cgemm"));
-    f(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-}
+forward_gemm!(
+    cblas_sgemm,
+    SGEMM,
+    f32,
+    *const f32,
+    *mut f32,
+    "CBLAS `sgemm`, forwarded."
+);
+forward_gemm!(
+    cblas_dgemm,
+    DGEMM,
+    f64,
+    *const f64,
+    *mut f64,
+    "CBLAS `dgemm`, forwarded."
+);
+forward_gemm!(
+    cblas_cgemm,
+    CGEMM,
+    *const c_void,
+    *const c_void,
+    *mut c_void,
+    "CBLAS `cgemm` (complex single precision: `alpha` and `beta` point at two floats), forwarded."
+);
