@@ -105,6 +105,8 @@ check-macos: venv
 	CC_aarch64_apple_darwin=$(CURDIR)/scripts/check-cc AR_aarch64_apple_darwin=ar \
 	  PYO3_CROSS_PYTHON_VERSION=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
 	  cargo check --locked --target aarch64-apple-darwin --lib --bins
+	CC_aarch64_apple_darwin=$(CURDIR)/scripts/check-cc AR_aarch64_apple_darwin=ar \
+	  cargo check --locked --target aarch64-apple-darwin -p pensieve-py
 
 test-python: venv smollm2
 	$(PY) -m pytest -q python_bridge

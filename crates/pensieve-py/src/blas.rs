@@ -6,7 +6,7 @@
 //! changes nothing by itself. This module exports the three unprefixed names and forwards each
 //! call to the address [`forward_blas`] was given; `pensieve_bridge.blas` then makes this
 //! library global (`RTLD_GLOBAL`) before MLX is imported, so that MLX's calls resolve here.
-//! Until then nothing calls these functions.
+//! Until then nothing calls these functions. Linux only: on macOS MLX uses Accelerate.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};

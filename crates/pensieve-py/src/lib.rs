@@ -9,6 +9,7 @@ use std::ffi::OsString;
 
 use pyo3::prelude::*;
 
+#[cfg(target_os = "linux")]
 mod blas;
 
 /// Runs the `pensieve` command line (`argv[0]` is the program's name); returns its exit status.
@@ -23,6 +24,7 @@ fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<u8> {
 fn _pensieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(main, m)?)?;
+    #[cfg(target_os = "linux")]
     m.add_function(wrap_pyfunction!(blas::forward_blas, m)?)?;
     Ok(())
 }
