@@ -364,3 +364,36 @@ max_concurrent = 1
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(model_of(&s.health().await, "small")["loads"], 2);
 }
+
+#[tokio::test]
+async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_it_is_tokenised() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(
+        dir.path(),
+        &format!(
+            "[server]\ndefault_model = \"demo\"\n[models.demo]\npath = \"demo\"\n[models.small]\npath = \"{}\"\n",
+            smollm2()
+        ),
+    );
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--port", "0", "--config", &file]);
+    let s = Server::start_command(cmd);
+    // SmolLM2 is not loaded: the API cannot bound the prompt yet. 2 MB is at least 12,900
+    // tokens by its longest token (162 bytes), over its 8,192: refused once it is loaded,
+    // by that bound ("at least"), not after rendering two megabytes.
+    let text = "word ".repeat((2 << 20) / 5);
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let res = reqwest::Client::new()
+            .post(s.url(path))
+            .json(&json!({"model": "small", "max_tokens": 4, "messages": [{"role": "user", "content": text}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(status, 400, "{path}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("prompt is too long: at least"), "{path}: {message}");
+    }
+    assert_eq!(s.post(&ask("small", 2)).await.status(), 200);
+}

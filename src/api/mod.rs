@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http::{HeaderMap, Method};
 
-use crate::backend::{Backend, Event};
+use crate::backend::{Backend, Chat, Event};
 use crate::memory::Gate;
 use crate::wire::{read_body, request_id, MaxBody};
 use error::{ApiError, ErrorKind};
@@ -236,24 +236,19 @@ const TOKENISE_COST_FLOOR: u64 = 64 << 20;
 
 /// Refuses, before anything tokenises it, a prompt that cannot fit or whose tokenising would
 /// take the machine past the critical threshold:
-/// - longer than `model`'s context however it tokenises: `N` bytes are at least
-///   `N / max_token_bytes` tokens (a 30 MB prompt would otherwise be tokenised whole,
-///   gigabytes of memory, before the context check); models not loaded yet are checked by the
-///   backend after their load;
+/// - longer than `model`'s context however it tokenises ([`Chat::cannot_fit`]: a 30 MB
+///   prompt would otherwise be tokenised whole, gigabytes of memory, before the context check);
+///   a model not loaded yet is checked the same way by the backend once it is, before its
+///   prompt is rendered;
 /// - more to tokenise than memory has above `memory.critical_gb`: about
 ///   [`TOKENISE_BYTES_PER_BYTE`] bytes per byte of text (503 with retry-after when the machine
 ///   could hold it with more memory free, 400 when it never could).
-pub(crate) fn prompt_fits(app: &AppState, model: &str, chat: &crate::backend::Chat) -> Result<(), ApiError> {
-    let bytes = chat.text_bytes();
+pub(crate) fn prompt_fits(app: &AppState, model: &str, chat: &Chat) -> Result<(), ApiError> {
     let (context, per_token) = (app.backend.context_length(model), app.backend.max_token_bytes(model));
-    if context > 0 && per_token > 0 {
-        let at_least = bytes / per_token as usize;
-        if at_least > context as usize {
-            return Err(ApiError::invalid(format!(
-                "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {per_token} bytes a token for this model) > {context} maximum"
-            )));
-        }
+    if let Some(message) = chat.cannot_fit(context, per_token) {
+        return Err(ApiError::invalid(message));
     }
+    let bytes = chat.text_bytes();
     let cost = (bytes as u64).saturating_mul(TOKENISE_BYTES_PER_BYTE);
     let snapshot = app.gate.snapshot().load();
     let critical = app.gate.thresholds().critical;

@@ -211,7 +211,10 @@ impl<'a, B: Batcher> Worker<'a, B> {
                     queued.fetch_sub(1, Ordering::SeqCst);
                     return;
                 }
-                let counted = {
+                let fits = chat.cannot_fit(self.batcher.context_length(), self.batcher.max_token_bytes());
+                let counted = if let Some(message) = fits {
+                    Err(BackendError::InvalidRequest(message))
+                } else {
                     let _enter = span.enter();
                     catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
                         .unwrap_or(Err(BridgeError::Panicked))
@@ -257,6 +260,13 @@ impl<'a, B: Batcher> Worker<'a, B> {
             0 => asked,
             context => asked.min(context),
         };
+        // A model loaded for this request is checked here, before its prompt is rendered.
+        if let Some(message) = job.request.chat.cannot_fit(context, self.batcher.max_token_bytes()) {
+            let _ = job
+                .events
+                .try_send(Event::Failed(BackendError::InvalidRequest(message)));
+            return;
+        }
         let added = catch_unwind(AssertUnwindSafe(|| self.batcher.add(&job.request, context)));
         let fail = |e: BackendError| {
             let _ = job.events.try_send(Event::Failed(e));
