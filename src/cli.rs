@@ -195,15 +195,26 @@ fn policy_check(file: Option<PathBuf>, files: Vec<PathBuf>) -> Result<(), String
 }
 
 fn init_logging(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
     // Colours only on a terminal: logs piped to a file or a collector stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
-        LogFormat::Pretty => builder.init(),
-    }
+    let fmt = match config.log.format {
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).boxed(),
+        LogFormat::Pretty => fmt.boxed(),
+    };
+    // The dashboard's recent requests come from the request spans, whatever the log level.
+    let recent = crate::api::dashboard::recent::RecentLayer.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        crate::api::dashboard::recent::RecentLayer::wants(m)
+    }));
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(config.dashboard.enabled.then_some(recent))
+        .init();
 }

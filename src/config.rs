@@ -19,7 +19,16 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use paths::{config_file, ConfigFile};
-const SECTIONS: [&str; 7] = ["server", "memory", "backend", "models", "layers", "policies", "log"];
+const SECTIONS: [&str; 8] = [
+    "server",
+    "memory",
+    "backend",
+    "models",
+    "layers",
+    "policies",
+    "log",
+    "dashboard",
+];
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -39,6 +48,8 @@ pub struct Config {
     pub policies: PoliciesConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// The dashboard at `/` and `/dashboard`.
+    pub dashboard: DashboardConfig,
 }
 
 /// `[server]`
@@ -180,6 +191,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[dashboard]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Serve the dashboard (`/`, `/dashboard`) and its snapshot (`/dashboard/snapshot`).
+    pub enabled: bool,
+    /// Finished requests the snapshot lists (route, model, status, tokens, latency; never
+    /// prompt text).
+    pub recent_requests: usize,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            recent_requests: 100,
+        }
+    }
+}
+
 /// `[log]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -291,6 +322,12 @@ impl Config {
             return Err(invalid(
                 "backend.max_concurrent",
                 format!("must be between 1 and 256, not {}", self.backend.max_concurrent),
+            ));
+        }
+        if self.dashboard.recent_requests > 10_000 {
+            return Err(invalid(
+                "dashboard.recent_requests",
+                format!("must be at most 10000, not {}", self.dashboard.recent_requests),
             ));
         }
         if self.backend.max_decode_stall_ms > 60_000 {

@@ -78,10 +78,30 @@ pub fn router(config: &Config, backend: Arc<dyn Backend>, stack: Stack) -> Route
     if config.server.protect_health && !config.server.api_keys.is_empty() {
         details = details.route_layer(crate::layers::ApiKeyLayer::new(config.server.api_keys.clone()));
     }
-    Router::new()
+    let mut open = Router::new()
         .route("/health/ready", get(api::ready).fallback(api::method_not_allowed))
         .route("/health/live", get(api::live).fallback(api::method_not_allowed))
-        .merge(details)
+        .merge(details);
+    if config.dashboard.enabled {
+        api::dashboard::recent::recent().set_capacity(config.dashboard.recent_requests);
+        let keys = crate::layers::ApiKeyLayer::new(config.server.api_keys.clone());
+        let page = Router::new()
+            .route("/", get(api::dashboard::page).fallback(api::method_not_allowed))
+            .route(
+                "/dashboard",
+                get(api::dashboard::page).fallback(api::method_not_allowed),
+            )
+            .with_state(api::dashboard::Keys(keys.clone()));
+        let snapshot = Router::new()
+            .route(
+                "/dashboard/snapshot",
+                get(api::dashboard::snapshot).fallback(api::method_not_allowed),
+            )
+            .route_layer(keys);
+        open = open.merge(page).merge(snapshot);
+    }
+    Router::new()
+        .merge(open)
         .fallback(api::not_found)
         .layer(plain)
         .merge(v1)

@@ -15,6 +15,11 @@ fn round2(x: f64) -> f64 {
 
 /// `GET /health`: always 200; the body says how things are.
 pub async fn health(State(app): State<AppState>) -> Response {
+    Json(health_json(&app)).into_response()
+}
+
+/// The body of `GET /health` (also in the dashboard's snapshot).
+pub fn health_json(app: &AppState) -> serde_json::Value {
     let snap = app.gate.snapshot().load();
     let backend = app.backend.status();
     let thresholds = app.gate.thresholds();
@@ -25,7 +30,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
     } else {
         "healthy"
     };
-    Json(json!({
+    json!({
         "status": status,
         "service": "pensieve",
         "version": env!("CARGO_PKG_VERSION"),
@@ -47,8 +52,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
         },
         "backend": backend,
         "policies": app.policies.as_ref().map(|p| p.status()).unwrap_or_default(),
-    }))
-    .into_response()
+    })
 }
 
 /// `GET /health/ready`: 503 while requests would be refused.

@@ -3,6 +3,7 @@
 //! Handlers parse and check the request ([`translate`]), hand it to the [`Backend`], and answer
 //! with one JSON message or a stream ([`sse`]). Every error goes through [`error::ApiError`].
 
+pub mod dashboard;
 pub mod error;
 mod health;
 pub mod openai;
@@ -283,6 +284,7 @@ pub(crate) async fn start(
     span: &tracing::Span,
 ) -> Result<(crate::backend::Generation, u32, u32), ApiError> {
     prompt_fits(app, &request.model, &request.chat)?;
+    span.record("model", request.model.as_str());
     let mut generation = app.backend.generate(request)?;
     let first = tokio::time::timeout(app.queue_timeout, generation.events.recv())
         .await

@@ -16,13 +16,14 @@ BIN = ROOT / "target" / "release" / "pensieve"
 
 
 class Server:
-    def __init__(self, env=None):
+    def __init__(self, env=None, prefix=()):
+        """``prefix``: a command the server is started through (``sh -c '... exec "$@"'``)."""
         if not BIN.exists():
             raise RuntimeError(f"{BIN} is missing: run `make build`")
         # The prompt cache's disk tier: the server's own, so that no test reads another's.
         self.cache_dir = tempfile.TemporaryDirectory(prefix="pensieve-test-cache-")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            [*prefix, str(BIN), "serve", "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
             env={
                 **os.environ,
                 "PENSIEVE_LOG__LEVEL": "info",

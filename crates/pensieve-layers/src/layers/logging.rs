@@ -55,6 +55,7 @@ where
             id = request_id(req.headers()).unwrap_or("-"),
             method = %req.method(),
             path = req.uri().path(),
+            model = Empty,
             tier = Empty,
             status = Empty,
             latency_ms = Empty,
