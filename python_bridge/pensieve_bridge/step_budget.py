@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-#: The smallest chunk: below this, the fixed cost of a model call dominates (measured on the demo
-#: model here: 100-token chunks read prompts at a quarter of the rate of 2,048-token ones).
-FLOOR = 256
+#: The smallest chunk. Small chunks cost more per token (a model call's fixed cost): on the demo
+#: model here 100-token chunks read prompts at a quarter of the rate of 2,048-token ones, but the
+#: rate the budget learns is that of the chunks it uses, so a fast model keeps large chunks
+#: (about 1,700 tokens for 500 ms on the demo model) and only a slow one gets small ones.
+FLOOR = 32
 #: Chunk while the prefill rate is not known yet (it is learnt from the first chunk).
-FIRST = 256
+FIRST = 64
 #: A step that read fewer prompt tokens than this says little about the rate.
 MIN_LEARN = 16
 #: Weight of the newest measurement in the rate's moving average.
