@@ -397,3 +397,53 @@ async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_i
     }
     assert_eq!(s.post(&ask("small", 2)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_load_reports_monotonic_progress_in_health_before_the_model_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(
+        dir.path(),
+        &format!(
+            "[server]\ndefault_model = \"demo\"\n[models.demo]\npath = \"demo\"\n[models.small]\npath = \"{}\"\n",
+            smollm2()
+        ),
+    );
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--port", "0", "--config", &file]);
+    let s = Server::start_command(cmd);
+    // The request loads SmolLM2; /health is read every few milliseconds meanwhile.
+    let body = ask("small", 2);
+    let ask_small = s.post(&body);
+    let watch = async {
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        loop {
+            let small = model_of(&s.health().await, "small");
+            if small["state"] == "loaded" {
+                return seen;
+            }
+            if let Some(p) = small.get("load_progress") {
+                let now = (p["done_bytes"].as_u64().unwrap(), p["total_bytes"].as_u64().unwrap());
+                if seen.last() != Some(&now) {
+                    seen.push(now);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    };
+    let (res, seen) = tokio::join!(ask_small, watch);
+    assert_eq!(res.status(), 200);
+    println!("progress seen: {seen:?}");
+    // The last reading (all read) stays until the load ends (tokenizer, float32 weights), so
+    // it is always seen; how many come before it depends on how fast the weights are read.
+    assert!(!seen.is_empty(), "no progress while loading");
+    let total = seen[0].1;
+    assert!(total > 50 << 20, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0 && w[1].1 == total),
+        "not monotonic: {seen:?}"
+    );
+    assert!(seen.iter().all(|&(done, t)| done <= t));
+    assert!(s.log().contains("loading the model's weights"), "{}", s.log());
+    // Loaded: no progress any more.
+    assert!(model_of(&s.health().await, "small").get("load_progress").is_none());
+}

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
-from . import blas, demo, disk_cache, gguf, tool_format
+from . import blas, demo, disk_cache, gguf, progress, tool_format
 from .protocol import MemoryCounters
 
 #: A model id starting with this is served by the test batcher of
@@ -58,7 +58,9 @@ class Engine:
             self.model, self.tokenizer, ctx = gguf.load(gguf_file)
             self.notes.append(f"GGUF {gguf_file}")
         else:
-            self.model, self.tokenizer = load(self.path)
+            # Lazily, then read with progress reports.
+            self.model, self.tokenizer = load(self.path, lazy=True)
+            progress.evaluate(self.model)
             config = getattr(self.model, "args", None)
             ctx = getattr(config, "max_position_embeddings", None)
             if not ctx:

@@ -28,6 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes, load_tokenizer
 
+from . import progress
+
 log = logging.getLogger("pensieve_bridge.gguf")
 
 #: GGUF architecture → (mlx-lm model type, Q/K rows permuted by llama.cpp's converter).
@@ -123,7 +125,7 @@ def load(path: str):
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    progress.evaluate(model)
     model.eval()
     tokenizer = _tokenizer(meta, path)
     return model, tokenizer, int(config["max_position_embeddings"])

@@ -341,7 +341,7 @@ pub async fn count_tokens(
 fn model_object(m: &crate::backend::ModelStatus) -> serde_json::Value {
     let id = &m.name;
     // Anthropic's fields and OpenAI's together: both SDKs read the same object.
-    serde_json::json!({
+    let mut object = serde_json::json!({
         "type": "model",
         "object": "model",
         "id": id,
@@ -355,7 +355,11 @@ fn model_object(m: &crate::backend::ModelStatus) -> serde_json::Value {
         "loaded": m.loaded,
         "state": m.state,
         "default": m.default,
-    })
+    });
+    if let Some(progress) = m.load_progress {
+        object["load_progress"] = serde_json::json!(progress);
+    }
+    object
 }
 
 /// Local models have no release date; the model object carries this fixed one.

@@ -11,6 +11,7 @@ mod stop;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use mlx::loading::LoadProgress;
 pub use mlx::{MlxBackend, StartError};
 pub use models::{ModelStatus, Registry};
 pub use stop::StopMatcher;

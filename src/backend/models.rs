@@ -131,6 +131,9 @@ pub struct ModelStatus {
     /// Why its last load failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// While it loads: the bytes of weights read so far of the total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_progress: Option<crate::backend::LoadProgress>,
 }
 
 #[cfg(test)]

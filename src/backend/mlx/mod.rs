@@ -13,6 +13,7 @@
 //!   whole batch, cache clearing, cancellation, all inside a panic boundary.
 //! - `outbox`: per-client buffering, so that a slow reader never stalls the batch.
 
+pub mod loading;
 mod outbox;
 mod protocol;
 mod python;
@@ -467,6 +468,7 @@ impl MlxBackend {
             load_seconds: s.load_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             prompt_cache_disk: s.disk(),
             last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            load_progress: (state == STATE_LOADING).then(|| loading::of(&slot.spec.name)).flatten(),
         }
     }
 }

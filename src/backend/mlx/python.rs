@@ -260,8 +260,13 @@ impl Loader for PyLoader {
 
     fn load(&mut self, spec: &ModelSpec) -> Result<PyBatcher, BridgeError> {
         let model = spec.path.as_str();
-        Python::attach(|py| {
+        let loaded = Python::attach(|py| {
             let setup = || -> PyResult<PyBatcher> {
+                let reporter = super::loading::Reporter {
+                    model: spec.name.clone(),
+                };
+                py.import("pensieve_bridge.progress")?
+                    .call_method1("set_reporter", (Py::new(py, reporter)?,))?;
                 let engine = py
                     .import("pensieve_bridge.engine")?
                     .getattr("Engine")?
@@ -298,7 +303,9 @@ impl Loader for PyLoader {
                 })
             };
             setup().map_err(|e| python_error(py, &e))
-        })
+        });
+        super::loading::finish(&spec.name);
+        loaded
     }
 
     fn release(&mut self) -> Option<u64> {
