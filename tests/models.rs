@@ -365,8 +365,9 @@ max_concurrent = 1
     assert_eq!(model_of(&s.health().await, "small")["loads"], 2);
 }
 
-#[tokio::test]
-async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_it_is_tokenised() {
+/// The demo model (default, loaded) and SmolLM2 as `small`, loaded on its first request; the
+/// server, and the folder its configuration is in.
+fn demo_and_small_smollm2() -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = config(
         dir.path(),
@@ -377,7 +378,12 @@ async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_i
     );
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(["serve", "--port", "0", "--config", &file]);
-    let s = Server::start_command(cmd);
+    (Server::start_command(cmd), dir)
+}
+
+#[tokio::test]
+async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_it_is_tokenised() {
+    let (s, _dir) = demo_and_small_smollm2();
     // SmolLM2 is not loaded: the API cannot bound the prompt yet. 2 MB is at least 12,900
     // tokens by its longest token (162 bytes), over its 8,192: refused once it is loaded,
     // by that bound ("at least"), not after rendering two megabytes.
@@ -400,17 +406,7 @@ async fn a_prompt_over_the_context_of_a_model_not_loaded_yet_is_refused_before_i
 
 #[tokio::test]
 async fn a_load_reports_monotonic_progress_in_health_before_the_model_is_loaded() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = config(
-        dir.path(),
-        &format!(
-            "[server]\ndefault_model = \"demo\"\n[models.demo]\npath = \"demo\"\n[models.small]\npath = \"{}\"\n",
-            smollm2()
-        ),
-    );
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["serve", "--port", "0", "--config", &file]);
-    let s = Server::start_command(cmd);
+    let (s, _dir) = demo_and_small_smollm2();
     // The request loads SmolLM2; /health is read every few milliseconds meanwhile.
     let body = ask("small", 2);
     let ask_small = s.post(&body);
