@@ -246,10 +246,10 @@ const TOKENISE_COST_FLOOR: u64 = 64 << 20;
 ///   could hold it with more memory free, 400 when it never could).
 pub(crate) fn prompt_fits(app: &AppState, model: &str, chat: &Chat) -> Result<(), ApiError> {
     let (context, per_token) = (app.backend.context_length(model), app.backend.max_token_bytes(model));
-    if let Some(message) = chat.cannot_fit(context, per_token) {
+    let bytes = chat.text_bytes();
+    if let Some(message) = crate::backend::too_long(bytes, context, per_token) {
         return Err(ApiError::invalid(message));
     }
-    let bytes = chat.text_bytes();
     let cost = (bytes as u64).saturating_mul(TOKENISE_BYTES_PER_BYTE);
     let snapshot = app.gate.snapshot().load();
     let critical = app.gate.thresholds().critical;

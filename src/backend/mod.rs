@@ -54,21 +54,30 @@ impl Chat {
         messages + tools
     }
 
-    /// Why this chat cannot fit a context of `context` tokens, known without tokenising it:
-    /// its text's bytes over `max_token_bytes` (the most bytes one token stands for) are at
-    /// least that many tokens. `None` when it may fit, or when either is unknown (0).
+    /// Why this chat cannot fit a context of `context` tokens, known without tokenising it
+    /// ([`too_long`] of its [`text_bytes`](Chat::text_bytes)). `None` when it may fit, or when
+    /// either is unknown (0).
     pub fn cannot_fit(&self, context: u32, max_token_bytes: u32) -> Option<String> {
         if context == 0 || max_token_bytes == 0 {
             return None;
         }
-        let bytes = self.text_bytes();
-        let at_least = bytes / max_token_bytes as usize;
-        (at_least > context as usize).then(|| {
-            format!(
-                "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {max_token_bytes} bytes a token for this model) > {context} maximum"
-            )
-        })
+        too_long(self.text_bytes(), context, max_token_bytes)
     }
+}
+
+/// Why `bytes` of prompt text cannot fit a context of `context` tokens: they are at least
+/// `bytes / max_token_bytes` tokens (the most bytes one token stands for). `None` when they
+/// may fit, or when either is unknown (0).
+pub fn too_long(bytes: usize, context: u32, max_token_bytes: u32) -> Option<String> {
+    if context == 0 || max_token_bytes == 0 {
+        return None;
+    }
+    let at_least = bytes / max_token_bytes as usize;
+    (at_least > context as usize).then(|| {
+        format!(
+            "prompt is too long: at least {at_least} tokens ({bytes} bytes, at most {max_token_bytes} bytes a token for this model) > {context} maximum"
+        )
+    })
 }
 
 impl GenerateRequest {

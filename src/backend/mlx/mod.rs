@@ -489,12 +489,12 @@ impl Backend for MlxBackend {
     fn count_tokens(&self, model: &str, chat: Chat) -> Result<TokenCount, BackendError> {
         let model = self.index(model)?;
         let (reply, rx) = oneshot::channel();
-        self.enqueue(Work::Count {
+        self.enqueue(Work::Count(worker::Count {
             model,
             chat,
             reply,
             span: Span::current(),
-        })?;
+        }))?;
         Ok(rx)
     }
 

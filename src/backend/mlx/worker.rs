@@ -44,12 +44,15 @@ pub(crate) struct Job {
 /// What the backend thread is asked to do.
 pub(crate) enum Work {
     Generate(Job),
-    Count {
-        model: usize,
-        chat: Chat,
-        reply: oneshot::Sender<Result<u32, BackendError>>,
-        span: Span,
-    },
+    Count(Count),
+}
+
+/// A token count to answer.
+pub(crate) struct Count {
+    pub model: usize,
+    pub chat: Chat,
+    pub reply: oneshot::Sender<Result<u32, BackendError>>,
+    pub span: Span,
 }
 
 /// One generation in the batch.
@@ -107,7 +110,7 @@ pub(crate) struct Worker<'a, B: Batcher> {
     reading: Vec<Job>,
     /// Token counts whose long prompt is rendered off this thread (counted as queued): asked
     /// again at the next round.
-    counting: Vec<Work>,
+    counting: Vec<Count>,
     /// Finished generations whose last events the client has not taken yet.
     draining: Vec<Outbox>,
     steps: u32,
@@ -150,7 +153,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
 
     /// Generations running or waiting (for a slot, a disk read or a render), or counts waiting.
     fn busy(&self) -> bool {
-        self.computing() || !self.reading.is_empty() || !self.counting.is_empty()
+        self.computing() || self.preparing()
     }
 
     /// Something is prepared off this thread (a disk read, a long prompt's render): the loop
@@ -167,7 +170,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
     /// Drops waiting requests whose clients left, and starts waiting ones while slots are free.
     fn admit(&mut self) {
         for count in std::mem::take(&mut self.counting) {
-            self.take(count);
+            self.count(count);
         }
         for job in std::mem::take(&mut self.reading).into_iter().rev() {
             self.waiting.push_front(job);
@@ -200,43 +203,41 @@ impl<'a, B: Batcher> Worker<'a, B> {
     fn take(&mut self, work: Work) {
         match work {
             Work::Generate(job) => self.waiting.push_back(job),
-            Work::Count {
-                model,
-                chat,
-                reply,
-                span,
-            } => {
-                let queued = &self.shared.global.queued;
-                if reply.is_closed() {
-                    queued.fetch_sub(1, Ordering::SeqCst);
-                    return;
-                }
-                let fits = chat.cannot_fit(self.batcher.context_length(), self.batcher.max_token_bytes());
-                let counted = if let Some(message) = fits {
-                    Err(BackendError::InvalidRequest(message))
-                } else {
-                    let _enter = span.enter();
-                    catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&chat)))
-                        .unwrap_or(Err(BridgeError::Panicked))
-                        .map_err(refused_or_failed)
-                };
-                let counted = match counted {
-                    Ok(Some(n)) => Ok(n),
-                    Ok(None) => {
-                        // A long prompt, rendered off this thread: asked again next round.
-                        return self.counting.push(Work::Count {
-                            model,
-                            chat,
-                            reply,
-                            span,
-                        });
+            Work::Count(count) => {
+                // A model loaded for this count is checked here, before its prompt is rendered.
+                let context = self.batcher.context_length();
+                match count.chat.cannot_fit(context, self.batcher.max_token_bytes()) {
+                    Some(message) => {
+                        self.shared.global.queued.fetch_sub(1, Ordering::SeqCst);
+                        let _ = count.reply.send(Err(BackendError::InvalidRequest(message)));
                     }
-                    Err(e) => Err(e),
-                };
-                queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = reply.send(counted);
+                    None => self.count(count),
+                }
             }
         }
+    }
+
+    /// Answers a token count, or keeps it to ask again next round while its long prompt is
+    /// rendered off this thread.
+    fn count(&mut self, count: Count) {
+        let queued = &self.shared.global.queued;
+        if count.reply.is_closed() {
+            queued.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let counted = {
+            let _enter = count.span.enter();
+            catch_unwind(AssertUnwindSafe(|| self.batcher.count_tokens(&count.chat)))
+                .unwrap_or(Err(BridgeError::Panicked))
+                .map_err(refused_or_failed)
+        };
+        let counted = match counted {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => return self.counting.push(count),
+            Err(e) => Err(e),
+        };
+        queued.fetch_sub(1, Ordering::SeqCst);
+        let _ = count.reply.send(counted);
     }
 
     /// Starts a waiting generation: admission again, then into the batch.
@@ -260,17 +261,14 @@ impl<'a, B: Batcher> Worker<'a, B> {
             0 => asked,
             context => asked.min(context),
         };
-        // A model loaded for this request is checked here, before its prompt is rendered.
-        if let Some(message) = job.request.chat.cannot_fit(context, self.batcher.max_token_bytes()) {
-            let _ = job
-                .events
-                .try_send(Event::Failed(BackendError::InvalidRequest(message)));
-            return;
-        }
-        let added = catch_unwind(AssertUnwindSafe(|| self.batcher.add(&job.request, context)));
         let fail = |e: BackendError| {
             let _ = job.events.try_send(Event::Failed(e));
         };
+        // A model loaded for this request is checked here, before its prompt is rendered.
+        if let Some(message) = job.request.chat.cannot_fit(context, self.batcher.max_token_bytes()) {
+            return fail(BackendError::InvalidRequest(message));
+        }
+        let added = catch_unwind(AssertUnwindSafe(|| self.batcher.add(&job.request, context)));
         let (uid, input_tokens, cached_tokens) = match added {
             Ok(Ok(Added::Started {
                 uid,

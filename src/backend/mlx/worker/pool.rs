@@ -193,7 +193,7 @@ impl<'a, L: Loader> Pool<'a, L> {
     fn take(&mut self, work: Work) {
         let i = match &work {
             Work::Generate(job) => job.model,
-            Work::Count { model, .. } => *model,
+            Work::Count(count) => count.model,
         };
         self.slots[i].shared.touch();
         if self.workers[i].is_none() {
@@ -204,8 +204,8 @@ impl<'a, L: Loader> Pool<'a, L> {
                         let _enter = span.enter();
                         let _ = events.try_send(Event::Failed(e));
                     }
-                    Work::Count { reply, .. } => {
-                        let _ = reply.send(Err(e));
+                    Work::Count(count) => {
+                        let _ = count.reply.send(Err(e));
                     }
                 }
                 return;
