@@ -3,6 +3,8 @@
 //! [`run`] is the whole command: the `pensieve` binary calls it with its arguments, and so does
 //! the wheel's `pensieve` command (a Python console script calling the extension module).
 
+mod bar;
+
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
@@ -200,14 +202,22 @@ fn init_logging(config: &Config) {
     use tracing_subscriber::Layer;
 
     let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    // Colours only on a terminal: logs piped to a file or a collector stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    // Colours and the load progress bar only on a terminal: logs piped to a file or a
+    // collector stay plain text, with progress in log lines.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(terminal);
     let fmt = match config.log.format {
-        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).boxed(),
-        LogFormat::Pretty => fmt.boxed(),
+        LogFormat::Json => fmt
+            .with_writer(std::io::stderr)
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+        LogFormat::Pretty if terminal => {
+            bar::install();
+            fmt.with_writer(bar::LogWriter).boxed()
+        }
+        LogFormat::Pretty => fmt.with_writer(std::io::stderr).boxed(),
     };
     // The dashboard's recent requests come from the request spans, whatever the log level.
     let recent = crate::api::dashboard::recent::RecentLayer.with_filter(tracing_subscriber::filter::filter_fn(|m| {

@@ -171,3 +171,61 @@ async fn a_stream_the_client_cut_leaves_its_prompt_in_the_cache() {
     let read = u["cache_read_input_tokens"].as_u64().unwrap();
     assert!(read > 500 && u["input_tokens"] == 1, "{u}");
 }
+
+#[tokio::test]
+async fn a_long_prompt_reports_its_progress_in_health_and_the_log_while_a_stream_decodes() {
+    // 1 ms of prefill a step: the long prompt is read in the budget's smallest chunks while
+    // the other stream decodes, so its progress is seen many times.
+    let s = Server::start_with(&[("PENSIEVE_BACKEND__MAX_DECODE_STALL_MS", "1")]);
+    let mut running = s.post_stream(&hello(4_000)).await.bytes_stream();
+    // Decoding: its first text has come.
+    while !String::from_utf8_lossy(&running.next().await.unwrap().unwrap()).contains("text_delta") {}
+    let long = json!({"model": "demo", "max_tokens": 3, "stream": true,
+        "messages": [{"role": "user", "content": "word ".repeat(6_000)}]});
+    let ask = async {
+        let text = s.post_stream(&long).await.text().await.unwrap();
+        let events = parse_sse(&text);
+        events[0].data["message"]["usage"]["input_tokens"].as_u64().unwrap()
+    };
+    let watch = async {
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        for _ in 0..20_000 {
+            let health = s.health().await;
+            let progress = &health["backend"]["models"][0]["prefill_progress"];
+            match progress.as_array().unwrap().as_slice() {
+                [] if !seen.is_empty() => return seen,
+                [] => {}
+                [p] => {
+                    let now = (p["done_tokens"].as_u64().unwrap(), p["total_tokens"].as_u64().unwrap());
+                    if seen.last() != Some(&now) {
+                        seen.push(now);
+                    }
+                }
+                more => panic!("one long prompt is read, not {more:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the long prompt's progress never ended: {seen:?}");
+    };
+    let (input_tokens, seen) = tokio::join!(ask, watch);
+    println!(
+        "{input_tokens} prompt tokens; progress seen: {} readings, {:?} … {:?}",
+        seen.len(),
+        seen.first(),
+        seen.last()
+    );
+    assert!(seen.len() >= 5, "{seen:?}");
+    assert!(seen.iter().all(|&(_, total)| total == input_tokens), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "not monotonic: {seen:?}");
+    assert!(seen[0].0 <= 64, "the first chunk is small: {seen:?}");
+    let log = s.log();
+    assert!(log.contains("reading the prompt"), "{log}");
+    assert!(log.contains("read the prompt"), "{log}");
+    // Tokens are counted as they come, not when generations end: the running stream's show.
+    let counted = |h: Value| h["backend"]["models"][0]["output_tokens"].as_u64().unwrap();
+    let before = counted(s.health().await);
+    running.next().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(counted(s.health().await) > before);
+    drop(running);
+}

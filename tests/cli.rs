@@ -73,3 +73,48 @@ fn memory_prints_the_snapshot_as_the_server_sees_it() {
     assert!(v["total_bytes"].as_u64().unwrap() > 0);
     assert!(v["source"] == "system" || v["source"] == "cgroup");
 }
+
+#[test]
+fn serve_on_a_terminal_draws_a_progress_bar_for_the_load_and_the_log_around_it() {
+    use std::io::{BufRead, BufReader};
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let cache = tempfile::tempdir().unwrap();
+    // util-linux's `script` gives the server a terminal (a pty) and copies what it draws.
+    let mut script = Command::new("script")
+        .args(["-qfec", &format!("{BIN} serve --port 0 --model {model}"), "/dev/null"])
+        .env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", cache.path())
+        .env("COLUMNS", "160")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut drawn = String::new();
+    let mut out = BufReader::new(script.stdout.take().unwrap());
+    let mut line = Vec::new();
+    while out.read_until(b'\n', &mut line).unwrap() > 0 {
+        drawn.push_str(&String::from_utf8_lossy(&line));
+        line.clear();
+        if drawn.contains("pensieve is serving") {
+            break;
+        }
+    }
+    let _ = script.kill();
+    let _ = script.wait();
+    assert!(drawn.contains("pensieve is serving"), "{drawn}");
+    // The bar: the model's name, a bar, bytes of the total; redrawn as the load goes.
+    let bars: Vec<&str> = drawn
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("loading SmolLM2-135M-Instruct.Q4_1 ["))
+        .collect();
+    assert!(bars.len() >= 2, "{drawn}");
+    assert!(bars.iter().any(|b| b.contains("MiB/93.79 MiB")), "{bars:?}");
+    assert!(drawn.contains("\x1b[2K"), "the bar is cleared and redrawn: {drawn}");
+    // With a bar, the log says where the load starts and ends, not every step between.
+    let logged = drawn.matches("loading the model's weights").count();
+    assert!((1..=2).contains(&logged), "{logged} progress lines: {drawn}");
+    assert!(drawn.contains("model loaded"), "{drawn}");
+}

@@ -91,6 +91,9 @@ class Running:
     detokenizer: object
     #: Prompt and generated tokens so far: the size of its KV cache, in tokens.
     tokens: int = 0
+    #: Prompt tokens in its KV cache while its prompt is read (from the prompt cache, then
+    #: read by the model): :meth:`Batcher.prefill_progress`.
+    prefilled: int = 0
 
 
 @dataclass
@@ -211,6 +214,7 @@ class Batcher:
             # Copying a cached prefix this short costs more than processing it again.
             cache, rest = None, tokens
         cached = n - len(rest)
+        running.prefilled = cached
         sampler = make_sampler(
             temp=float(params.temperature),
             top_p=float(params.top_p or 0.0),
@@ -239,6 +243,11 @@ class Batcher:
         """What a generation starts as, and its ``max_tokens`` in mlx-lm (for subclasses)."""
         return running, max_tokens
 
+    def prefill_progress(self, uids: list[int]) -> list[int]:
+        """For each of ``uids``: its prompt tokens read so far, cached ones included (-1: not
+        running)."""
+        return [r.prefilled if (r := self._running.get(uid)) is not None else -1 for uid in uids]
+
     def step(self) -> list[Stepped]:
         """One step of every running generation: a :class:`~pensieve_bridge.protocol.Stepped`
         each (``uid``, ``pieces``, ``finish``).
@@ -259,8 +268,13 @@ class Batcher:
             # While streams decode, a step reads only as much prompt as the budget allows.
             gen.prefill_step_size = self._budget.tokens(len(gen._generation_batch) > 0, len(gen._currently_processing))
             before = (gen._counters.prompt_tokens, gen._counters.prompt_time)
-            _, responses = gen.next()
+            prompts, responses = gen.next()
             self._budget.learn(gen._counters.prompt_tokens - before[0], gen._counters.prompt_time - before[1])
+            for p in prompts:
+                running = self._running.get(p.uid)
+                if running is not None:
+                    # ``progress`` counts the tokens given to the model; the cached ones come first.
+                    running.prefilled = running.tokens - p.progress[1] + p.progress[0]
             for r in responses:
                 running = self._running.get(r.uid)
                 if running is not None:

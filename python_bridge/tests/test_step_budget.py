@@ -30,15 +30,24 @@ def steps_until_first_token(engine, stall_ms):
     words = " ".join(f"w{i % 97}" for i in range(700))
     long, n, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 1, "temperature": 0}))
     assert n > 3 * FLOOR
-    steps, stream_tokens = 0, 0
+    steps, stream_tokens, read = 0, 0, []
     while True:
         out = b.step()
+        read.append(b.prefill_progress([long, stream, 12345])[0])
         steps += 1
         stream_tokens += sum(1 for uid, _, _ in out if uid == stream)
         if any(uid == long for uid, _, _ in out):
             break
         assert steps < 100
     b.cancel([stream, long])
+    assert b.prefill_progress([long]) == [-1]
+    # What is read of the long prompt only grows, to the whole prompt (its last token gives its
+    # first, and only, token: it has left when that step ends).
+    assert read[-1] == -1
+    read = read[:-1]
+    assert read == sorted(read) and n - 1 <= read[-1] <= n and 0 < read[0], (read, n)
+    if stall_ms:
+        assert read[0] < n
     return steps, stream_tokens, n
 
 

@@ -11,7 +11,8 @@ mod stop;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use mlx::loading::LoadProgress;
+pub use mlx::loading::{observe as observe_loads, LoadProgress};
+pub use mlx::prefill::PrefillProgress;
 pub use mlx::{MlxBackend, StartError};
 pub use models::{ModelStatus, Registry};
 pub use stop::StopMatcher;

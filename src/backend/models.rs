@@ -134,6 +134,10 @@ pub struct ModelStatus {
     /// While it loads: the bytes of weights read so far of the total.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_progress: Option<crate::backend::LoadProgress>,
+    /// Tokens generated on it, counted as they are generated.
+    pub output_tokens: u64,
+    /// Its prompts of over 2,048 tokens to read, while they are read.
+    pub prefill_progress: Vec<crate::backend::PrefillProgress>,
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Progress of the model loads under way: the bridge reports the bytes of weights read of the
 //! total as a load goes (`pensieve_bridge.progress`), through [`Reporter`]; `/health`,
 //! `/v1/models` and the dashboard show it while the model's state is `loading`, and a log line
-//! says it at most every [`LOG_EVERY`].
+//! says it at most every [`LOG_EVERY`]. An [`Observer`] (the terminal's progress bar) sees every
+//! report; while one is set, the log says only where a load starts and ends.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -29,6 +30,20 @@ struct Loading {
 
 static LOADING: Mutex<BTreeMap<String, Loading>> = Mutex::new(BTreeMap::new());
 
+/// Sees each load's progress as it is reported (`None`: the load is over).
+pub type Observer = fn(model: &str, progress: Option<LoadProgress>);
+
+static OBSERVER: Mutex<Option<Observer>> = Mutex::new(None);
+
+/// Sets the one observer of every load's progress.
+pub fn observe(observer: Observer) {
+    *OBSERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+}
+
+fn observer() -> Option<Observer> {
+    *OBSERVER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The progress of `model`'s load under way, if one is.
 pub fn of(model: &str) -> Option<LoadProgress> {
     LOADING
@@ -50,7 +65,12 @@ pub fn report(model: &str, done: u64, total: u64) {
         done_bytes: done.max(entry.progress.done_bytes).min(total.max(done)),
         total_bytes: total,
     };
-    if entry.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) || done >= total {
+    let observer = observer();
+    if let Some(observer) = observer {
+        observer(model, Some(entry.progress));
+    }
+    let due = entry.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) && (observer.is_none() || entry.logged.is_none());
+    if due || done >= total {
         entry.logged = Some(Instant::now());
         let percent = if total > 0 {
             done as f64 * 100.0 / total as f64
@@ -70,6 +90,9 @@ pub fn report(model: &str, done: u64, total: u64) {
 /// `model`'s load is over (loaded or failed).
 pub fn finish(model: &str) {
     LOADING.lock().unwrap_or_else(|e| e.into_inner()).remove(model);
+    if let Some(observer) = observer() {
+        observer(model, None);
+    }
 }
 
 /// What the bridge calls with `(done_bytes, total_bytes)` during a load.

@@ -15,6 +15,7 @@
 
 pub mod loading;
 mod outbox;
+pub mod prefill;
 mod protocol;
 mod python;
 mod worker;
@@ -218,6 +219,10 @@ pub(crate) struct Shared {
     load_errors: AtomicU64,
     load_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Tokens generated on it, counted at every step (the dashboard's live tokens/s).
+    output_tokens: AtomicU64,
+    /// Its long prompts being read now.
+    prefills: Mutex<Vec<prefill::PrefillProgress>>,
 }
 
 impl Shared {
@@ -243,6 +248,8 @@ impl Shared {
             load_errors: AtomicU64::new(0),
             load_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            output_tokens: AtomicU64::new(0),
+            prefills: Mutex::new(Vec::new()),
         }
     }
 
@@ -469,6 +476,8 @@ impl MlxBackend {
             prompt_cache_disk: s.disk(),
             last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             load_progress: (state == STATE_LOADING).then(|| loading::of(&slot.spec.name)).flatten(),
+            output_tokens: s.output_tokens.load(Ordering::Relaxed),
+            prefill_progress: s.prefills.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }

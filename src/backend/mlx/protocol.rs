@@ -120,6 +120,11 @@ pub(crate) trait Batcher {
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, BridgeError> {
         Ok(None)
     }
+    /// For each of `uids` (generations whose prompt is being read): prompt tokens in its KV
+    /// cache so far, cached ones included (`None`: not running).
+    fn prefill_progress(&mut self, uids: &[u64]) -> Result<Vec<Option<u32>>, BridgeError> {
+        Ok(vec![None; uids.len()])
+    }
     /// Prompt tokens of `chat`, with the same template as generation; `None` while a long
     /// prompt is rendered off the batch thread (ask again with the same chat).
     fn count_tokens(&mut self, chat: &Chat) -> Result<Option<u32>, BridgeError>;

@@ -404,6 +404,13 @@ impl Batcher for PyBatcher {
         }))
     }
 
+    fn prefill_progress(&mut self, uids: &[u64]) -> Result<Vec<Option<u32>>, BridgeError> {
+        self.call(|_, _, b| {
+            let done: Vec<i64> = b.call_method1("prefill_progress", (uids.to_vec(),))?.extract()?;
+            Ok(done.into_iter().map(|d| u32::try_from(d).ok()).collect())
+        })
+    }
+
     fn count_tokens(&mut self, chat: &Chat) -> Result<Option<u32>, BridgeError> {
         let chat = serde_json::to_string(chat).expect("chat serialises");
         self.call(|_, _, b| {

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::outbox::{Flow, Outbox};
+use super::prefill::Prefill;
 use super::protocol::{Added, Batcher, Caching, Finish, Piece};
 use super::Shared;
 use crate::backend::{BackendError, BridgeError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
@@ -67,6 +68,8 @@ struct Running {
     max_tokens: u32,
     /// The id of the tool call streaming now, between its `ToolStart` and its `ToolUse`.
     call: Option<String>,
+    /// Its long prompt, while it is read.
+    prefill: Option<Prefill>,
 }
 
 impl Running {
@@ -118,6 +121,8 @@ pub(crate) struct Worker<'a, B: Batcher> {
     caching: Caching,
     /// The memory limit MLX was last given (0: none yet).
     mlx_limit: u64,
+    /// Long prompts' progress is shown in `/health` (cleared once none is read).
+    prefills_shown: bool,
 }
 
 /// The drop guard of the batch: however the loop ends (the queue closed at shutdown, a panic
@@ -148,6 +153,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
             steps: 0,
             caching: Caching::Memory,
             mlx_limit: 0,
+            prefills_shown: false,
         }
     }
 
@@ -331,6 +337,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 input_tokens,
                 max_tokens,
                 call: None,
+                prefill: Prefill::of_long(input_tokens, cached_tokens),
             },
         );
         self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
@@ -400,6 +407,9 @@ impl<'a, B: Batcher> Worker<'a, B> {
                 return;
             }
         };
+        self.shared
+            .output_tokens
+            .fetch_add(stepped.len() as u64, Ordering::Relaxed);
         let before = self.running.len();
         let retry_after_secs = self.gate.retry_after_secs();
         let mut ended = Vec::new();
@@ -435,6 +445,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
         if !cancel.is_empty() {
             self.cancel(&cancel);
         }
+        self.follow_prefills();
         self.steps = self.steps.wrapping_add(1);
         // Anything that left the batch (ended, cut by a stop sequence, its client gone on the
         // last token) settles: the count, and the cache when the batch is now idle.
@@ -445,10 +456,58 @@ impl<'a, B: Batcher> Worker<'a, B> {
         }
     }
 
+    /// Long prompts being read: their progress from the batcher (one call, only while there
+    /// are some), logged and shown in `/health`; a prompt whose first token came is read.
+    fn follow_prefills(&mut self) {
+        let mut uids = Vec::new();
+        for (uid, r) in self.running.iter_mut() {
+            if r.output_tokens > 0 {
+                if let Some(p) = r.prefill.take() {
+                    r.span.in_scope(|| p.finish());
+                }
+            } else if r.prefill.is_some() {
+                uids.push(*uid);
+            }
+        }
+        if !uids.is_empty() {
+            match catch_unwind(AssertUnwindSafe(|| self.batcher.prefill_progress(&uids))) {
+                Ok(Ok(done)) => {
+                    for (uid, done) in uids.iter().zip(done) {
+                        let (Some(r), Some(done)) = (self.running.get_mut(uid), done) else {
+                            continue;
+                        };
+                        if let Some(p) = r.prefill.as_mut() {
+                            r.span.in_scope(|| p.update(done));
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "reading prompts' progress failed"),
+                Err(_) => tracing::error!("reading prompts' progress panicked"),
+            }
+        }
+        self.show_prefills();
+    }
+
+    /// Puts the long prompts' progress in `/health` (nothing to do when none was shown and
+    /// none is read).
+    fn show_prefills(&mut self) {
+        if !self.prefills_shown && self.running.values().all(|r| r.prefill.is_none()) {
+            return;
+        }
+        let shown: Vec<_> = self
+            .running
+            .values()
+            .filter_map(|r| r.prefill.as_ref().map(Prefill::progress))
+            .collect();
+        self.prefills_shown = !shown.is_empty();
+        *self.shared.prefills.lock().unwrap_or_else(|e| e.into_inner()) = shown;
+    }
+
     /// After generations left the batch: clears the cache when the batch is idle or one of them
     /// failed or was aborted, then sends their last events.
     fn settle(&mut self, ended: Vec<(Outbox, Event)>, abnormal: bool) {
         self.shared.active.store(self.running.len() as u32, Ordering::SeqCst);
+        self.show_prefills();
         if self.running.is_empty() || abnormal {
             self.clear_cache();
         }

@@ -33,10 +33,13 @@ struct State {
 
 /// A batcher whose generation `i` says `w0 w1 … w{max_tokens-1}`, one word a step (prompt
 /// `brief`: three words at most). Prompts `panic`, `template` and `long` make `add` panic,
-/// fail, or report a prompt too long.
+/// fail, or report a prompt too long; `read N` is a prompt of N tokens read a thousand a step
+/// before its first word.
 struct Fake {
     state: Arc<Mutex<State>>,
     gens: BTreeMap<u64, (u32, u32)>,
+    /// Prompts being read (`read N`: N tokens, a thousand a step): tokens read, of the total.
+    reading: BTreeMap<u64, (u32, u32)>,
     next: u64,
     /// 0: unknown, so the KV check is off.
     kv_bytes_per_token: u64,
@@ -70,15 +73,24 @@ impl Batcher for Fake {
         }
         let uid = self.next;
         self.next += 1;
-        let max_tokens = match request.chat.messages[0].content.as_str() {
+        let content = request.chat.messages[0].content.as_str();
+        let max_tokens = match content {
             "brief" => request.sampling.max_tokens.min(3),
             _ => request.sampling.max_tokens,
+        };
+        let input_tokens = match content.strip_prefix("read ") {
+            Some(n) => {
+                let n = n.parse().unwrap();
+                self.reading.insert(uid, (0, n));
+                n
+            }
+            None => 5,
         };
         self.gens.insert(uid, (0, max_tokens));
         self.state.lock().unwrap().log.push(format!("add {uid}"));
         Ok(Added::Started {
             uid,
-            input_tokens: 5,
+            input_tokens,
             cached_tokens: 0,
         })
     }
@@ -109,6 +121,12 @@ impl Batcher for Fake {
             });
         }
         for (uid, (produced, max)) in self.gens.iter_mut() {
+            if let Some((read, total)) = self.reading.get_mut(uid) {
+                *read = (*read + 1000).min(*total);
+                if read < total {
+                    continue;
+                }
+            }
             *produced += 1;
             out.push(Stepped {
                 uid: *uid,
@@ -117,7 +135,14 @@ impl Batcher for Fake {
             });
         }
         self.gens.retain(|_, (produced, max)| produced < max);
+        let gens = &self.gens;
+        self.reading
+            .retain(|uid, (read, total)| read < total && gens.contains_key(uid));
         Ok(out)
+    }
+
+    fn prefill_progress(&mut self, uids: &[u64]) -> Result<Vec<Option<u32>>, BridgeError> {
+        Ok(uids.iter().map(|uid| self.reading.get(uid).map(|r| r.0)).collect())
     }
 
     fn cancel(&mut self, uids: &[u64], keep: bool) -> Result<(), BridgeError> {
@@ -128,6 +153,7 @@ impl Batcher for Fake {
             .push(format!("cancel {uids:?} keep={keep}"));
         for uid in uids {
             self.gens.remove(uid);
+            self.reading.remove(uid);
         }
         Ok(())
     }
@@ -135,6 +161,7 @@ impl Batcher for Fake {
     fn reset(&mut self) -> Result<(), BridgeError> {
         self.state.lock().unwrap().log.push("reset".into());
         self.gens.clear();
+        self.reading.clear();
         Ok(())
     }
 
@@ -212,6 +239,7 @@ fn harness_config(config: BackendConfig, kv_bytes_per_token: u64) -> Harness {
     let fake = Fake {
         state: state.clone(),
         gens: BTreeMap::new(),
+        reading: BTreeMap::new(),
         next: 0,
         kv_bytes_per_token,
     };
@@ -572,3 +600,60 @@ fn the_queue_is_bounded_and_says_how_many_wait() {
 
 mod memory;
 mod pool;
+
+#[test]
+fn a_long_prompt_reports_its_progress_while_it_is_read_and_tokens_are_counted_as_they_come() {
+    let h = harness(4);
+    h.state.lock().unwrap().step_time = Duration::from_millis(20);
+    let short = h.generate("short prompt", 2);
+    let long = h.generate("read 5500", 2);
+    let mut seen: Vec<(u32, u32)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let model = &h.backend.status().models[0];
+        match model.prefill_progress.as_slice() {
+            [] if !seen.is_empty() => break,
+            [] => {}
+            [p] => {
+                assert_eq!((p.total_tokens, p.cached_tokens), (5500, 0));
+                if seen.last() != Some(&(p.done_tokens, p.total_tokens)) {
+                    seen.push((p.done_tokens, p.total_tokens));
+                }
+            }
+            more => panic!("one long prompt, not {more:?}"),
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // A thousand tokens a step: 1,000 … 5,000 are seen (5,500 is the step that ends it).
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "not monotonic: {seen:?}");
+    assert!(
+        seen.iter().all(|&(done, _)| done % 1000 == 0 && done <= 5000),
+        "{seen:?}"
+    );
+    let long = events(long);
+    assert_eq!(text(&long), "w0 w1 ");
+    assert_eq!(text(&events(short)), "w0 w1 ");
+    // Every token generated is counted, as it was generated.
+    assert_eq!(h.backend.status().models[0].output_tokens, 4);
+    assert!(h.backend.status().models[0].prefill_progress.is_empty());
+}
+
+#[test]
+fn a_long_prompt_whose_client_left_leaves_no_progress_behind() {
+    let h = harness(4);
+    h.state.lock().unwrap().step_time = Duration::from_millis(5);
+    let long = h.generate("read 500000", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.backend.status().models[0].prefill_progress.is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(long);
+    while !h.backend.status().models[0].prefill_progress.is_empty() {
+        assert!(Instant::now() < deadline, "progress left behind");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(h.backend.status().active_generations, 0);
+}

@@ -22,6 +22,7 @@ impl Loader for FakeLoader {
         Ok(Fake {
             state: self.state.clone(),
             gens: BTreeMap::new(),
+            reading: BTreeMap::new(),
             next: 0,
             kv_bytes_per_token: 0,
         })
