@@ -158,6 +158,9 @@ pub struct BackendConfig {
     /// milliseconds of prefill, at the measured rate), so that a long prompt arriving does not
     /// stall running streams; 0: full 2,048-token chunks always.
     pub max_decode_stall_ms: u64,
+    /// The most tokens a generation drafts from its own prompt and answer in a step, verified
+    /// in one forward pass (speculative decoding by prompt lookup); 0: off.
+    pub prompt_lookup_tokens: u32,
 }
 
 impl Default for BackendConfig {
@@ -177,6 +180,7 @@ impl Default for BackendConfig {
             force_load: false,
             mlx_memory_limit_mb: 0,
             max_decode_stall_ms: 500,
+            prompt_lookup_tokens: 10,
         }
     }
 }
@@ -328,6 +332,15 @@ impl Config {
             return Err(invalid(
                 "dashboard.recent_requests",
                 format!("must be at most 10000, not {}", self.dashboard.recent_requests),
+            ));
+        }
+        if self.backend.prompt_lookup_tokens > 64 {
+            return Err(invalid(
+                "backend.prompt_lookup_tokens",
+                format!(
+                    "must be at most 64 (0 turns speculation off), not {}",
+                    self.backend.prompt_lookup_tokens
+                ),
             ));
         }
         if self.backend.max_decode_stall_ms > 60_000 {

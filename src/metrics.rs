@@ -126,6 +126,10 @@ struct ModelMetrics {
     unloads: Family<UnloadLabels, Counter>,
     load_seconds: Family<ModelLabel, Counter<f64, AtomicU64>>,
     generations: Family<ModelLabel, Counter>,
+    drafted: Family<ModelLabel, Counter>,
+    accepted: Family<ModelLabel, Counter>,
+    sequence_steps: Family<ModelLabel, Counter>,
+    decoded: Family<ModelLabel, Counter>,
 }
 
 /// The server's metrics: the layers' and the backend's, in one registry.
@@ -194,6 +198,26 @@ impl Metrics {
                 "model_generations",
                 "Generations started on the model",
                 mm.generations.clone(),
+            );
+            r.register(
+                "speculative_drafted_tokens",
+                "Tokens drafted from the prompt (speculative decoding); accepted / drafted is the acceptance rate",
+                mm.drafted.clone(),
+            );
+            r.register(
+                "speculative_accepted_tokens",
+                "Drafted tokens the model kept",
+                mm.accepted.clone(),
+            );
+            r.register(
+                "decode_sequence_steps",
+                "Decoding steps, one per generation in the batch; decode_tokens / decode_sequence_steps is tokens per step",
+                mm.sequence_steps.clone(),
+            );
+            r.register(
+                "decode_tokens",
+                "Tokens the decoding steps gave",
+                mm.decoded.clone(),
             );
             m.disk.register(r);
             r.register(
@@ -300,6 +324,10 @@ impl Metrics {
             };
             catch_up(&mm.loads.get_or_create(&model), m.loads);
             catch_up(&mm.generations.get_or_create(&model), m.generations);
+            catch_up(&mm.drafted.get_or_create(&model), m.speculation.drafted_tokens);
+            catch_up(&mm.accepted.get_or_create(&model), m.speculation.accepted_tokens);
+            catch_up(&mm.sequence_steps.get_or_create(&model), m.speculation.sequence_steps);
+            catch_up(&mm.decoded.get_or_create(&model), m.speculation.tokens);
             catch_up(&mm.unloads.get_or_create(&unload("idle")), m.unloads_idle);
             catch_up(&mm.unloads.get_or_create(&unload("memory")), m.unloads_memory);
             catch_up(&mm.unloads.get_or_create(&unload("error")), m.load_errors);

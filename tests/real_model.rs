@@ -95,3 +95,59 @@ async fn smollm2_from_its_gguf_file_answers_facts_and_ends_its_turn() {
     assert_eq!(s.idle_backend().await["cache_bytes"], 0);
     assert!(!s.log().contains("panicked"));
 }
+
+/// An agent's edit: the model writes out a file from its prompt with one change.
+fn edit_turn(max_tokens: u32) -> Value {
+    let file = include_str!("fixtures/edit-turn.py");
+    ask(
+        &format!(
+            "Here is a Python file:\n\n```python\n{file}```\n\nRewrite this file with one change: \
+             rename the method `hit_rate` to `ratio`. Write out the whole file."
+        ),
+        max_tokens,
+    )
+}
+
+#[tokio::test]
+async fn an_edit_turn_is_decoded_from_drafts_of_its_prompt_with_the_same_text_as_without() {
+    assert!(Path::new(GGUF).exists(), "{GGUF} is missing: run `make smollm2`");
+    let body = edit_turn(200);
+    let mut texts = Vec::new();
+    for lookup in ["0", "10"] {
+        let s = Server::start_with(&[
+            ("PENSIEVE_BACKEND__MODEL", GGUF),
+            ("PENSIEVE_BACKEND__PROMPT_LOOKUP_TOKENS", lookup),
+        ]);
+        let t = std::time::Instant::now();
+        let reply = answer(&s, &body).await;
+        let took = t.elapsed();
+        assert_eq!(reply["usage"]["output_tokens"], 200, "{reply}");
+        let text = reply["content"][0]["text"].as_str().unwrap().to_owned();
+        assert!(text.contains("self.entries"), "{text}");
+        let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+        let drafted = metric(&metrics, "pensieve_speculative_drafted_tokens_total");
+        let accepted = metric(&metrics, "pensieve_speculative_accepted_tokens_total");
+        let steps = metric(&metrics, "pensieve_decode_sequence_steps_total");
+        let tokens = metric(&metrics, "pensieve_decode_tokens_total");
+        println!(
+            "prompt_lookup_tokens={lookup}: {took:?}, drafted {drafted}, accepted {accepted}, \
+             {tokens} tokens in {steps} steps"
+        );
+        let health = s.health().await;
+        let speculation = &health["backend"]["models"][0]["speculation"];
+        assert_eq!(
+            speculation["accepted_tokens"].as_f64().unwrap(),
+            accepted,
+            "{speculation}"
+        );
+        assert_eq!(tokens, 200.0);
+        if lookup == "0" {
+            assert_eq!((drafted, accepted, steps), (0.0, 0.0, 200.0));
+        } else {
+            assert!(accepted > 100.0 && accepted <= drafted, "{accepted} of {drafted}");
+            assert!(tokens / steps > 2.0, "{tokens} tokens in {steps} steps");
+        }
+        texts.push(text);
+    }
+    assert_eq!(texts[0], texts[1], "the text changed with speculation");
+}

@@ -47,6 +47,7 @@ from .prompt_cache import PromptCache, own
 from .protocol import Added, AddParams, AddResult, CacheStats, Caching, DiskStats, Finish, Out, Piece, Stepped
 from .render import Renderer
 from .response import ResponseSplitter, initial_state
+from .speculate import Sampling, Speculation, SpeculativeBatch
 from .step_budget import StepBudget
 
 log = logging.getLogger(__name__)
@@ -70,17 +71,20 @@ def open_batcher(
     disk_dir: str = "",
     disk_bytes: int = 0,
     max_decode_stall_ms: int = 0,
+    prompt_lookup_tokens: int = 0,
 ) -> "Batcher":
     """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id. With
     ``disk_bytes``, its prompt cache has a disk tier of that size under ``disk_dir`` (``""``:
     the user's cache folder). ``max_decode_stall_ms`` bounds each step's prefill while other
-    generations decode (:mod:`~pensieve_bridge.step_budget`; 0: full chunks always)."""
+    generations decode (:mod:`~pensieve_bridge.step_budget`; 0: full chunks always);
+    ``prompt_lookup_tokens`` is the most tokens a generation drafts from its prompt in a step
+    (:mod:`~pensieve_bridge.speculate`; 0: no speculation)."""
     cls = Batcher
     if engine.model_id.startswith(SCRIPTED):
         from .testing import ScriptedBatcher
 
         cls = ScriptedBatcher
-    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes, max_decode_stall_ms)
+    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes, max_decode_stall_ms, prompt_lookup_tokens)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Batcher:
     disk_dir: str = ""
     disk_bytes: int = 0
     max_decode_stall_ms: int = 0
+    prompt_lookup_tokens: int = 0
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
@@ -129,6 +134,7 @@ class Batcher:
         self._grammars = Grammars(self.engine.tokenizer)
         self._renderer = Renderer(self.engine.render_chat)
         self._budget = StepBudget(self.max_decode_stall_ms, PREFILL_STEP)
+        self._speculation = Speculation(self.prompt_lookup_tokens)
         self._new_generator()
 
     def _new_generator(self):
@@ -138,6 +144,10 @@ class Batcher:
             prefill_batch_size=min(self.max_concurrent, PREFILL_BATCH),
             prefill_step_size=PREFILL_STEP,
         )
+        # Decoding steps may verify drafts from the prompt (mlx-lm's own step otherwise).
+        batch = SpeculativeBatch.empty(self.engine.model, self._gen.sampler)
+        batch.speculation = self._speculation
+        self._gen._generation_batch = batch
 
     def add(self, chat_json: str, params_json: str, context_length: int) -> AddResult:
         """Renders a request and queues it in the batch.
@@ -215,11 +225,8 @@ class Batcher:
             cache, rest = None, tokens
         cached = n - len(rest)
         running.prefilled = cached
-        sampler = make_sampler(
-            temp=float(params.temperature),
-            top_p=float(params.top_p or 0.0),
-            top_k=int(params.top_k or 0),
-        )
+        sampling = Sampling(float(params.temperature), float(params.top_p or 0.0), int(params.top_k or 0))
+        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         (uid,) = self._gen.insert_segments(
             [[rest]],
             max_tokens=[max_tokens],
@@ -231,6 +238,7 @@ class Batcher:
         )
         del cache
         self._running[uid] = running
+        self._speculation.sampling[uid] = sampling
         self._fit_cache()
         return AddResult(Added.STARTED, uid, n, cached, "", "")
 
@@ -360,6 +368,7 @@ class Batcher:
             out.append(Stepped(uid, [Out(*p) for p in pieces], finish))
             if finish is not None:
                 del self._running[uid]
+                self._speculation.sampling.pop(uid, None)
         except Exception as e:  # this generation's own failure; the others go on
             out.append(Stepped(uid, [Out(Piece.ERROR, f"{type(e).__name__}: {e}")], Finish.ERROR))
             self.cancel([uid])
@@ -381,6 +390,7 @@ class Batcher:
         user interrupted a turn sends that prefix again next. Not after failures."""
         for uid in uids:
             self._running.pop(uid, None)
+            self._speculation.sampling.pop(uid, None)
         if not uids:
             return
         keep = keep and self._keeping()
@@ -395,6 +405,7 @@ class Batcher:
     def reset(self) -> None:
         """After a failure of the model itself: forgets every generation, starts a new batch."""
         self._running.clear()
+        self._speculation.sampling.clear()
         self._gen.close()
         self._new_generator()
 
@@ -417,6 +428,12 @@ class Batcher:
         self._caching = Caching(mode)
         if self._caching != Caching.MEMORY:
             self.drop_prompt_cache()
+
+    def speculation_stats(self) -> tuple[int, int, int, int, int]:
+        """Speculation's counters: ``(steps, drafted, accepted, sequence_steps, tokens)``
+        (:class:`~pensieve_bridge.speculate.Stats`)."""
+        s = self._speculation.stats
+        return (s.steps, s.drafted, s.accepted, s.sequence_steps, s.tokens)
 
     def prompt_cache_stats(self) -> CacheStats:
         """``(bytes, entries)`` of the prompt cache."""

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 pub use mlx::loading::{observe as observe_loads, LoadProgress};
 pub use mlx::prefill::PrefillProgress;
 pub use mlx::{MlxBackend, StartError};
-pub use models::{ModelStatus, Registry};
+pub use models::{ModelStatus, Registry, Speculation};
 pub use stop::StopMatcher;
 
 /// One message of the normalised chat, as the chat template takes it.

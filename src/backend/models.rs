@@ -138,6 +138,46 @@ pub struct ModelStatus {
     pub output_tokens: u64,
     /// Its prompts of over 2,048 tokens to read, while they are read.
     pub prefill_progress: Vec<crate::backend::PrefillProgress>,
+    /// What speculative decoding from the prompt did on it (every load of it).
+    pub speculation: Speculation,
+}
+
+/// Speculative decoding's counters (`pensieve_bridge.speculate`): acceptance is
+/// `accepted_tokens / drafted_tokens`, tokens per step `tokens / sequence_steps`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Speculation {
+    /// Steps that verified drafts.
+    pub steps: u64,
+    /// Draft tokens proposed.
+    pub drafted_tokens: u64,
+    /// Draft tokens the model kept.
+    pub accepted_tokens: u64,
+    /// Decoding steps, one per generation in the batch.
+    pub sequence_steps: u64,
+    /// Tokens those steps gave.
+    pub tokens: u64,
+}
+
+impl Speculation {
+    /// What `self` counted since `before` (a batcher's counters start again at each load).
+    pub fn since(&self, before: &Speculation) -> Speculation {
+        Speculation {
+            steps: self.steps.saturating_sub(before.steps),
+            drafted_tokens: self.drafted_tokens.saturating_sub(before.drafted_tokens),
+            accepted_tokens: self.accepted_tokens.saturating_sub(before.accepted_tokens),
+            sequence_steps: self.sequence_steps.saturating_sub(before.sequence_steps),
+            tokens: self.tokens.saturating_sub(before.tokens),
+        }
+    }
+
+    /// Adds `more` to `self`.
+    pub fn add(&mut self, more: &Speculation) {
+        self.steps += more.steps;
+        self.drafted_tokens += more.drafted_tokens;
+        self.accepted_tokens += more.accepted_tokens;
+        self.sequence_steps += more.sequence_steps;
+        self.tokens += more.tokens;
+    }
 }
 
 #[cfg(test)]

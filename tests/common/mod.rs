@@ -280,11 +280,14 @@ pub fn sparse_gguf(path: &std::path::Path, values: u64) {
     f.set_len(b.len() as u64 + values * 2).unwrap();
 }
 
-/// The value of the metric `name` (its full name, with no labels) in `/metrics` text.
+/// The metric `name` (its full name) in `/metrics` text: its samples summed over their labels.
 pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    // Every sample of `name`, whatever its labels, summed.
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "no {name} in /metrics");
+    values.iter().sum()
 }

@@ -223,6 +223,8 @@ pub(crate) struct Shared {
     output_tokens: AtomicU64,
     /// Its long prompts being read now.
     prefills: Mutex<Vec<prefill::PrefillProgress>>,
+    /// Speculative decoding's counters, every load's.
+    speculation: Mutex<crate::backend::Speculation>,
 }
 
 impl Shared {
@@ -250,6 +252,7 @@ impl Shared {
             last_error: Mutex::new(None),
             output_tokens: AtomicU64::new(0),
             prefills: Mutex::new(Vec::new()),
+            speculation: Mutex::new(Default::default()),
         }
     }
 
@@ -312,6 +315,7 @@ impl MlxBackend {
             blas: b.blas.clone(),
             cpu_float32_budget: if b.cpu_float32 { available / 4 } else { 0 },
             max_decode_stall_ms: b.max_decode_stall_ms,
+            prompt_lookup_tokens: b.prompt_lookup_tokens,
         };
         Self::spawn(config, gate, move || {
             PyLoader::new(&python, settings).map_err(StartError::Bridge)
@@ -478,6 +482,7 @@ impl MlxBackend {
             load_progress: (state == STATE_LOADING).then(|| loading::of(&slot.spec.name)).flatten(),
             output_tokens: s.output_tokens.load(Ordering::Relaxed),
             prefill_progress: s.prefills.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            speculation: *s.speculation.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }

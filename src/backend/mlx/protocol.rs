@@ -120,6 +120,10 @@ pub(crate) trait Batcher {
     fn disk_stats(&mut self) -> Result<Option<PromptCacheDisk>, BridgeError> {
         Ok(None)
     }
+    /// Speculative decoding's counters since the batcher opened.
+    fn speculation(&mut self) -> Result<crate::backend::Speculation, BridgeError> {
+        Ok(crate::backend::Speculation::default())
+    }
     /// For each of `uids` (generations whose prompt is being read): prompt tokens in its KV
     /// cache so far, cached ones included (`None`: not running).
     fn prefill_progress(&mut self, uids: &[u64]) -> Result<Vec<Option<u32>>, BridgeError> {

@@ -180,6 +180,8 @@ pub(crate) struct LoadSettings {
     pub cpu_float32_budget: u64,
     /// `backend.max_decode_stall_ms`: each step's prefill while streams decode.
     pub max_decode_stall_ms: u64,
+    /// `backend.prompt_lookup_tokens`: the most draft tokens a generation gets in a step.
+    pub prompt_lookup_tokens: u32,
 }
 
 /// Loads models in the embedded interpreter, once it is set up with the venv's packages.
@@ -292,6 +294,7 @@ impl Loader for PyLoader {
                     spec.prompt_cache_dir.as_str(),
                     spec.prompt_cache_disk_bytes,
                     self.settings.max_decode_stall_ms,
+                    self.settings.prompt_lookup_tokens,
                 ))?;
                 Ok(PyBatcher {
                     engine: engine.unbind(),
@@ -404,6 +407,20 @@ impl Batcher for PyBatcher {
         }))
     }
 
+    fn speculation(&mut self) -> Result<crate::backend::Speculation, BridgeError> {
+        self.call(|_, _, b| {
+            let (steps, drafted_tokens, accepted_tokens, sequence_steps, tokens) =
+                b.call_method0("speculation_stats")?.extract()?;
+            Ok(crate::backend::Speculation {
+                steps,
+                drafted_tokens,
+                accepted_tokens,
+                sequence_steps,
+                tokens,
+            })
+        })
+    }
+
     fn prefill_progress(&mut self, uids: &[u64]) -> Result<Vec<Option<u32>>, BridgeError> {
         self.call(|_, _, b| {
             let done: Vec<i64> = b.call_method1("prefill_progress", (uids.to_vec(),))?.extract()?;
@@ -506,6 +523,7 @@ mod tests {
                 blas: "auto".into(),
                 cpu_float32_budget: 0,
                 max_decode_stall_ms: 0,
+                prompt_lookup_tokens: 10,
             },
         )
         .unwrap();

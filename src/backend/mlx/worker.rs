@@ -123,6 +123,8 @@ pub(crate) struct Worker<'a, B: Batcher> {
     mlx_limit: u64,
     /// Long prompts' progress is shown in `/health` (cleared once none is read).
     prefills_shown: bool,
+    /// The batcher's speculation counters as last added to the model's.
+    speculation: crate::backend::Speculation,
 }
 
 /// The drop guard of the batch: however the loop ends (the queue closed at shutdown, a panic
@@ -154,6 +156,7 @@ impl<'a, B: Batcher> Worker<'a, B> {
             caching: Caching::Memory,
             mlx_limit: 0,
             prefills_shown: false,
+            speculation: Default::default(),
         }
     }
 
@@ -578,6 +581,18 @@ impl<'a, B: Batcher> Worker<'a, B> {
         match self.batcher.memory() {
             Ok(m) => self.shared.store_memory(&m),
             Err(e) => tracing::warn!(error = %e, "could not read MLX memory counters"),
+        }
+        match self.batcher.speculation() {
+            Ok(now) => {
+                let more = now.since(&self.speculation);
+                self.speculation = now;
+                self.shared
+                    .speculation
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add(&more);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read speculation's counters"),
         }
     }
 }

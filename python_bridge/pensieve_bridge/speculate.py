@@ -1,0 +1,287 @@
+"""Speculative decoding from the prompt (prompt lookup) in mlx-lm's batched generation.
+
+Agents ask models to write again what their prompt holds: a file with one line changed, a
+diff, a tool result quoted back. Each sequence's tokens (prompt and answer) are indexed by
+their n-grams (:class:`Lookup`); at a step, the last tokens of a sequence are looked up and
+the tokens that followed their latest earlier occurrence become its draft. One forward pass of
+``[next token, draft…]`` for the whole batch gives the model's distribution at every draft
+position, and the draft is verified against it (:func:`verify`):
+
+- at temperature 0, draft tokens are kept while they are the model's argmax, and the first
+  argmax that differs is the next token: the output is what decoding one token at a time
+  gives;
+- when sampling, draft token ``d`` is kept with probability ``p(d)`` (the drafter proposes
+  one token with certainty, so the standard rule ``min(1, p/q)`` is ``p(d)``) and, when it is
+  refused, the next token is drawn from ``p`` without ``d``, renormalised; after a kept
+  draft, one more token is drawn from the last position. The output's distribution is the
+  model's own (Leviathan et al., 2023; Chen et al., 2023).
+
+The positions of refused draft tokens leave the KV cache: trimmed when every sequence refused
+as many, otherwise rolled to the left as padding, as mlx-lm does with right-padded prompts
+(:meth:`BatchKVCache.finalize`). A step drafts only when the drafts hold at least one token per
+sequence on average (padding is computed too), never for sequences held to a grammar
+(a step with one runs as usual), and only over caches that can be trimmed (mlx-lm's
+``BatchKVCache``: not sliding-window or recurrent layers).
+
+:class:`SpeculativeBatch` replaces mlx-lm's ``GenerationBatch`` in pensieve's
+``BatchGenerator``; a step without drafts is mlx-lm's own (pipelined) step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import GenerationBatch
+from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+#: n-gram lengths looked up, longest first.
+NGRAMS = (3, 2)
+
+
+class Lookup:
+    """The n-grams of one sequence's tokens (a list it shares with mlx-lm, which appends the
+    tokens its KV cache takes), each to the position after its latest occurrence."""
+
+    def __init__(self, tokens: list[int], most: int):
+        self.tokens = tokens
+        self.index: dict[int, dict[tuple, int]] = {n: {} for n in NGRAMS}
+        self.indexed = 0
+        self.most = most
+        #: The draft length now: grows while drafts are kept whole, shrinks to what was kept.
+        self.length = most
+
+    def learn(self, drafted: int, kept: int) -> None:
+        """A draft of ``drafted`` tokens had ``kept`` kept."""
+        if kept == drafted:
+            self.length = min(self.most, self.length + 2)
+        else:
+            self.length = max(1, (self.length + kept + 1) // 2)
+
+    def _sync(self) -> None:
+        tokens, index = self.tokens, self.index
+        for end in range(max(self.indexed, 1), len(tokens)):
+            for n in NGRAMS:
+                if end >= n:
+                    index[n][tuple(tokens[end - n : end])] = end
+        self.indexed = len(tokens)
+
+    def likely(self) -> bool:
+        """Whether the tokens in the cache end with an n-gram seen before: a draft is likely
+        for the next token (known only once the step computing it is waited for)."""
+        self._sync()
+        tokens = self.tokens
+        return any(len(tokens) >= n and tuple(tokens[len(tokens) - n :]) in self.index[n] for n in NGRAMS)
+
+    def draft(self, last: int, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the sequence's last
+        n-gram, ``last`` (not in the cache yet) included; ``[]`` when it never occurred. An
+        occurrence close to the end continues into the draft itself (a repeating pattern
+        repeats)."""
+        if k <= 0:
+            return []
+        self._sync()
+        tokens = self.tokens
+        for n in NGRAMS:
+            if len(tokens) < n - 1:
+                continue
+            key = tuple(tokens[len(tokens) - (n - 1) :]) + (last,) if n > 1 else (last,)
+            at = self.index[n].get(key)
+            if at is None:
+                continue
+            end = len(tokens)
+            if at + k <= end:
+                return tokens[at : at + k]
+            out = tokens[at:end] + [last]
+            while len(out) < k:
+                out.append(out[len(out) - (end + 1 - at)])
+            return out[:k]
+        return []
+
+
+@dataclass
+class Sampling:
+    """A generation's sampling parameters (those pensieve gives mlx-lm's ``make_sampler``)."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+
+
+def target(logprobs: mx.array, s: Sampling) -> mx.array:
+    """The distribution mlx-lm's sampler draws from, for rows of log-probabilities."""
+    if 0 < s.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, s.top_p)
+    if s.top_k > 0:
+        logprobs = apply_top_k(logprobs, s.top_k)
+    return mx.softmax(logprobs * (1 / s.temperature), axis=-1)
+
+
+def verify(probs: np.ndarray, draft: list[int], rng: np.random.Generator) -> tuple[int, int]:
+    """Rejection sampling of a certain draft: ``probs`` (len(draft) + 1 rows) is the model's
+    distribution at each position. Returns how many draft tokens are kept and the token drawn
+    after them; the tokens' distribution is the model's."""
+    for j, d in enumerate(draft):
+        p = probs[j]
+        if rng.random() < p[d]:
+            continue
+        rest = p.astype(np.float64)
+        rest[d] = 0.0
+        total = rest.sum()
+        if total <= 0:  # p was all on d, within rounding: d it is
+            continue
+        return j, int(rng.choice(len(rest), p=rest / total))
+    last = probs[len(draft)].astype(np.float64)
+    return len(draft), int(rng.choice(len(last), p=last / last.sum()))
+
+
+@dataclass
+class Stats:
+    """What speculation did, since the batcher opened (``/metrics``)."""
+
+    #: Steps that verified drafts.
+    steps: int = 0
+    #: Draft tokens proposed and kept.
+    drafted: int = 0
+    accepted: int = 0
+    #: Decoding steps of one sequence, and the tokens they gave (tokens per sequence step).
+    sequence_steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Speculation:
+    """What the batch needs from the batcher: the most draft tokens a sequence gets in a step
+    (0: off), each generation's sampling, and the counters."""
+
+    max_draft: int = 0
+    sampling: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+class SpeculativeBatch(GenerationBatch):
+    """mlx-lm's ``GenerationBatch`` with prompt-lookup speculation (see the module docs)."""
+
+    speculation: Optional[Speculation] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lookups: list[Optional[Lookup]] = [None] * len(self.uids)
+
+    def extend(self, batch):
+        super().extend(batch)
+        self._lookups.extend([None] * len(batch.uids))
+
+    def filter(self, keep):
+        super().filter(keep)
+        self._lookups = [self._lookups[i] for i in keep]
+
+    def next(self):
+        if not self.uids:
+            return []
+        spec = self.speculation
+        emitted = self._speculate() if spec is not None and spec.max_draft > 0 else None
+        if emitted is None:
+            responses = super().next()
+            if spec is not None:
+                spec.stats.sequence_steps += len(responses)
+                spec.stats.tokens += len(responses)
+            return responses
+        spec.stats.sequence_steps += len(emitted)
+        responses, keep = [], []
+        for i, tokens in enumerate(emitted):
+            finish = None
+            for token in tokens:
+                spec.stats.tokens += 1
+                self._num_tokens[i] += 1
+                if self._num_tokens[i] >= self.max_tokens[i]:
+                    finish = "length"
+                if self._matchers[i].advance(token):
+                    finish = "stop"
+                done = finish is not None
+                responses.append(
+                    self.Response(
+                        uid=self.uids[i],
+                        token=token,
+                        logprobs=None,
+                        finish_reason=finish,
+                        prompt_cache=self.extract_cache(i) if done else None,
+                        all_tokens=self.tokens[i] if done else None,
+                    )
+                )
+                if done:
+                    break
+            if finish is None:
+                keep.append(i)
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+    def _speculate(self) -> Optional[list[list[int]]]:
+        """One speculative step: the tokens each sequence gives (its next token, then the draft
+        tokens kept), or None when this step is better run as usual."""
+        spec = self.speculation
+        if any(self.logits_processors) or not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
+            return None
+        for i, lookup in enumerate(self._lookups):
+            if lookup is None:
+                self._lookups[i] = Lookup(self.tokens[i], spec.max_draft)
+        # Without a likely draft, mlx-lm's step runs: its next forward pass is queued before
+        # the next token is known, which waiting for that token here would undo.
+        if not any(lookup.likely() for lookup in self._lookups):
+            return None
+        mx.eval(self._next_tokens)
+        nexts = self._next_tokens.tolist()
+        drafts = []
+        for i, y in enumerate(nexts):
+            lookup = self._lookups[i]
+            room = self.max_tokens[i] - self._num_tokens[i] - 1
+            drafts.append(lookup.draft(y, min(lookup.length, room)))
+        width = max(len(d) for d in drafts)
+        if sum(len(d) for d in drafts) < len(drafts) or width == 0:
+            return None
+        inputs = mx.array([[y] + d + [y] * (width - len(d)) for y, d in zip(nexts, drafts)])
+        logits = self.model(inputs, cache=self.prompt_cache)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        sampling = [spec.sampling.get(uid, Sampling()) for uid in self.uids]
+        greedy = mx.argmax(logprobs, axis=-1).tolist() if any(s.temperature == 0 for s in sampling) else None
+        kept, following = [], []
+        for i, (d, s) in enumerate(zip(drafts, sampling)):
+            if s.temperature == 0:
+                row = greedy[i]
+                n = 0
+                while n < len(d) and row[n] == d[n]:
+                    n += 1
+                kept.append(n)
+                following.append(row[n])
+            else:
+                probs = np.array(target(logprobs[i, : len(d) + 1], s).astype(mx.float32))
+                n, z = verify(probs, d, spec.rng)
+                kept.append(n)
+                following.append(z)
+        # The positions of refused (and padding) draft tokens leave the cache.
+        refused = [width - n for n in kept]
+        least = min(refused)
+        for c in self.prompt_cache:
+            if least:
+                c.trim(least)
+            if max(refused) > least:
+                c.prepare(right_padding=[r - least for r in refused])
+                c.finalize()
+        emitted = []
+        for i, (y, d, n) in enumerate(zip(nexts, drafts, kept)):
+            tokens = [y] + d[:n]
+            self.tokens[i].extend(tokens)
+            if d:
+                self._lookups[i].learn(len(d), n)
+            emitted.append(tokens)
+            spec.stats.drafted += len(d)
+            spec.stats.accepted += n
+        spec.stats.steps += 1
+        self._next_tokens = mx.array(following, dtype=self._next_tokens.dtype)
+        self._next_logprobs = [logprobs[i, n] for i, n in enumerate(kept)]
+        return emitted
