@@ -34,7 +34,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: wheel test-wheel actionlint browser lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: bench-peers wheel test-wheel actionlint browser lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -214,6 +214,15 @@ bench: build policies smollm2
 	$(PY) benches/constrained.py $(SMOLLM2)
 	$(PY) benches/disk_cache.py
 	ROUNDS=3 $(PY) benches/disk_cache.py $(SMOLLM2)
+	$(PY) benches/speculation.py $(SMOLLM2) 3 400
+	$(PY) benches/single_stream.py 15 200
+
+# pensieve against rapid-mlx and fusion-mlx (each from PyPI, pinned, in its own venv under
+# .cache/peers/: several GB the first time), on the demo model. Not part of `make bench`: it
+# downloads a lot.
+bench-peers: build
+	PEER=rapid-mlx ROUNDS=3 $(PY) benches/compare.py
+	PEER=fusion-mlx ROUNDS=3 $(PY) benches/compare.py
 
 fmt:
 	cargo fmt

@@ -15,6 +15,11 @@ pensieve is asked over the Anthropic Messages API, mlx-lm over its OpenAI chat A
 the same messages. Medians are printed, and the ratios pensieve / mlx-lm (for tokens/s, higher
 is better; for time to first token, lower is better). ``ROUNDS`` sets the rounds (default 5).
 
+``PEER`` (``rapid-mlx`` or ``fusion-mlx``) compares against that server instead, installed
+from PyPI (pinned, in ``PEERS``) into its own venv under ``.cache/peers/`` the first time, with
+Debian's OpenBLAS loaded ahead of MLX's reference BLAS as pensieve loads it; ``make
+bench-peers`` runs both.
+
 ``BASELINE`` names another pensieve binary to compare against instead of mlx-lm (an earlier
 build: before and after a change), with ``BASELINE_BRIDGE`` the ``python_bridge`` folder it
 was built with (put first on its ``PYTHONPATH``); ratios are then this build / the baseline.
@@ -27,6 +32,7 @@ AGENT_CHARS=2000 ROUNDS=3`` (mlx-lm's server prefills about 10 tokens/s there).
 """
 
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -48,6 +54,7 @@ TOKENS = int(os.environ.get("TOKENS", "256"))
 MODEL = os.environ.get("MODEL")
 BASELINE = os.environ.get("BASELINE")
 BASELINE_BRIDGE = os.environ.get("BASELINE_BRIDGE")
+PEER = os.environ.get("PEER")
 STREAMS = 8
 AGENT_CHARS = int(os.environ.get("AGENT_CHARS", "40000"))
 
@@ -125,16 +132,73 @@ class MlxLm:
              "--log-level", "WARNING"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 120
+        self.wait_ready()
+
+    def wait_ready(self, log=None):
+        deadline = time.time() + 300
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited" + (f"; its log: {log}" if log else ""))
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/v1/models")
+                conn.request("GET", "/v1/models", headers=getattr(self, "headers", {}))
                 if conn.getresponse().status == 200:
                     return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError("mlx-lm server did not start")
+        raise RuntimeError(f"{self.name} server did not start" + (f"; its log: {log}" if log else ""))
+
+
+#: Other MLX servers people pick, each installed from PyPI into its own venv under
+#: .cache/peers/ (``PEER=rapid-mlx``): the pinned requirement, how its server starts, and
+#: whether it takes a folder of model folders (fusion-mlx serves a local model that way, and
+#: wants an API key). fusion-mlx imports mlx-vlm without declaring it.
+PEERS = {
+    "rapid-mlx": (["rapid-mlx==0.16.10"], ["-m", "rapid_mlx.cli", "serve"], False),
+    "fusion-mlx": (["fusion-mlx==0.10.24", "mlx-vlm==0.7.2"], ["-m", "fusion_mlx.cli", "serve"], True),
+}
+#: Loaded into a peer ahead of MLX's reference BLAS, as pensieve loads it (the same library).
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def peer_python(name):
+    """The peer's venv's interpreter, installing it the first time (it downloads a lot)."""
+    venv = ROOT / ".cache" / "peers" / name
+    python = venv / "bin" / "python"
+    requirements = PEERS[name][0] + (["mlx[cpu]"] if platform.system() == "Linux" else [])
+    marker = venv / ".installed"
+    if not marker.exists() or marker.read_text().split() != requirements:
+        if not python.exists():
+            subprocess.run([PY, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *requirements], check=True)
+        marker.write_text("\n".join(requirements) + "\n")
+    return python
+
+
+class Peer(MlxLm):
+    """A peer's OpenAI-compatible server on the same model folder."""
+
+    def __init__(self, name, model_dir):
+        self.name = name
+        self.port = free_port()
+        _, module, folder_of_models = PEERS[name]
+        env = dict(os.environ)
+        if Path(OPENBLAS).exists():
+            env["LD_PRELOAD"] = OPENBLAS
+        if folder_of_models:
+            models = Path(tempfile.mkdtemp(prefix=f"{name}-models-"))
+            (models / "default_model").symlink_to(Path(model_dir).resolve())
+            where = ["--model-dir", str(models)]
+            env["FUSION_MLX_API_KEY"] = "bench"
+            self.headers = {"authorization": "Bearer bench"}
+        else:
+            where = [str(model_dir), "--served-model-name", "default_model"]
+        self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+        self.proc = subprocess.Popen(
+            [str(peer_python(name)), *module, *where, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+        )
+        self.wait_ready(self.log)
 
     def body(self, system_blocks, question, max_tokens, stream):
         return "/v1/chat/completions", {
@@ -165,7 +229,7 @@ def free_port():
 
 def post(server, path, body):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-    conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+    conn.request("POST", path, json.dumps(body), {"content-type": "application/json", **getattr(server, "headers", {})})
     return conn, conn.getresponse()
 
 
@@ -174,9 +238,14 @@ def post(server, path, body):
 SHORT_SYSTEM = ["You are a helpful assistant."]
 
 
+#: Every request's question is new: a server that answers a repeated request from a cache of
+#: responses (fusion-mlx does) would otherwise measure its cache.
+REQUESTS = itertools.count()
+
+
 def single(server, i=0):
     """``(output tokens, seconds)`` of one non-streamed request."""
-    path, body = server.body(SHORT_SYSTEM, f"Tell me about memory, part {i}.", TOKENS, False)
+    path, body = server.body(SHORT_SYSTEM, f"Tell me about memory, part {i}, question {next(REQUESTS)}.", TOKENS, False)
     t0 = time.perf_counter()
     conn, res = post(server, path, body)
     reply = json.loads(res.read())
@@ -246,7 +315,12 @@ def main():
             model_dir = Path(tmp) / "demo"
             subprocess.run([PY, "-m", "pensieve_bridge.demo", str(model_dir)], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
-        other = Pensieve(model_dir, Path(BASELINE), "baseline", BASELINE_BRIDGE) if BASELINE else MlxLm(model_dir)
+        if BASELINE:
+            other = Pensieve(model_dir, Path(BASELINE), "baseline", BASELINE_BRIDGE)
+        elif PEER:
+            other = Peer(PEER, model_dir)
+        else:
+            other = MlxLm(model_dir)
         servers = [Pensieve(model_dir), other]
         results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": []}
                    for s in servers}

@@ -19,11 +19,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
+use self::dispatch::{client_gone, dispatch, Step};
 use super::outbox::{Flow, Outbox};
 use super::prefill::Prefill;
-use super::protocol::{Added, Batcher, Caching, Finish, Piece};
+use super::protocol::{Added, Batcher, Caching};
 use super::Shared;
-use crate::backend::{BackendError, BridgeError, Chat, Event, GenerateRequest, StopMatcher, StopReason};
+use crate::backend::{BackendError, BridgeError, Chat, Event, GenerateRequest, StopMatcher};
 use crate::memory::{Gate, Tier};
 
 /// How often an idle backend looks at memory (to release the prompt cache) and at slow clients.
@@ -82,18 +83,6 @@ impl Running {
             self.max_tokens.saturating_sub(self.output_tokens) as u64
         }
     }
-}
-
-/// How one generation's step went.
-enum Step {
-    Going,
-    /// Ended; this is its last event. `cancel`: the batcher still runs it (a stop sequence).
-    Ended {
-        last: Event,
-        cancel: bool,
-    },
-    /// The client left.
-    Gone,
 }
 
 /// One model's state on the loop: the batcher, the running generations and the events still
@@ -459,53 +448,6 @@ impl<'a, B: Batcher> Worker<'a, B> {
         }
     }
 
-    /// Long prompts being read: their progress from the batcher (one call, only while there
-    /// are some), logged and shown in `/health`; a prompt whose first token came is read.
-    fn follow_prefills(&mut self) {
-        let mut uids = Vec::new();
-        for (uid, r) in self.running.iter_mut() {
-            if r.output_tokens > 0 {
-                if let Some(p) = r.prefill.take() {
-                    r.span.in_scope(|| p.finish());
-                }
-            } else if r.prefill.is_some() {
-                uids.push(*uid);
-            }
-        }
-        if !uids.is_empty() {
-            match catch_unwind(AssertUnwindSafe(|| self.batcher.prefill_progress(&uids))) {
-                Ok(Ok(done)) => {
-                    for (uid, done) in uids.iter().zip(done) {
-                        let (Some(r), Some(done)) = (self.running.get_mut(uid), done) else {
-                            continue;
-                        };
-                        if let Some(p) = r.prefill.as_mut() {
-                            r.span.in_scope(|| p.update(done));
-                        }
-                    }
-                }
-                Ok(Err(e)) => tracing::debug!(error = %e, "reading prompts' progress failed"),
-                Err(_) => tracing::error!("reading prompts' progress panicked"),
-            }
-        }
-        self.show_prefills();
-    }
-
-    /// Puts the long prompts' progress in `/health` (nothing to do when none was shown and
-    /// none is read).
-    fn show_prefills(&mut self) {
-        if !self.prefills_shown && self.running.values().all(|r| r.prefill.is_none()) {
-            return;
-        }
-        let shown: Vec<_> = self
-            .running
-            .values()
-            .filter_map(|r| r.prefill.as_ref().map(Prefill::progress))
-            .collect();
-        self.prefills_shown = !shown.is_empty();
-        *self.shared.prefills.lock().unwrap_or_else(|e| e.into_inner()) = shown;
-    }
-
     /// After generations left the batch: clears the cache when the batch is idle or one of them
     /// failed or was aborted, then sends their last events.
     fn settle(&mut self, ended: Vec<(Outbox, Event)>, abnormal: bool) {
@@ -597,111 +539,10 @@ impl<'a, B: Batcher> Worker<'a, B> {
     }
 }
 
-/// Turns one generation's pieces of one step into events for its client.
-fn dispatch(r: &mut Running, pieces: Vec<Piece>, finish: Option<Finish>, retry_after_secs: u32) -> Step {
-    r.output_tokens += 1;
-    for piece in pieces {
-        let event = match piece {
-            Piece::Text(text) => {
-                let matched = r.stops.push(&text);
-                if !matched.text.is_empty() && r.outbox.push(Event::Text(matched.text)) == Flow::Closed {
-                    return Step::Gone;
-                }
-                if let Some(stop) = matched.stop {
-                    let last = Event::Done {
-                        reason: StopReason::StopSequence,
-                        stop_sequence: Some(stop),
-                        output_tokens: r.output_tokens,
-                    };
-                    return Step::Ended {
-                        last,
-                        cancel: finish.is_none(),
-                    };
-                }
-                continue;
-            }
-            Piece::Thinking(text) => Event::Thinking(text),
-            Piece::ToolStart(name) => {
-                let id = call_id();
-                r.call = Some(id.clone());
-                Event::ToolStart { id, name }
-            }
-            Piece::ToolArgs(fragment) if r.call.is_some() => Event::ToolInput(fragment),
-            Piece::ToolArgs(_) => {
-                let error = BridgeError::Protocol("tool arguments with no call open".into());
-                return Step::Ended {
-                    last: Event::Failed(BackendError::Generation(error)),
-                    cancel: finish.is_none(),
-                };
-            }
-            Piece::Tool(call) => tool_use(&call, r.call.take().unwrap_or_else(call_id)),
-            Piece::Error(message) if finish == Some(Finish::Memory) => {
-                tracing::warn!(output_tokens = r.output_tokens, "{message}");
-                let error = BackendError::Aborted {
-                    message,
-                    retry_after_secs,
-                };
-                return Step::Ended {
-                    last: Event::Failed(error),
-                    cancel: false,
-                };
-            }
-            Piece::Error(message) => {
-                tracing::error!(error = %message, output_tokens = r.output_tokens, "generation raised");
-                return Step::Ended {
-                    last: Event::Failed(BackendError::Generation(BridgeError::Reported(message))),
-                    cancel: false,
-                };
-            }
-        };
-        if r.outbox.push(event) == Flow::Closed {
-            return Step::Gone;
-        }
-    }
-    let Some(finish) = finish else { return Step::Going };
-    let rest = r.stops.finish();
-    if !rest.is_empty() && r.outbox.push(Event::Text(rest)) == Flow::Closed {
-        return Step::Gone;
-    }
-    let reason = match finish {
-        Finish::Length => StopReason::MaxTokens,
-        Finish::ToolUse => StopReason::ToolUse,
-        Finish::Stop | Finish::Error | Finish::Memory => StopReason::EndTurn,
-    };
-    Step::Ended {
-        last: Event::Done {
-            reason,
-            stop_sequence: None,
-            output_tokens: r.output_tokens,
-        },
-        cancel: false,
-    }
-}
-
-/// A new tool call's id.
-fn call_id() -> String {
-    format!("toolu_{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A parsed call from the bridge (`{"name": ..., "arguments": {...}}`) as a `ToolUse` event.
-fn tool_use(payload: &str, id: String) -> Event {
-    let call: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
-    Event::ToolUse {
-        id,
-        name: call["name"].as_str().unwrap_or_default().to_owned(),
-        input: match call.get("arguments") {
-            Some(v @ serde_json::Value::Object(_)) => v.clone(),
-            _ => serde_json::json!({}),
-        },
-    }
-}
-
-fn client_gone(output_tokens: u32) {
-    tracing::info!(output_tokens, "client went away; generation stopped");
-}
-
+mod dispatch;
 mod memory;
 pub(crate) mod pool;
+mod prefills;
 /// What Python's failure to render or start a request means for its client: the request's own
 /// fault (the chat template refused it, a bad value: 400, naming the problem), or the backend's
 /// (anything else: 500).
