@@ -128,13 +128,14 @@ def test_the_dashboard_shows_memory_models_and_work_live(cgroup_server):
         burst = [threading.Thread(target=ask, args=(server, 200)) for _ in range(6)]
         for t in burst:
             t.start()
-        # Tokens are counted as generations finish: the page's rate is above 0 for a poll then.
+        # Tokens are counted as they are generated: the page's rate is above 0 while they run.
         wait_for("tokens/s above 0", lambda: float(text(driver, "tps") or 0) > 0)
         for t in burst:
             t.join()
         wait_for("6 more generations on the page", lambda: int(text(driver, "generations")) >= before + 6)
-        recent = driver.find_elements(By.CSS_SELECTOR, "#recent tr")
-        assert len(recent) >= 6 and "/v1/messages" in recent[0].text, [r.text for r in recent]
+        # A request is recent once its span has closed, after its response: a poll or two later.
+        recent = wait_for("6 recent requests", lambda: (rows := driver.find_elements(By.CSS_SELECTOR, "#recent tr")) and len(rows) >= 6 and rows)
+        assert "/v1/messages" in recent[0].text, [r.text for r in recent]
         driver.save_screenshot(str(SHOTS / "2-burst.png"))
         refusals = int(text(driver, "refusals"))
 
