@@ -69,7 +69,11 @@ pub fn report(model: &str, done: u64, total: u64) {
     if let Some(observer) = observer {
         observer(model, Some(entry.progress));
     }
-    let due = entry.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) && (observer.is_none() || entry.logged.is_none());
+    // The first report, the last, and (with no observer drawing them) one every LOG_EVERY.
+    let due = match entry.logged {
+        None => true,
+        Some(t) => observer.is_none() && t.elapsed() >= LOG_EVERY,
+    };
     if due || done >= total {
         entry.logged = Some(Instant::now());
         let percent = if total > 0 {

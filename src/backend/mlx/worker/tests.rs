@@ -348,31 +348,6 @@ fn an_idle_batch_clears_the_cache_before_the_last_event_is_sent() {
     assert_eq!(h.backend.status().cache_bytes, 0);
 }
 
-fn reads_in(log: &[String]) -> Vec<&String> {
-    log.iter().filter(|l| l.starts_with("reading")).collect()
-}
-
-#[test]
-fn a_request_waiting_for_its_disk_read_keeps_its_place_while_the_batch_runs() {
-    let h = harness(4);
-    {
-        let mut st = h.state.lock().unwrap();
-        st.reads_left = 3;
-        st.step_time = Duration::from_millis(2);
-    }
-    let long = h.generate("hi", 400);
-    let disk = h.generate("disk", 3);
-    let e = events(disk);
-    assert_eq!(text(&e), "w0 w1 w2 ", "{e:?}");
-    let log = h.log();
-    let reads = reads_in(&log);
-    assert_eq!(reads.len(), 3, "{reads:?}");
-    // Added again at each round while the batch went on: the long one was decoding.
-    assert!(reads[0] != reads[2], "no step between the tries: {reads:?}");
-    assert_eq!(text(&events(long)).split_whitespace().count(), 400);
-    assert_eq!(h.backend.status().queued, 0, "no count left behind");
-}
-
 #[test]
 fn a_failed_step_fails_every_generation_resets_the_batch_and_clears_the_cache() {
     let h = harness(4);
@@ -598,62 +573,7 @@ fn the_queue_is_bounded_and_says_how_many_wait() {
     drop(waiting);
 }
 
+mod disk;
 mod memory;
 mod pool;
-
-#[test]
-fn a_long_prompt_reports_its_progress_while_it_is_read_and_tokens_are_counted_as_they_come() {
-    let h = harness(4);
-    h.state.lock().unwrap().step_time = Duration::from_millis(20);
-    let short = h.generate("short prompt", 2);
-    let long = h.generate("read 5500", 2);
-    let mut seen: Vec<(u32, u32)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let model = &h.backend.status().models[0];
-        match model.prefill_progress.as_slice() {
-            [] if !seen.is_empty() => break,
-            [] => {}
-            [p] => {
-                assert_eq!((p.total_tokens, p.cached_tokens), (5500, 0));
-                if seen.last() != Some(&(p.done_tokens, p.total_tokens)) {
-                    seen.push((p.done_tokens, p.total_tokens));
-                }
-            }
-            more => panic!("one long prompt, not {more:?}"),
-        }
-        assert!(Instant::now() < deadline, "{seen:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // A thousand tokens a step: 1,000 … 5,000 are seen (5,500 is the step that ends it).
-    assert!(seen.len() >= 3, "{seen:?}");
-    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "not monotonic: {seen:?}");
-    assert!(
-        seen.iter().all(|&(done, _)| done % 1000 == 0 && done <= 5000),
-        "{seen:?}"
-    );
-    let long = events(long);
-    assert_eq!(text(&long), "w0 w1 ");
-    assert_eq!(text(&events(short)), "w0 w1 ");
-    // Every token generated is counted, as it was generated.
-    assert_eq!(h.backend.status().models[0].output_tokens, 4);
-    assert!(h.backend.status().models[0].prefill_progress.is_empty());
-}
-
-#[test]
-fn a_long_prompt_whose_client_left_leaves_no_progress_behind() {
-    let h = harness(4);
-    h.state.lock().unwrap().step_time = Duration::from_millis(5);
-    let long = h.generate("read 500000", 2);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.backend.status().models[0].prefill_progress.is_empty() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    drop(long);
-    while !h.backend.status().models[0].prefill_progress.is_empty() {
-        assert!(Instant::now() < deadline, "progress left behind");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(h.backend.status().active_generations, 0);
-}
+mod prefill;
