@@ -24,7 +24,9 @@ sequence on average (padding is computed too), never for sequences held to a gra
 ``BatchKVCache``: not sliding-window or recurrent layers).
 
 :class:`SpeculativeBatch` replaces mlx-lm's ``GenerationBatch`` in pensieve's
-``BatchGenerator``; a step without drafts is mlx-lm's own (pipelined) step.
+``BatchGenerator``; a step without drafts is mlx-lm's own (pipelined) step. It also decodes a
+batch of one sequence without an attention mask (:func:`unmasked`), as mlx-lm's single-sequence
+``generate_step`` does: one stream is the common case of a local server.
 """
 
 from __future__ import annotations
@@ -40,6 +42,28 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
+
+
+def _make_mask(self, N: int, return_array: bool = False, **kwargs):
+    """``BatchKVCache.make_mask``, except for a cache :func:`unmasked` marks: one token of one
+    sequence without padding sees every position, and needs no mask (building one a step, a
+    comparison over the whole sequence, costs ~4% of a small model's step here)."""
+    if N == 1 and self.__dict__.get("unmasked") and not return_array and kwargs.get("window_size") is None:
+        return None
+    return _BATCH_MASK(self, N, return_array=return_array, **kwargs)
+
+
+_BATCH_MASK = BatchKVCache.make_mask
+BatchKVCache.make_mask = _make_mask
+
+
+def unmasked(caches: list, sequences: int) -> None:
+    """Marks ``caches`` (a generation batch's, one per layer) as needing no mask for one token
+    when they hold one sequence without left padding, and unmarks them otherwise. Called where
+    the batch's shape changes (mlx-lm reads the padding there too)."""
+    for c in caches:
+        if isinstance(c, BatchKVCache):
+            c.unmasked = sequences == 1 and c.left_padding.tolist() == [0]
 
 
 class Lookup:
@@ -171,14 +195,17 @@ class SpeculativeBatch(GenerationBatch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._lookups: list[Optional[Lookup]] = [None] * len(self.uids)
+        unmasked(self.prompt_cache, len(self.uids))
 
     def extend(self, batch):
         super().extend(batch)
         self._lookups.extend([None] * len(batch.uids))
+        unmasked(self.prompt_cache, len(self.uids))
 
     def filter(self, keep):
         super().filter(keep)
         self._lookups = [self._lookups[i] for i in keep]
+        unmasked(self.prompt_cache, len(self.uids))
 
     def next(self):
         if not self.uids:

@@ -6,7 +6,7 @@ import itertools
 import json
 
 import numpy as np
-from conftest import add
+from conftest import add, reference_generate
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.speculate import Lookup, verify
 
@@ -141,3 +141,35 @@ def test_sampling_runs_through_speculation_on_the_real_model(engine):
     texts, tokens, stats = generate(engine, PROMPTS[:1], 10, temperature=1.0, max_tokens=200)
     assert tokens[0] == 200 and texts[0]
     assert stats[0] > 0 and stats[4] == 200, stats
+
+
+def test_one_sequence_decodes_without_a_mask_and_gives_the_same_text(engine):
+    """The mask is left out only while the batch holds one sequence: a second joining (with
+    left padding) brings it back, and the first's text is still what it is alone."""
+    b = Batcher(engine, 4, 0)
+    chat = json.dumps({"messages": [{"role": "user", "content": "Tell me about memory."}]})
+    params = json.dumps({"max_tokens": 120, "temperature": 0})
+    reference = "".join(t for t, _ in reference_generate(engine, engine.render(chat), params))
+
+    def marks():
+        return {c.unmasked for c in b._gen._generation_batch.prompt_cache}
+
+    first, _, _ = add(b, chat, params)
+    text, seen = {}, []
+    while len(text.get(first, "")) < 20:
+        for s in b.step():
+            text[s.uid] = text.get(s.uid, "") + "".join(o.payload for o in s.pieces)
+    seen.append(marks())
+    second, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 8}))
+    done = set()
+    while first not in done:
+        for s in b.step():
+            text[s.uid] = text.get(s.uid, "") + "".join(o.payload for o in s.pieces)
+            if s.finish is not None:
+                done.add(s.uid)
+        if second in text and second not in done and len(seen) == 1:
+            seen.append(marks())
+        if second in done and len(seen) == 2:
+            seen.append(marks())
+    assert seen == [{True}, {False}, {True}]
+    assert text[first] == reference
