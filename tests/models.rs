@@ -443,3 +443,73 @@ async fn a_load_reports_monotonic_progress_in_health_before_the_model_is_loaded(
     // Loaded: no progress any more.
     assert!(model_of(&s.health().await, "small").get("load_progress").is_none());
 }
+
+#[tokio::test]
+async fn a_draft_model_drafts_free_text_for_its_model_with_the_same_text_and_another_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // `small` and `drafter` are the same SmolLM2 file: the drafts are the model's own argmax,
+    // nearly all kept. Prompt lookup is off, so every draft comes from the draft model.
+    let file = config(
+        dir.path(),
+        &format!(
+            r#"
+[backend]
+prompt_lookup_tokens = 0
+[server]
+default_model = "demo"
+[models.demo]
+path = "demo"
+[models.small]
+path = "{0}"
+draft = "drafter"
+[models.drafter]
+path = "{0}"
+[models.mismatched]
+path = "{0}"
+draft = "demo"
+"#,
+            smollm2()
+        ),
+    );
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--port", "0", "--config", &file]);
+    let s = Server::start_command(cmd);
+    let question = |model: &str| {
+        json!({"model": model, "max_tokens": 60, "temperature": 0,
+               "messages": [{"role": "user", "content": "Write a short poem about the sea."}]})
+    };
+    let mut texts = Vec::new();
+    for model in ["drafter", "small"] {
+        let r = s.post(&question(model)).await;
+        assert_eq!(r.status(), 200);
+        let reply: Value = r.json().await.unwrap();
+        assert_eq!(reply["usage"]["output_tokens"], 60, "{reply}");
+        texts.push(reply["content"][0]["text"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(texts[0], texts[1], "the text changed with a draft model");
+    let speculation = &model_of(&s.health().await, "small")["speculation"];
+    let drafted = speculation["drafted_tokens"].as_u64().unwrap();
+    let accepted = speculation["accepted_tokens"].as_u64().unwrap();
+    let steps = speculation["sequence_steps"].as_u64().unwrap();
+    println!("draft model: drafted {drafted}, accepted {accepted}, 60 tokens in {steps} steps");
+    assert!(accepted > 30 && accepted <= drafted, "{speculation}");
+    assert!(steps < 30, "{speculation}");
+    assert_eq!(
+        model_of(&s.health().await, "drafter")["speculation"]["drafted_tokens"],
+        0
+    );
+    // A draft model with another tokenizer: the load fails, and says why.
+    let r = s.post(&question("mismatched")).await;
+    assert_eq!(r.status(), 500);
+    let e: Value = r.json().await.unwrap();
+    let message = e["error"]["message"].as_str().unwrap();
+    for needle in [
+        "could not load model `mismatched`",
+        "models.mismatched.draft: `demo` cannot draft for it: its tokenizer is not the model's",
+    ] {
+        assert!(message.contains(needle), "`{needle}` not in {message}");
+    }
+    assert!(!message.contains("a local folder with config.json"), "{message}");
+    assert_eq!(model_of(&s.health().await, "mismatched")["state"], "unloaded");
+    assert_eq!(s.post(&question("small")).await.status(), 200);
+}

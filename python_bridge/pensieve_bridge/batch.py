@@ -72,19 +72,23 @@ def open_batcher(
     disk_bytes: int = 0,
     max_decode_stall_ms: int = 0,
     prompt_lookup_tokens: int = 0,
+    draft=None,
 ) -> "Batcher":
     """The batcher for ``engine``: the scripted test batcher for a ``scripted:`` model id. With
     ``disk_bytes``, its prompt cache has a disk tier of that size under ``disk_dir`` (``""``:
     the user's cache folder). ``max_decode_stall_ms`` bounds each step's prefill while other
     generations decode (:mod:`~pensieve_bridge.step_budget`; 0: full chunks always);
     ``prompt_lookup_tokens`` is the most tokens a generation drafts from its prompt in a step
-    (:mod:`~pensieve_bridge.speculate`; 0: no speculation)."""
+    (:mod:`~pensieve_bridge.speculate`; 0: no lookup); ``draft``, a
+    :class:`~pensieve_bridge.draft.DraftModel`, drafts for generations whose prompt does not."""
     cls = Batcher
     if engine.model_id.startswith(SCRIPTED):
         from .testing import ScriptedBatcher
 
         cls = ScriptedBatcher
-    return cls(engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes, max_decode_stall_ms, prompt_lookup_tokens)
+    return cls(
+        engine, max_concurrent, prompt_cache_bytes, disk_dir, disk_bytes, max_decode_stall_ms, prompt_lookup_tokens, draft
+    )
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Batcher:
     disk_bytes: int = 0
     max_decode_stall_ms: int = 0
     prompt_lookup_tokens: int = 0
+    #: A :class:`~pensieve_bridge.draft.DraftModel` (None: drafts come from the prompt only).
+    draft: Optional[object] = None
     _gen: BatchGenerator = field(init=False)
     _cache: Optional[PromptCache] = field(init=False)
     _running: dict = field(init=False, default_factory=dict)
@@ -134,7 +140,7 @@ class Batcher:
         self._grammars = Grammars(self.engine.tokenizer)
         self._renderer = Renderer(self.engine.render_chat)
         self._budget = StepBudget(self.max_decode_stall_ms, PREFILL_STEP)
-        self._speculation = Speculation(self.prompt_lookup_tokens)
+        self._speculation = Speculation(self.prompt_lookup_tokens, self.draft)
         self._new_generator()
 
     def _new_generator(self):

@@ -16,6 +16,9 @@ position, and the draft is verified against it (:func:`verify`):
   draft, one more token is drawn from the last position. The output's distribution is the
   model's own (Leviathan et al., 2023; Chen et al., 2023).
 
+A sequence whose prompt gives no draft gets one from the model's draft model, when it has one
+(:mod:`~pensieve_bridge.draft`): its argmax, a certain draft too, verified the same way.
+
 The positions of refused draft tokens leave the KV cache: trimmed when every sequence refused
 as many, otherwise rolled to the left as padding, as mlx-lm does with right-padded prompts
 (:meth:`BatchKVCache.finalize`). A step drafts only when the drafts hold at least one token per
@@ -179,9 +182,11 @@ class Stats:
 @dataclass
 class Speculation:
     """What the batch needs from the batcher: the most draft tokens a sequence gets in a step
-    (0: off), each generation's sampling, and the counters."""
+    (0: off), the draft model if there is one, each generation's sampling, and the counters."""
 
     max_draft: int = 0
+    #: A :class:`~pensieve_bridge.draft.DraftModel`, for generations whose prompt gives no draft.
+    draft: Optional[object] = None
     sampling: dict = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
@@ -195,23 +200,26 @@ class SpeculativeBatch(GenerationBatch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._lookups: list[Optional[Lookup]] = [None] * len(self.uids)
+        self._drafters: list = [None] * len(self.uids)
         unmasked(self.prompt_cache, len(self.uids))
 
     def extend(self, batch):
         super().extend(batch)
         self._lookups.extend([None] * len(batch.uids))
+        self._drafters.extend([None] * len(batch.uids))
         unmasked(self.prompt_cache, len(self.uids))
 
     def filter(self, keep):
         super().filter(keep)
         self._lookups = [self._lookups[i] for i in keep]
+        self._drafters = [self._drafters[i] for i in keep]
         unmasked(self.prompt_cache, len(self.uids))
 
     def next(self):
         if not self.uids:
             return []
         spec = self.speculation
-        emitted = self._speculate() if spec is not None and spec.max_draft > 0 else None
+        emitted = self._speculate() if spec is not None and (spec.max_draft > 0 or spec.draft) else None
         if emitted is None:
             responses = super().next()
             if spec is not None:
@@ -257,19 +265,33 @@ class SpeculativeBatch(GenerationBatch):
         for i, lookup in enumerate(self._lookups):
             if lookup is None:
                 self._lookups[i] = Lookup(self.tokens[i], spec.max_draft)
+                if spec.draft is not None:
+                    self._drafters[i] = spec.draft.drafter(self.tokens[i])
         # Without a likely draft, mlx-lm's step runs: its next forward pass is queued before
-        # the next token is known, which waiting for that token here would undo.
-        if not any(lookup.likely() for lookup in self._lookups):
+        # the next token is known, which waiting for that token here would undo. A draft model
+        # always has a draft.
+        if spec.draft is None and not any(lookup.likely() for lookup in self._lookups):
             return None
         mx.eval(self._next_tokens)
         nexts = self._next_tokens.tolist()
-        drafts = []
+        drafts, proposed = [], {}
         for i, y in enumerate(nexts):
             lookup = self._lookups[i]
             room = self.max_tokens[i] - self._num_tokens[i] - 1
-            drafts.append(lookup.draft(y, min(lookup.length, room)))
+            d = lookup.draft(y, min(lookup.length, room)) if spec.max_draft > 0 else []
+            if not d and self._drafters[i] is not None and room > 0:
+                p = self._drafters[i].propose(y, room)
+                if p is not None:
+                    proposed[i] = p
+            drafts.append(d)
+        if proposed:
+            mx.eval(*proposed.values())
+            for i, p in proposed.items():
+                drafts[i] = p.tolist()
         width = max(len(d) for d in drafts)
-        if sum(len(d) for d in drafts) < len(drafts) or width == 0:
+        # Padding is computed too: lookups draft when they hold a token per sequence on average
+        # (a draft model's proposals, made already, are always verified).
+        if width == 0 or (not proposed and sum(len(d) for d in drafts) < len(drafts)):
             return None
         inputs = mx.array([[y] + d + [y] * (width - len(d)) for y, d in zip(nexts, drafts)])
         logits = self.model(inputs, cache=self.prompt_cache)
@@ -302,9 +324,11 @@ class SpeculativeBatch(GenerationBatch):
         emitted = []
         for i, (y, d, n) in enumerate(zip(nexts, drafts, kept)):
             tokens = [y] + d[:n]
-            self.tokens[i].extend(tokens)
-            if d:
+            if i in proposed:
+                self._drafters[i].kept(len(d), n)
+            elif d:
                 self._lookups[i].learn(len(d), n)
+            self.tokens[i].extend(tokens)
             emitted.append(tokens)
             spec.stats.drafted += len(d)
             spec.stats.accepted += n

@@ -277,6 +277,9 @@ pub enum BridgeError {
     /// protocol): what is wrong and what to do.
     #[error("{0}")]
     Environment(String),
+    /// The model's draft model (`[models.<name>] draft`) cannot draft for it: why.
+    #[error("{0}")]
+    Draft(String),
     /// The backend panicked while calling the bridge (the panic is in the log).
     #[error("internal error in the backend")]
     Panicked,
@@ -291,6 +294,12 @@ impl BridgeError {
                 | "KeyError" | "IndexError" | "JSONDecodeError" | "UnicodeDecodeError" | "UnicodeEncodeError"))
     }
 }
+
+/// What a model to load must be, after a load that failed.
+const LOADABLE: &str =
+    "\n  backend.model (or a [models.<name>] path) must be `demo`, a local folder with config.json, \
+     tokenizer and safetensors weights, a .gguf file (llama, SmolLM, Mistral, Qwen2, Qwen3 with a byte-level BPE \
+     vocabulary), or a Hugging Face id that mlx-lm can download (this needs network access)";
 
 /// Why the backend cannot serve a request.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -322,11 +331,9 @@ pub enum BackendError {
     },
     /// Loading a model failed (its files, its format).
     #[error(
-        "could not load model `{model}`{}: {cause}\n  backend.model (or a [models.<name>] path) must be \
-         `demo`, a local folder with config.json, tokenizer and safetensors weights, a .gguf file (llama, \
-         SmolLM, Mistral, Qwen2, Qwen3 with a byte-level BPE vocabulary), or a Hugging Face id that mlx-lm can \
-         download (this needs network access)",
-        if path == model { String::new() } else { format!(" from `{path}`") }
+        "could not load model `{model}`{}: {cause}{}",
+        if path == model { String::new() } else { format!(" from `{path}`") },
+        if matches!(cause, BridgeError::Draft(_)) { "" } else { LOADABLE }
     )]
     LoadFailed {
         /// The model's name.

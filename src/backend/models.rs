@@ -195,6 +195,7 @@ mod tests {
             prompt_cache_bytes: 0,
             prompt_cache_dir: String::new(),
             prompt_cache_disk_bytes: 0,
+            draft: None,
         }
     }
 

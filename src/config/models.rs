@@ -31,6 +31,10 @@ pub struct ModelConfig {
     /// Its prompt cache's disk tier in MiB (default `backend.prompt_cache_disk_mb`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_cache_disk_mb: Option<u64>,
+    /// Another model of `[models]`, with the same tokenizer, that drafts tokens for this one
+    /// to verify (speculative decoding); loaded with it, checked at load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft: Option<String>,
 }
 
 /// What a request for a name no model answers to gets.
@@ -89,6 +93,8 @@ pub struct ModelSpec {
     pub prompt_cache_dir: String,
     /// Its prompt cache's disk tier in bytes (0: none).
     pub prompt_cache_disk_bytes: u64,
+    /// The model that drafts for it: `(name, path)`.
+    pub draft: Option<(String, String)>,
 }
 
 impl Config {
@@ -114,6 +120,7 @@ impl Config {
                     .display()
                     .to_string(),
                 prompt_cache_disk_bytes: b.prompt_cache_disk_mb.saturating_mul(1 << 20),
+                draft: None,
             }];
         }
         self.models
@@ -133,6 +140,10 @@ impl Config {
                     .prompt_cache_disk_mb
                     .unwrap_or(b.prompt_cache_disk_mb)
                     .saturating_mul(1 << 20),
+                draft: m
+                    .draft
+                    .as_ref()
+                    .and_then(|d| Some((d.clone(), self.models.get(d)?.path.clone()))),
             })
             .collect()
     }
@@ -210,6 +221,17 @@ impl Config {
                     return Err((key("aliases"), format!("`{alias}` is claimed by model `{owner}` too")));
                 }
                 claimed.push((alias, name));
+            }
+            if let Some(draft) = &m.draft {
+                if draft == name {
+                    return Err((key("draft"), "a model cannot draft for itself".into()));
+                }
+                if !self.models.contains_key(draft) {
+                    return Err((
+                        key("draft"),
+                        format!("names `{draft}`, which is not a model in [models] (those are {names:?})"),
+                    ));
+                }
             }
         }
         Ok(())

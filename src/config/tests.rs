@@ -172,6 +172,7 @@ aliases = ["claude-haiku-*"]
 keep_alive_secs = 300
 max_concurrent = 2
 prompt_cache_disk_mb = 100
+draft = "big"
 "#;
         jail.create_file("m.toml", good)?;
         jail.set_env("PENSIEVE_BACKEND__PROMPT_CACHE_DIR", "/var/cache/pensieve");
@@ -183,6 +184,12 @@ prompt_cache_disk_mb = 100
         assert!(big.preload, "the default model is loaded at start-up");
         assert!(!small.preload && small.keep_alive_secs == 300 && small.max_concurrent == 2);
         assert_eq!(big.max_concurrent, 8, "backend.max_concurrent by default");
+        // A draft names another model; the spec carries its path.
+        assert_eq!(
+            small.draft,
+            Some(("big".to_owned(), "mlx-community/Qwen3-8B-4bit".to_owned()))
+        );
+        assert_eq!(big.draft, None);
         // The disk tier: one folder for all (from the environment here), a cap per model.
         assert_eq!(
             (big.prompt_cache_disk_bytes, small.prompt_cache_disk_bytes),
@@ -255,6 +262,16 @@ prompt_cache_disk_mb = 100
                 "\n[models.tiny]\npath = \"demo\"\nmax_concurrent = 0\n",
                 "models.tiny.max_concurrent",
                 "between 1 and 256",
+            ),
+            (
+                "\n[models.tiny]\npath = \"demo\"\ndraft = \"nano\"\n",
+                "models.tiny.draft",
+                "names `nano`, which is not a model in [models]",
+            ),
+            (
+                "\n[models.tiny]\npath = \"demo\"\ndraft = \"tiny\"\n",
+                "models.tiny.draft",
+                "cannot draft for itself",
             ),
         ] {
             jail.create_file("bad.toml", &format!("{good}{bad}"))?;

@@ -338,16 +338,24 @@ impl MlxBackend {
             .store(b.mlx_memory_limit_mb.saturating_mul(1 << 20), Ordering::Relaxed);
         let mut slots = Vec::new();
         for spec in specs {
-            let estimate = match estimate::model_path(&spec.path) {
+            let estimate_of = |path: &str| match estimate::model_path(path) {
                 Some(path) => estimate::estimate(&path).map_err(|source| StartError::Estimate {
                     model: spec.name.clone(),
                     source,
-                })?,
-                None => {
-                    tracing::info!(model = %spec.name, "no local files to estimate the model's size from before loading");
-                    None
-                }
+                }),
+                None => Ok(None),
             };
+            let mut estimate = estimate_of(&spec.path)?;
+            if estimate.is_none() {
+                tracing::info!(model = %spec.name, "no local files to estimate the model's size from before loading");
+            }
+            // A draft model is loaded with the model, and keeps a KV cache beside its own.
+            if let (Some(e), Some((_, path))) = (estimate.as_mut(), &spec.draft) {
+                if let Some(d) = estimate_of(path)? {
+                    e.weight_bytes = e.weight_bytes.saturating_add(d.weight_bytes);
+                    e.kv_bytes_per_token = e.kv_bytes_per_token.saturating_add(d.kv_bytes_per_token);
+                }
+            }
             let shared = Shared::new(global.clone(), spec.max_concurrent);
             let slot = Slot { spec, estimate, shared };
             if slot.spec.preload {

@@ -262,8 +262,9 @@ impl Loader for PyLoader {
 
     fn load(&mut self, spec: &ModelSpec) -> Result<PyBatcher, BridgeError> {
         let model = spec.path.as_str();
+        let mut refused_draft = None;
         let loaded = Python::attach(|py| {
-            let setup = || -> PyResult<PyBatcher> {
+            let mut setup = || -> PyResult<PyBatcher> {
                 let reporter = super::loading::Reporter {
                     model: spec.name.clone(),
                 };
@@ -287,6 +288,31 @@ impl Loader for PyLoader {
                         )))
                     }
                 };
+                // The draft model, loaded with it and checked against it.
+                let mut kv_bytes_per_token = kv_bytes_per_token;
+                let draft = match &spec.draft {
+                    Some((name, path)) => {
+                        let engine_of_draft = py
+                            .import("pensieve_bridge.engine")?
+                            .getattr("Engine")?
+                            .call1((path.as_str(), self.settings.cpu_float32_budget))?;
+                        let draft = py
+                            .import("pensieve_bridge.draft")?
+                            .getattr("DraftModel")?
+                            .call1((&engine_of_draft, &engine))
+                            .inspect_err(|e| {
+                                refused_draft = Some(format!(
+                                    "models.{}.draft: `{name}` cannot draft for it: {}",
+                                    spec.name,
+                                    e.value(py)
+                                ))
+                            })?;
+                        kv_bytes_per_token += draft.getattr("kv_bytes_per_token")?.extract::<u64>().unwrap_or(0);
+                        tracing::info!(model = %spec.name, draft = %name, "draft model ready");
+                        Some(draft)
+                    }
+                    None => None,
+                };
                 let batcher = py.import("pensieve_bridge.batch")?.getattr("open_batcher")?.call1((
                     &engine,
                     spec.max_concurrent as u32,
@@ -295,6 +321,7 @@ impl Loader for PyLoader {
                     spec.prompt_cache_disk_bytes,
                     self.settings.max_decode_stall_ms,
                     self.settings.prompt_lookup_tokens,
+                    draft,
                 ))?;
                 Ok(PyBatcher {
                     engine: engine.unbind(),
@@ -305,7 +332,11 @@ impl Loader for PyLoader {
                     tool_format,
                 })
             };
-            setup().map_err(|e| python_error(py, &e))
+            let loaded = setup();
+            loaded.map_err(|e| match refused_draft.take() {
+                Some(why) => BridgeError::Draft(why),
+                None => python_error(py, &e),
+            })
         });
         super::loading::finish(&spec.name);
         loaded
