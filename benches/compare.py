@@ -9,7 +9,11 @@ and measures them side by side in one run, alternating which goes first in every
 - agent-shaped prompt: a system prompt of ``AGENT_CHARS`` characters (default 40,000, about
   what Claude Code sends) in two blocks, the first a Claude Code billing header whose values
   change on every request; time to first token the first time the prompt is seen (cold) and
-  on the next request with a new billing header and a new question (warm).
+  on the next request with a new billing header and a new question (warm);
+- long-prefill stall: a stream decodes, then a prompt of ``STALL_WORDS`` words (default 3,000,
+  about 6,500 tokens) arrives; the longest gap between the stream's tokens from then until
+  that prompt's first token, against the stream's median gap before it (the ratio the issue
+  bounds at 10), and that prompt's time to first token. Lower is better for all three.
 
 pensieve is asked over the Anthropic Messages API, mlx-lm over its OpenAI chat API, each with
 the same messages. Medians are printed, and the ratios pensieve / mlx-lm (for tokens/s, higher
@@ -57,6 +61,7 @@ BASELINE_BRIDGE = os.environ.get("BASELINE_BRIDGE")
 PEER = os.environ.get("PEER")
 STREAMS = 8
 AGENT_CHARS = int(os.environ.get("AGENT_CHARS", "40000"))
+STALL_WORDS = int(os.environ.get("STALL_WORDS", "3000"))
 
 WORDS = (
     "file read write edit tool call shell command test build commit branch merge diff patch "
@@ -301,6 +306,46 @@ def agent(server, trial):
     return cold, warm
 
 
+def stall(server, trial):
+    """``(longest gap, median gap before, time to first token)`` of a long prompt arriving while
+    a stream decodes: the gaps are between the stream's text events, the longest from the
+    moment the prompt is sent until its first token (that moment closes the window when the
+    stream still runs), the median from before it was sent."""
+    stamps, stop = [], threading.Event()
+
+    def run():
+        path, body = server.body(SHORT_SYSTEM, f"Count from 1 to 9000, question {next(REQUESTS)}.", 8000, True)
+        conn, res = post(server, path, body)
+        for raw in res:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]" and server.is_content(json.loads(line[6:])):
+                stamps.append(time.perf_counter())
+            if stop.is_set():
+                break
+        conn.close()
+
+    streaming = threading.Thread(target=run, daemon=True)
+    streaming.start()
+    deadline = time.perf_counter() + 120
+    while len(stamps) < 20:
+        if time.perf_counter() > deadline or not streaming.is_alive():
+            raise RuntimeError(f"{server.name}: the running stream gave {len(stamps)} tokens")
+        time.sleep(0.01)
+    words = " ".join(f"w{(i * 7 + trial) % 97}" for i in range(STALL_WORDS))
+    sent = time.perf_counter()
+    ttft = first_token(server, SHORT_SYSTEM, f"Summarise, question {next(REQUESTS)}: {words}")
+    ran_through = streaming.is_alive()
+    stop.set()
+    before = [t for t in stamps if t < sent]
+    window = before[-1:] + [t for t in stamps if t >= sent] + ([sent + ttft] if ran_through else [])
+    gaps = [b - a for a, b in zip(window, window[1:])]
+    pace = statistics.median(b - a for a, b in zip(before, before[1:]))
+    if not ran_through:
+        print(f"{server.name}: the running stream ended before the long prompt's first token", file=sys.stderr)
+    streaming.join(timeout=60)
+    return max(gaps), pace, ttft
+
+
 def main():
     if not BIN.exists():
         sys.exit(f"{BIN} is missing: run `make build` first")
@@ -322,7 +367,8 @@ def main():
         else:
             other = MlxLm(model_dir)
         servers = [Pensieve(model_dir), other]
-        results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": []}
+        results = {s.name: {"single": [], "concurrent": [], "cold": [], "warm": [], "tokens": [],
+                            "stall": [], "pace": [], "stall_ratio": [], "stall_ttft": []}
                    for s in servers}
         try:
             for s in servers:  # warm-up: load kernels, fill caches
@@ -339,6 +385,11 @@ def main():
                     cold, warm = agent(s, r)
                     results[s.name]["cold"].append(cold)
                     results[s.name]["warm"].append(warm)
+                for s in order:
+                    longest, pace, ttft = stall(s, r)
+                    for key, value in (("stall", longest), ("pace", pace), ("stall_ratio", longest / pace),
+                                       ("stall_ttft", ttft)):
+                        results[s.name][key].append(value)
                 print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
         finally:
             for s in servers:
@@ -354,6 +405,10 @@ def main():
         (f"{STREAMS} streams, aggregate tokens/s", "concurrent", "{:12.0f}"),
         ("agent prompt cold, first token s", "cold", "{:12.3f}"),
         ("agent prompt warm, first token s", "warm", "{:12.3f}"),
+        ("stream's gap before long prompt, s", "pace", "{:12.4f}"),
+        ("longest gap during its prefill, s", "stall", "{:12.3f}"),
+        ("longest gap / gap before", "stall_ratio", "{:12.1f}"),
+        (f"long prompt ({STALL_WORDS} words) TTFT s", "stall_ttft", "{:12.2f}"),
     ]
     for label, key, fmt in rows:
         print(f"{label:34}{fmt.format(p[key])}{fmt.format(m[key])}{p[key] / m[key]:9.2f}")

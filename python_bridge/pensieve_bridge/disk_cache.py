@@ -4,7 +4,7 @@ The memory tier (:mod:`~pensieve_bridge.prompt_cache`) hands an entry here inste
 it: when memory leaves Safe, when its own cap evicts it, when its model is unloaded and when the
 server stops. An entry is one file, ``<sha256 of its tokens>.safetensors``, in the layout of
 mlx-lm's ``save_prompt_cache`` (so that ``load_prompt_cache`` reads it back), under a folder
-named by the model's identity (:func:`model_identity`): another model, or a changed file, never
+named by the model's identity (:func:`~pensieve_bridge.disk_format.model_identity`): another model, or a changed file, never
 finds it. Its metadata holds the format, the identity, the tokens and a CRC-32 of the data.
 
 - **Writes are off the batch loop.** :meth:`DiskTier.spill` runs on the backend thread and costs
@@ -37,15 +37,12 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import io
 import json
 import logging
 import os
 import queue
-import stat
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -55,16 +52,27 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
-from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache, trim_prompt_cache
 
 from . import disk_sweep
+from .disk_format import (
+    FORMAT,
+    SUFFIX,
+    TMP,
+    common_prefix,
+    encode,
+    entry_name,
+    header_bytes,
+    header_crc,
+    open_entry,
+    out_of_page_cache,
+    private_folder,
+    tokens_bytes,
+)
 from .protocol import DiskStats
 
 log = logging.getLogger(__name__)
 
-#: Written in every file; a file with another value is not read.
-FORMAT = "pensieve-prompt-cache-2"
 #: Entries shorter than this many tokens are not written: processing them again is as cheap.
 MIN_TOKENS = 64
 #: A disk entry is read only when it covers this many prompt tokens more than memory does.
@@ -73,17 +81,6 @@ MIN_GAIN = 32
 READ_KEPT = 30.0
 #: Seconds writes pause after the disk was full (ENOSPC, EDQUOT); then they are tried again.
 FULL_PAUSE = 10.0
-#: Bytes of each weight file hashed into a model's identity, at its start, middle and end.
-SAMPLE = 1 << 20
-SUFFIX = ".safetensors"
-TMP = ".tmp"
-
-_DTYPES = {
-    mx.bool_: "BOOL", mx.uint8: "U8", mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64",
-    mx.int8: "I8", mx.int16: "I16", mx.int32: "I32", mx.int64: "I64",
-    mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32",
-}  # fmt: skip
-
 _tiers: dict = {}
 _tiers_lock = threading.Lock()
 
@@ -93,21 +90,6 @@ def default_root() -> Path:
     from .paths import prompt_cache_dir
 
     return prompt_cache_dir()
-
-
-def model_identity(files: List[Path], runtime: str) -> str:
-    """A hash of what makes a model's KV cache what it is: its files (names, sizes, their first,
-    middle and last :data:`SAMPLE` bytes: headers, and weights a fine-tune changes) and how it
-    runs (``runtime``: dtypes, classes, library versions)."""
-    h = hashlib.sha256(f"{FORMAT}\0{runtime}\0".encode())
-    for f in sorted(files):
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            for at in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
-                fh.seek(at)
-                h.update(fh.read(SAMPLE))
-    return h.hexdigest()
 
 
 def open_tier(root: str, identity: str, max_bytes: int, source: str = "") -> "DiskTier":
@@ -145,38 +127,6 @@ def flush_all(timeout: float) -> None:
         tier.flush(max(0.0, deadline - time.monotonic()))
 
 
-def _out_of_page_cache(fd: int, sync: bool) -> None:
-    """Drops a file's pages from the page cache (Linux), which a memory cgroup charges to the
-    server; ``sync`` writes them first (only clean pages leave), durable before the rename."""
-    if sync:
-        os.fdatasync(fd)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _tokens_bytes(tokens: List[int]) -> bytes:
-    return struct.pack(f"<{len(tokens)}I", *tokens)
-
-
-def _name(token_bytes: bytes) -> str:
-    return hashlib.sha256(token_bytes).hexdigest()[:40] + SUFFIX
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    """Tokens (4 bytes each) ``a`` and ``b`` share at their start."""
-    n = min(len(a), len(b)) // 4
-    if a[: 4 * n] == b[: 4 * n]:
-        return n
-    lo, hi = 0, n  # a and b agree on lo tokens, not on hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[: 4 * mid] == b[: 4 * mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 @dataclass
 class Entry:
     """An entry on disk, from its file's header."""
@@ -187,7 +137,7 @@ class Entry:
     #: Where its data starts in the file, and the CRC-32 of its header and data.
     data_start: int
     crc: int
-    #: The CRC-32 of its header alone (:func:`_header_crc`): where the data's CRC starts.
+    #: The CRC-32 of its header alone (:func:`header_crc`): where the data's CRC starts.
     header_crc: int
 
 
@@ -300,12 +250,12 @@ class DiskTier:
         if meta.get("0.model") != self.identity:
             raise ValueError("written for another model")
         tokens = base64.b64decode(meta["0.tokens"])
-        if _name(tokens) != name:
+        if entry_name(tokens) != name:
             raise ValueError("its tokens do not match its name")
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             raise ValueError(f"truncated: {size} bytes where its header says {8 + n + end}")
-        return Entry(tokens, size, meta.get("0.trimmable") == "1", 8 + n, int(meta["0.crc32"]), _header_crc(header))
+        return Entry(tokens, size, meta.get("0.trimmable") == "1", 8 + n, int(meta["0.crc32"]), header_crc(header))
 
     def _make_room(self, need: int) -> bool:
         """Removes least recently used entries until ``need`` more bytes fit under the cap."""
@@ -344,7 +294,7 @@ class DiskTier:
         index only: nothing is read."""
         if self.off is not None or not self._index:
             return None
-        want = _tokens_bytes(tokens)
+        want = tokens_bytes(tokens)
         best = None
         head = want[: 4 * MIN_GAIN]
         with self._lock:
@@ -352,7 +302,7 @@ class DiskTier:
                 if not entry.tokens.startswith(head):
                     continue  # fewer than MIN_GAIN tokens in common: never worth a read
                 length = len(entry.tokens) // 4
-                common = min(_common_prefix(entry.tokens, want), len(tokens) - 1)
+                common = min(common_prefix(entry.tokens, want), len(tokens) - 1)
                 if length > common and not entry.trimmable:
                     continue
                 if common > (best.covered if best else MIN_GAIN):
@@ -428,7 +378,7 @@ class DiskTier:
                     if size != indexed.nbytes:
                         raise ValueError(f"{size} bytes where {indexed.nbytes} were indexed")
                     data = f.read(indexed.nbytes + 1)  # never more than the index says
-                    _out_of_page_cache(f.fileno(), sync=False)
+                    out_of_page_cache(f.fileno(), sync=False)
                 if len(data) != indexed.nbytes:
                     raise ValueError(f"{len(data)} bytes read where {indexed.nbytes} were indexed")
                 entry = self._check_header(name, io.BytesIO(data), len(data))
@@ -460,8 +410,8 @@ class DiskTier:
         True when it is, or will be, on disk. On the backend thread; no copy."""
         if self.off is not None or len(tokens) < MIN_TOKENS or time.monotonic() < self._full_until:
             return False
-        token_bytes = _tokens_bytes(tokens)
-        name = _name(token_bytes)
+        token_bytes = tokens_bytes(tokens)
+        name = entry_name(token_bytes)
         with self._lock:
             if name in self._index:
                 self._index.move_to_end(name)
@@ -469,8 +419,8 @@ class DiskTier:
                 return True
             if name in self._pending:
                 return True
-        arrays, header = _encode(prompt_cache, token_bytes, self.identity)
-        nbytes = 8 + len(_header_bytes(header)) + sum(a.nbytes for a in arrays)
+        arrays, header = encode(prompt_cache, token_bytes, self.identity)
+        nbytes = 8 + len(header_bytes(header)) + sum(a.nbytes for a in arrays)
         with self._lock:
             if not self._make_room(nbytes):
                 return False
@@ -510,12 +460,12 @@ class DiskTier:
 
     def _write(self, job: Job) -> None:
         started = time.perf_counter()
-        header_crc = crc = _header_crc(job.header)
+        head_crc = crc = header_crc(job.header)
         for a in job.arrays:
             crc = zlib.crc32(a, crc)
         job.header["__metadata__"]["0.crc32"] = f"{crc:010d}"  # as long as the placeholder
         tmp = self.folder / f".{job.name}.{os.getpid()}{TMP}"
-        head = _header_bytes(job.header)
+        head = header_bytes(job.header)
         try:
             # 0600 whatever the umask: the file holds the prompt's tokens.
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
@@ -524,14 +474,14 @@ class DiskTier:
                 for a in job.arrays:
                     f.write(a)
                 f.flush()
-                _out_of_page_cache(f.fileno(), sync=True)
+                out_of_page_cache(f.fileno(), sync=True)
             os.replace(tmp, self.folder / job.name)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         with self._lock:
             trimmable = job.header["__metadata__"]["0.trimmable"] == "1"
-            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable, 8 + len(head), crc, header_crc)
+            self._index[job.name] = Entry(job.tokens, job.nbytes, trimmable, 8 + len(head), crc, head_crc)
             self._bytes += job.nbytes
             self.writes += 1
             self.write_seconds += time.perf_counter() - started
@@ -594,89 +544,3 @@ class DiskTier:
                 spills=self.spills, spilled_bytes=self.spilled_bytes, writes=self.writes, removed=self.removed,
                 read_seconds=self.read_seconds, write_seconds=self.write_seconds,
             )
-
-
-def _header_crc(header: dict) -> int:
-    """The CRC-32 of a file's header (the tensors' names, dtypes, shapes and offsets, and the
-    metadata), its own checksum left out: where the data's CRC starts, so that the checksum
-    covers both (two tensors' offsets swapped, or a shape changed, fail it)."""
-    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != "0.crc32"}
-    canonical = {**header, "__metadata__": meta}
-    return zlib.crc32(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
-
-
-def open_entry(path: Path):
-    """Opens a cache file for reading, ``(file, size)``: never through a symlink, never
-    blocking on a FIFO or a device (``O_NONBLOCK``), a regular file only (ValueError)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        return os.fdopen(fd, "rb"), st.st_size
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def private_folder(folder: Path) -> None:
-    """Makes ``folder`` (and its parents) and leaves it to its owner alone (0700, whatever the
-    umask): its files hold prompts' tokens. Only the model's own folder: the root above it may
-    be a folder the user shares (``backend.prompt_cache_dir``)."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-
-
-def _header_bytes(header: dict) -> bytes:
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
-
-
-def _encode(prompt_cache: List[Any], token_bytes: bytes, identity: str) -> tuple[list, dict]:
-    """The arrays and the safetensors header of an entry, in ``save_prompt_cache``'s layout (its
-    states flattened, scalars as arrays listed in the metadata), evaluated and contiguous so
-    that the writer thread writes their memory as it is."""
-    scalars: list = [""]
-    flat = []
-    for key, value in tree_flatten([c.state for c in prompt_cache]):
-        if isinstance(value, mx.array):
-            flat.append((key, value))
-        elif isinstance(value, (bool, int, float)):
-            scalars.append((key, "scalar"))
-            flat.append((key, mx.array(value)))
-        elif isinstance(value, str):
-            scalars.append((key, "string"))
-            flat.append((key, mx.array([ord(c) for c in value])))
-        elif value is None:
-            scalars.append((key, "none"))
-            flat.append((key, mx.array([])))
-        else:
-            raise ValueError(f"a prompt cache state of type {type(value).__name__} cannot be written")
-    mx.eval([a for _, a in flat])
-    flat = [(k, a if memoryview(a).c_contiguous else mx.contiguous(a)) for k, a in flat]
-    mx.eval([a for _, a in flat])
-    header: dict = {}
-    offset = 0
-    arrays = []
-    for key, a in sorted(flat):
-        header[key] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    metadata = {
-        "format": FORMAT,
-        "model": identity,
-        "tokens": base64.b64encode(token_bytes).decode(),
-        "trimmable": "1" if can_trim_prompt_cache(prompt_cache) else "0",
-        "crc32": "0" * 10,  # the writer fills it in
-    }
-    classes = [type(c).__name__ for c in prompt_cache]
-    header["__metadata__"] = dict(tree_flatten([metadata, classes, scalars]))
-    return arrays, header
-
-
-def runtime_of(model) -> str:
-    """How a loaded model computes, for :func:`model_identity`."""
-    dtypes = sorted({str(v.dtype) for _, v in tree_flatten(model.parameters())})
-    import mlx_lm
-
-    return f"{type(model).__module__}.{type(model).__name__} {dtypes} mlx {mx.__version__} mlx-lm {mlx_lm.__version__} {sys.byteorder}"

@@ -1,6 +1,6 @@
 """Folders of the prompt cache's disk tier that no model can read any more.
 
-A tier's folder is named by its model's identity (:func:`~pensieve_bridge.disk_cache.model_identity`),
+A tier's folder is named by its model's identity (:func:`~pensieve_bridge.disk_format.model_identity`),
 which changes when the model's files change, or MLX or mlx-lm is upgraded: the folder of the old
 identity is then never read again, yet it would keep its files (up to the whole cap) forever.
 So each folder holds a small marker, :data:`MARK`, naming the model it was made for (its resolved

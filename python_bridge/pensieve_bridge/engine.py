@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
-from . import blas, demo, disk_cache, gguf, progress, tool_format
+from . import blas, demo, disk_cache, disk_format, gguf, progress, tool_format
 from .protocol import MemoryCounters
 
 #: A model id starting with this is served by the test batcher of
@@ -80,7 +80,7 @@ class Engine:
 
     def _identity(self, gguf_file) -> Optional[str]:
         """What the prompt cache's disk tier files this model's entries under
-        (:func:`~pensieve_bridge.disk_cache.model_identity`); None when its files are not found
+        (:func:`~pensieve_bridge.disk_format.model_identity`); None when its files are not found
         (the disk tier is then off for it). Sets :attr:`source`, the model as its tier's folder
         is marked: its resolved path, or its Hugging Face id (whose snapshots change)."""
         where = Path(gguf_file or self.path)
@@ -94,7 +94,7 @@ class Engine:
                 self.notes.append("no disk tier for the prompt cache: the model's files were not found")
                 return None
         files = [where] if where.is_file() else [f for f in where.iterdir() if f.is_file() and not f.name.startswith(".")]
-        return disk_cache.model_identity(files, disk_cache.runtime_of(self.model))
+        return disk_format.model_identity(files, disk_format.runtime_of(self.model))
 
     def _float32_on_cpu(self, budget: int) -> None:
         if mx.default_device() != mx.cpu:

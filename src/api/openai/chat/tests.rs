@@ -1,4 +1,5 @@
 use super::*;
+use crate::api::error::ErrorKind;
 
 fn req(body: Value) -> Result<GenerateRequest, ApiError> {
     to_backend(&parse(body.to_string().as_bytes())?, 8192)
