@@ -34,6 +34,7 @@ batch of one sequence without an attention mask (:func:`unmasked`), as mlx-lm's 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,6 +46,18 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
+#: Bits per token in an n-gram's key: an n-gram is one int, not a tuple (tuples are tracked by
+#: Python's cycle collector, and thousands of them made its collections cost ~8% of a step at 8
+#: streams on the demo model). Ids at or over 2**21 would share keys: a wrong draft, refused.
+BITS = 21
+
+
+def key(tokens) -> int:
+    """The n-gram ``tokens`` as one int."""
+    k = 0
+    for t in tokens:
+        k = (k << BITS) | t
+    return k
 
 
 def _make_mask(self, N: int, return_array: bool = False, **kwargs):
@@ -75,7 +88,7 @@ class Lookup:
 
     def __init__(self, tokens: list[int], most: int):
         self.tokens = tokens
-        self.index: dict[int, dict[tuple, int]] = {n: {} for n in NGRAMS}
+        self.index: dict[int, dict[int, int]] = {n: {} for n in NGRAMS}
         self.indexed = 0
         self.most = most
         #: The draft length now: grows while drafts are kept whole, shrinks to what was kept.
@@ -88,12 +101,18 @@ class Lookup:
         else:
             self.length = max(1, (self.length + kept + 1) // 2)
 
+    def missed(self) -> None:
+        """Its last tokens had occurred before, but the next one gave no draft: a step waited
+        for nothing. The length halves, and with it this sequence's weight in the next steps'
+        decision to draft."""
+        self.length = max(1, self.length // 2)
+
     def _sync(self) -> None:
         tokens, index = self.tokens, self.index
         for end in range(max(self.indexed, 1), len(tokens)):
             for n in NGRAMS:
                 if end >= n:
-                    index[n][tuple(tokens[end - n : end])] = end
+                    index[n][key(tokens[end - n : end])] = end
         self.indexed = len(tokens)
 
     def likely(self) -> bool:
@@ -101,7 +120,7 @@ class Lookup:
         for the next token (known only once the step computing it is waited for)."""
         self._sync()
         tokens = self.tokens
-        return any(len(tokens) >= n and tuple(tokens[len(tokens) - n :]) in self.index[n] for n in NGRAMS)
+        return any(len(tokens) >= n and key(tokens[len(tokens) - n :]) in self.index[n] for n in NGRAMS)
 
     def draft(self, last: int, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the sequence's last
@@ -115,8 +134,7 @@ class Lookup:
         for n in NGRAMS:
             if len(tokens) < n - 1:
                 continue
-            key = tuple(tokens[len(tokens) - (n - 1) :]) + (last,) if n > 1 else (last,)
-            at = self.index[n].get(key)
+            at = self.index[n].get((key(tokens[len(tokens) - (n - 1) :]) << BITS) | last)
             if at is None:
                 continue
             end = len(tokens)
@@ -179,6 +197,41 @@ class Stats:
     tokens: int = 0
 
 
+#: Weight of the newest step in the rates' moving averages.
+ALPHA = 0.2
+#: While speculative steps are slower than plain ones, one step in this many still speculates,
+#: to see whether they have become worth it (the text, or the batch, changed).
+PROBE = 16
+
+
+class Pace:
+    """Tokens per second of speculative steps and of plain ones, for each batch size: a step
+    speculates only while speculating has been the faster (or when probing). Where verifying a
+    draft is almost free (a large model on a GPU, whose step is bound by reading the weights)
+    speculation pays even with padding and refused drafts; on a CPU, where a step costs its
+    tokens, a batch of eight verifying short drafts is slower than decoding them one by one.
+    Measured, not assumed."""
+
+    def __init__(self):
+        self.rates: dict[tuple[int, bool], float] = {}
+        self._waited: dict[int, int] = {}
+
+    def worth_it(self, size: int) -> bool:
+        spec, plain = self.rates.get((size, True)), self.rates.get((size, False))
+        if spec is None or plain is None or spec >= plain:
+            return True
+        waited = self._waited.get(size, 0) + 1
+        self._waited[size] = 0 if waited >= PROBE else waited
+        return waited >= PROBE
+
+    def record(self, size: int, speculative: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate, k = tokens / seconds, (size, speculative)
+        old = self.rates.get(k)
+        self.rates[k] = rate if old is None else (1 - ALPHA) * old + ALPHA * rate
+
+
 @dataclass
 class Speculation:
     """What the batch needs from the batcher: the most draft tokens a sequence gets in a step
@@ -189,6 +242,7 @@ class Speculation:
     draft: Optional[object] = None
     sampling: dict = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
+    pace: Pace = field(default_factory=Pace)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
 
@@ -219,13 +273,19 @@ class SpeculativeBatch(GenerationBatch):
         if not self.uids:
             return []
         spec = self.speculation
-        emitted = self._speculate() if spec is not None and (spec.max_draft > 0 or spec.draft) else None
+        if spec is None:
+            return super().next()
+        on = spec.max_draft > 0 or spec.draft is not None
+        size, started = len(self.uids), time.perf_counter()
+        emitted = self._speculate() if on and spec.pace.worth_it(size) else None
         if emitted is None:
             responses = super().next()
-            if spec is not None:
-                spec.stats.sequence_steps += len(responses)
-                spec.stats.tokens += len(responses)
+            spec.stats.sequence_steps += len(responses)
+            spec.stats.tokens += len(responses)
+            if on:
+                spec.pace.record(size, False, len(responses), time.perf_counter() - started)
             return responses
+        spec.pace.record(size, True, sum(len(t) for t in emitted), time.perf_counter() - started)
         spec.stats.sequence_steps += len(emitted)
         responses, keep = [], []
         for i, tokens in enumerate(emitted):
@@ -270,7 +330,10 @@ class SpeculativeBatch(GenerationBatch):
         # Without a likely draft, mlx-lm's step runs: its next forward pass is queued before
         # the next token is known, which waiting for that token here would undo. A draft model
         # always has a draft.
-        if spec.draft is None and not any(lookup.likely() for lookup in self._lookups):
+        # The draft lengths of the sequences likely to draft stand for the tokens a step would
+        # gain; below one a sequence, the wait is not worth it.
+        likely = [lookup.likely() for lookup in self._lookups]
+        if spec.draft is None and sum(lk.length for lk, yes in zip(self._lookups, likely) if yes) < len(likely):
             return None
         mx.eval(self._next_tokens)
         nexts = self._next_tokens.tolist()
@@ -279,6 +342,8 @@ class SpeculativeBatch(GenerationBatch):
             lookup = self._lookups[i]
             room = self.max_tokens[i] - self._num_tokens[i] - 1
             d = lookup.draft(y, min(lookup.length, room)) if spec.max_draft > 0 else []
+            if likely[i] and not d and room > 0:
+                lookup.missed()
             if not d and self._drafters[i] is not None and room > 0:
                 p = self._drafters[i].propose(y, room)
                 if p is not None:

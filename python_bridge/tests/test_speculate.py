@@ -8,7 +8,7 @@ import json
 import numpy as np
 from conftest import add, reference_generate
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.speculate import Lookup, verify
+from pensieve_bridge.speculate import Lookup, Pace, verify
 
 
 def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_tokens():
@@ -173,3 +173,17 @@ def test_one_sequence_decodes_without_a_mask_and_gives_the_same_text(engine):
             seen.append(marks())
     assert seen == [{True}, {False}, {True}]
     assert text[first] == reference
+
+
+def test_a_batch_size_where_speculating_was_slower_speculates_only_to_probe():
+    pace = Pace()
+    assert pace.worth_it(8)  # nothing measured yet
+    pace.record(8, False, 8, 0.002)  # 4,000 tokens/s plain
+    pace.record(8, True, 12, 0.006)  # 2,000 tokens/s speculating
+    decisions = [pace.worth_it(8) for _ in range(32)]
+    assert decisions.count(True) == 2 and decisions[15] and decisions[31], decisions
+    assert pace.worth_it(1)  # another batch size is measured on its own
+    # Drafts that pay (an edit turn): a probe that was faster brings speculation back.
+    for _ in range(3):
+        pace.record(8, True, 40, 0.006)
+    assert all(pace.worth_it(8) for _ in range(5))
