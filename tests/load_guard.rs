@@ -116,20 +116,21 @@ async fn a_real_model_is_refused_against_thresholds_above_the_machine_and_loads_
 
 #[tokio::test]
 async fn a_request_whose_kv_cache_would_not_fit_is_refused_before_prefill_with_what_it_needs() {
-    // MLX may hold 64 MB. The demo model's KV cache takes 1 KB a token, and max_tokens counts
-    // at most to its context (131,072 tokens): 128 MB, which can never fit: a 400 that says so.
+    // MLX may hold 64 MB. The demo model's KV cache takes 1 KB a token (and prompt lookup's
+    // index 192 bytes), and max_tokens counts at most to its context (131,072 tokens): 152 MB,
+    // which can never fit: a 400 that says so.
     // (Memory that may free up later gets a 503 with retry-after, and memory.critical_gb is
     // the other line: the worker's unit tests, where memory is scripted and not this shared
     // machine's.)
     let s = Server::start_with(&[("PENSIEVE_BACKEND__MLX_MEMORY_LIMIT_MB", "64")]);
     let per_token = s.health().await["backend"]["kv_bytes_per_token"].as_u64().unwrap();
-    assert_eq!(per_token, 1024);
+    assert_eq!(per_token, 1024 + 192);
     let res = s.post(&hello(1_000_000)).await;
     assert_eq!(res.status(), 400);
     let v: serde_json::Value = res.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(
-        msg.contains("needs about 0.12 GB of KV cache")
+        msg.contains("needs about 0.15 GB of KV cache")
             && msg.contains("max_tokens 1000000 (the context leaves 131")
             && msg.contains("backend.mlx_memory_limit_mb")
             && msg.contains("cannot fit on this machine"),
