@@ -61,3 +61,24 @@ def reference_generate(engine, tokens, params_json):
             yield r.text, r.finish_reason
     finally:
         mx.clear_cache()
+
+
+def generate(engine, prompts, lookup_tokens, draft=None, temperature=0.0, max_tokens=120):
+    """``(texts, token counts, speculation_stats)`` of ``prompts`` run together in a new
+    :class:`~pensieve_bridge.batch.Batcher` with prompt lookup of ``lookup_tokens`` (0: off)
+    and ``draft`` (a :class:`~pensieve_bridge.draft.DraftModel`, or None)."""
+    from pensieve_bridge.batch import Batcher
+
+    b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens, draft=draft)
+    uids = {}
+    for i, p in enumerate(prompts):
+        chat = json.dumps({"messages": [{"role": "user", "content": p}]})
+        uid, _, _ = add(b, chat, json.dumps({"max_tokens": max_tokens, "temperature": temperature}))
+        uids[uid] = i
+    texts, tokens, left = [""] * len(prompts), [0] * len(prompts), len(prompts)
+    while left:
+        for s in b.step():
+            tokens[uids[s.uid]] += 1
+            texts[uids[s.uid]] += "".join(o.payload for o in s.pieces)
+            left -= s.finish is not None
+    return texts, tokens, b.speculation_stats()

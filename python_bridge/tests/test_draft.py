@@ -2,13 +2,11 @@
 temperature 0 is the model's own, alone and in a batch, and a draft model with another
 tokenizer is refused at load."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import add
+from conftest import generate
 from pensieve_bridge import draft as drafting
-from pensieve_bridge.batch import Batcher
 from pensieve_bridge.engine import Engine
 
 
@@ -19,29 +17,13 @@ def drafter_engine():
     return Engine("demo")
 
 
-def generate(engine, prompts, lookup, draft=None, temperature=0.0, max_tokens=60):
-    b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup, draft=draft)
-    uids = {}
-    for i, p in enumerate(prompts):
-        chat = json.dumps({"messages": [{"role": "user", "content": p}]})
-        uid, _, _ = add(b, chat, json.dumps({"max_tokens": max_tokens, "temperature": temperature}))
-        uids[uid] = i
-    texts, tokens, left = [""] * len(prompts), [0] * len(prompts), len(prompts)
-    while left:
-        for s in b.step():
-            tokens[uids[s.uid]] += 1
-            texts[uids[s.uid]] += "".join(o.payload for o in s.pieces)
-            left -= s.finish is not None
-    return texts, tokens, b.speculation_stats()
-
-
 PROMPTS = ["Tell me about memory.", "hi", "Write a story about a cat " * 3]
 
 
 def test_drafts_from_a_draft_model_keep_the_text_alone_and_in_a_batch(engine, drafter_engine):
     model = drafting.DraftModel(drafter_engine, engine)
-    plain, _, off = generate(engine, PROMPTS[:1], 0)
-    fast, tokens, on = generate(engine, PROMPTS[:1], 0, model)
+    plain, _, off = generate(engine, PROMPTS[:1], 0, max_tokens=60)
+    fast, tokens, on = generate(engine, PROMPTS[:1], 0, model, max_tokens=60)
     assert fast == plain
     assert off[1] == 0
     steps, drafted, accepted, sequence_steps, total = on
@@ -49,12 +31,12 @@ def test_drafts_from_a_draft_model_keep_the_text_alone_and_in_a_batch(engine, dr
     # The model drafting for itself: most drafts are kept, so far fewer steps than tokens.
     assert accepted >= drafted // 2 and sequence_steps < total // 2, on
     # Three generations, which keep different numbers of tokens a step.
-    plain, _, _ = generate(engine, PROMPTS, 0)
-    fast, _, on = generate(engine, PROMPTS, 0, model)
+    plain, _, _ = generate(engine, PROMPTS, 0, max_tokens=60)
+    fast, _, on = generate(engine, PROMPTS, 0, model, max_tokens=60)
     assert fast == plain
     assert on[1] > 0
     # With lookup on too: lookups first, the draft model where they find nothing.
-    both, _, _ = generate(engine, PROMPTS, 10, model)
+    both, _, _ = generate(engine, PROMPTS, 10, model, max_tokens=60)
     assert both == plain
 
 

@@ -6,7 +6,7 @@ import itertools
 import json
 
 import numpy as np
-from conftest import add, reference_generate
+from conftest import add, generate, reference_generate
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.speculate import Lookup, Pace, verify
 
@@ -101,22 +101,6 @@ def test_sampling_with_speculation_keeps_the_models_distribution():
 
     wrong = chi_square([sample_speculative(rng, 0, 3, keep_all) for _ in range(n)], 0)
     assert wrong > 10 * bound, wrong
-
-
-def generate(engine, prompts, lookup_tokens, temperature=0.0, max_tokens=120):
-    b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens)
-    uids = {}
-    for i, p in enumerate(prompts):
-        chat = json.dumps({"messages": [{"role": "user", "content": p}]})
-        uid, _, _ = add(b, chat, json.dumps({"max_tokens": max_tokens, "temperature": temperature}))
-        uids[uid] = i
-    texts, tokens, left = [""] * len(prompts), [0] * len(prompts), len(prompts)
-    while left:
-        for s in b.step():
-            tokens[uids[s.uid]] += 1
-            texts[uids[s.uid]] += "".join(o.payload for o in s.pieces)
-            left -= s.finish is not None
-    return texts, tokens, b.speculation_stats()
 
 
 CODE = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 3}" for i in range(30))
