@@ -448,7 +448,9 @@ async fn a_load_reports_monotonic_progress_in_health_before_the_model_is_loaded(
 async fn a_draft_model_drafts_free_text_for_its_model_with_the_same_text_and_another_tokenizer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     // `small` and `drafter` are the same SmolLM2 file: the drafts are the model's own argmax,
-    // nearly all kept. Prompt lookup is off, so every draft comes from the draft model.
+    // nearly all kept. Prompt lookup is off, so every draft comes from the draft model. A draft
+    // model as large as its model makes steps slower on this CPU, so after its first steps
+    // the batch speculates only to probe (one step in 16): drafts are few, and all verified.
     let file = config(
         dir.path(),
         &format!(
@@ -492,8 +494,8 @@ draft = "demo"
     let accepted = speculation["accepted_tokens"].as_u64().unwrap();
     let steps = speculation["sequence_steps"].as_u64().unwrap();
     println!("draft model: drafted {drafted}, accepted {accepted}, 60 tokens in {steps} steps");
-    assert!(accepted > 30 && accepted <= drafted, "{speculation}");
-    assert!(steps < 30, "{speculation}");
+    assert!(accepted > 0 && accepted <= drafted, "{speculation}");
+    assert!(steps < 60, "{speculation}");
     assert_eq!(
         model_of(&s.health().await, "drafter")["speculation"]["drafted_tokens"],
         0

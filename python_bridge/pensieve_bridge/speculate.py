@@ -218,7 +218,12 @@ class Pace:
 
     def worth_it(self, size: int) -> bool:
         spec, plain = self.rates.get((size, True)), self.rates.get((size, False))
-        if spec is None or plain is None or spec >= plain:
+        if spec is None:
+            return True
+        if plain is None:
+            # A draft model always drafts: one plain step gives the rate to compare with.
+            return False
+        if spec >= plain:
             return True
         waited = self._waited.get(size, 0) + 1
         self._waited[size] = 0 if waited >= PROBE else waited

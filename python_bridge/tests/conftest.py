@@ -14,6 +14,7 @@ from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from pensieve_bridge import protocol  # noqa: E402
 from pensieve_bridge.engine import Engine  # noqa: E402
+from pensieve_bridge.speculate import Pace  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +64,24 @@ def reference_generate(engine, tokens, params_json):
         mx.clear_cache()
 
 
+class Always(Pace):
+    """Speculates at every step it can: the tests of speculation's mechanics (drafts, trims,
+    rolls, identical text) do not depend on which steps this shared machine times as faster
+    (:class:`~pensieve_bridge.speculate.Pace` is tested on its own)."""
+
+    def worth_it(self, size):
+        return True
+
+
 def generate(engine, prompts, lookup_tokens, draft=None, temperature=0.0, max_tokens=120):
     """``(texts, token counts, speculation_stats)`` of ``prompts`` run together in a new
     :class:`~pensieve_bridge.batch.Batcher` with prompt lookup of ``lookup_tokens`` (0: off)
-    and ``draft`` (a :class:`~pensieve_bridge.draft.DraftModel`, or None)."""
+    and ``draft`` (a :class:`~pensieve_bridge.draft.DraftModel`, or None), speculating at
+    every step it can (:class:`Always`)."""
     from pensieve_bridge.batch import Batcher
 
     b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens, draft=draft)
+    b._speculation.pace = Always()
     uids = {}
     for i, p in enumerate(prompts):
         chat = json.dumps({"messages": [{"role": "user", "content": p}]})

@@ -162,8 +162,9 @@ def test_one_sequence_decodes_without_a_mask_and_gives_the_same_text(engine):
 def test_a_batch_size_where_speculating_was_slower_speculates_only_to_probe():
     pace = Pace()
     assert pace.worth_it(8)  # nothing measured yet
-    pace.record(8, False, 8, 0.002)  # 4,000 tokens/s plain
     pace.record(8, True, 12, 0.006)  # 2,000 tokens/s speculating
+    assert not pace.worth_it(8)  # a plain step, to compare with (a draft model always drafts)
+    pace.record(8, False, 8, 0.002)  # 4,000 tokens/s plain
     decisions = [pace.worth_it(8) for _ in range(32)]
     assert decisions.count(True) == 2 and decisions[15] and decisions[31], decisions
     assert pace.worth_it(1)  # another batch size is measured on its own
