@@ -34,6 +34,7 @@ completed where they were cut.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Optional
 
@@ -123,7 +124,7 @@ class Grammars:
         matcher = LLMatcher(llt, grammar)
         if matcher.is_error():
             raise ConstraintError(where, f"the schema cannot be used for constrained decoding: {matcher.get_error()}")
-        return Constraint(matcher, llt.vocab_size)
+        return Constraint(matcher, llt.vocab_size, set(self._tokenizer.eos_token_ids))
 
     def _strict_tools(self, strict: set, tools: list) -> Optional[str]:
         """The grammar of a free answer whose calls (JSON between the model's special-token
@@ -230,32 +231,80 @@ class Constraint:
     """The logits processor of one constrained sequence (mlx-lm calls it with the sequence's
     tokens so far and its logits, one row)."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, eos: frozenset = frozenset()):
         from llguidance.numpy import allocate_token_bitmask
 
         self.matcher = matcher
+        #: End-of-sequence tokens: never drafted, never consumed by :meth:`begin` (the grammar
+        #: cannot take one back).
+        self._eos = eos
         self._bitmask = allocate_token_bitmask(1, vocab_size)
         self._vocab = vocab_size
         self._started = False
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+    @property
+    def started(self) -> bool:
+        """Whether it has been called once (the first call sees the prompt's last token, which
+        it does not consume)."""
+        return self._started
+
+    def allowed(self) -> np.ndarray:
+        """The tokens the grammar allows next, as booleans over the tokenizer's vocabulary."""
         from llguidance.numpy import fill_next_token_bitmask
 
+        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self._vocab].astype(np.bool_)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # The forward pass starts now, and the mask is computed while it runs: both wait only
         # for the token sampled last step.
         mx.async_eval(logits)
         if self._started:
             # The token sampled last step (the first call sees the prompt's last token).
-            token = int(tokens[-1].item())
-            if not self.matcher.consume_token(token):
-                raise RuntimeError(f"constrained decoding: token {token} refused: {self.matcher.get_error()}")
+            self._consume(int(tokens[-1].item()))
         self._started = True
-        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self._vocab]
-        width = logits.shape[-1]
-        if width > allowed.size:  # the model's output is padded past the tokenizer's vocabulary
-            allowed = np.concatenate([allowed, np.zeros(width - allowed.size, dtype=allowed.dtype)])
-        return mx.where(mx.array(allowed[:width].astype(np.bool_)), logits, -mx.inf)
+        return mx.where(mx.array(widen(self.allowed(), logits.shape[-1])), logits, -mx.inf)
+
+    def _consume(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"constrained decoding: token {token} refused: {self.matcher.get_error()}")
+
+    def begin(self, first: int, draft: list[int], most: int) -> tuple[list[int], list[np.ndarray], int]:
+        """A speculative step (:mod:`~pensieve_bridge.speculate`), in place of a call: consumes
+        ``first`` (the token the step feeds), then the draft's tokens while the grammar allows
+        them. An empty draft becomes the tokens the grammar forces next, up to ``most`` (a
+        forced call's ``{"name": "``, a schema's keys): verified, they are always kept. Returns
+        the draft so cut, what the grammar allows after each token consumed (one more than the
+        draft), and how many tokens were consumed: :meth:`rollback` gives back the draft
+        tokens that verification refuses, or all of them when the step does not run.
+
+        An end of sequence is never consumed here (the grammar cannot give one back): as
+        ``first`` it ends the generation in this step, and a draft stops before one."""
+        if first in self._eos:
+            return [], [np.ones(self._vocab, dtype=np.bool_)], 0
+        self._consume(first)
+        if not draft and most > 0:
+            draft = self.matcher.compute_ff_tokens()[:most]
+        draft = draft[: self.matcher.validate_tokens(draft)]
+        draft = list(itertools.takewhile(lambda t: t < self._vocab and t not in self._eos, draft))
+        masks = [self.allowed()]
+        for t in draft:
+            self._consume(t)
+            masks.append(self.allowed())
+        return draft, masks, 1 + len(draft)
+
+    def rollback(self, n: int) -> None:
+        """Forgets the last ``n`` tokens consumed."""
+        if n > 0 and not self.matcher.rollback(n):
+            raise RuntimeError(f"constrained decoding: rollback of {n} tokens failed: {self.matcher.get_error()}")
+
+
+def widen(allowed: np.ndarray, width: int) -> np.ndarray:
+    """``allowed`` over ``width`` logits: a model's output may be padded past the tokenizer's
+    vocabulary, and those ids are never allowed."""
+    if width > allowed.size:
+        allowed = np.concatenate([allowed, np.zeros(width - allowed.size, dtype=allowed.dtype)])
+    return allowed[:width]
 
 
 class ConstrainedOutput:

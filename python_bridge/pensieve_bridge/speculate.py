@@ -44,6 +44,8 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from .constrain import widen
+
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
 #: Bits per token in an n-gram's key: an n-gram is one int, not a tuple (tuples are tracked by
@@ -197,6 +199,8 @@ class Stats:
     tokens: int = 0
 
 
+#: The most tokens a grammar's forced continuation drafts in a step.
+FORCED = 16
 #: Weight of the newest step in the rates' moving averages.
 ALPHA = 0.2
 #: While speculative steps are slower than plain ones, one step in this many still speculates,
@@ -325,8 +329,19 @@ class SpeculativeBatch(GenerationBatch):
         """One speculative step: the tokens each sequence gives (its next token, then the draft
         tokens kept), or None when this step is better run as usual."""
         spec = self.speculation
-        if any(self.logits_processors) or not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
+        if not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
             return None
+        # A sequence held to a grammar takes part through its processor (pensieve's
+        # ``Constraint``: it checks drafts and gives the masks to verify under); any other
+        # processor keeps the batch on mlx-lm's step.
+        grammars = []
+        for processors in self.logits_processors or [()] * len(self.uids):
+            if not processors:
+                grammars.append(None)
+            elif len(processors) == 1 and hasattr(processors[0], "begin") and processors[0].started:
+                grammars.append(processors[0])
+            else:
+                return None
         for i, lookup in enumerate(self._lookups):
             if lookup is None:
                 self._lookups[i] = Lookup(self.tokens[i], spec.max_draft)
@@ -337,8 +352,12 @@ class SpeculativeBatch(GenerationBatch):
         # always has a draft.
         # The draft lengths of the sequences likely to draft stand for the tokens a step would
         # gain; below one a sequence, the wait is not worth it.
+        # A sequence held to a grammar waits for its token at every step anyway (its mask
+        # needs it), and the grammar may force its next tokens: it counts as likely.
         likely = [lookup.likely() for lookup in self._lookups]
-        if spec.draft is None and sum(lk.length for lk, yes in zip(self._lookups, likely) if yes) < len(likely):
+        weight = sum(lk.length for lk, yes in zip(self._lookups, likely) if yes)
+        weight += sum(1 for g, yes in zip(grammars, likely) if g is not None and not yes)
+        if spec.draft is None and weight < len(likely):
             return None
         mx.eval(self._next_tokens)
         nexts = self._next_tokens.tolist()
@@ -358,10 +377,20 @@ class SpeculativeBatch(GenerationBatch):
             mx.eval(*proposed.values())
             for i, p in proposed.items():
                 drafts[i] = p.tolist()
+        proposed_lengths = {i: len(drafts[i]) for i in proposed}
+        looked_up = {i for i, d in enumerate(drafts) if d and i not in proposed}
+        masks, consumed = {}, {}
+        for i, g in enumerate(grammars):
+            if g is not None:
+                room = self.max_tokens[i] - self._num_tokens[i] - 1
+                drafts[i], masks[i], consumed[i] = g.begin(nexts[i], drafts[i], min(FORCED, room))
         width = max(len(d) for d in drafts)
         # Padding is computed too: lookups draft when they hold a token per sequence on average
         # (a draft model's proposals, made already, are always verified).
         if width == 0 or (not proposed and sum(len(d) for d in drafts) < len(drafts)):
+            for i, g in enumerate(grammars):
+                if g is not None:
+                    g.rollback(consumed[i])  # mlx-lm's step feeds them again
             return None
         inputs = mx.array([[y] + d + [y] * (width - len(d)) for y, d in zip(nexts, drafts)])
         logits = self.model(inputs, cache=self.prompt_cache)
@@ -370,18 +399,26 @@ class SpeculativeBatch(GenerationBatch):
         greedy = mx.argmax(logprobs, axis=-1).tolist() if any(s.temperature == 0 for s in sampling) else None
         kept, following = [], []
         for i, (d, s) in enumerate(zip(drafts, sampling)):
+            rows = logprobs[i, : len(d) + 1]
+            if i in masks:
+                # Under its grammar: what the model would give with the grammar's mask.
+                allowed = mx.array(np.stack([widen(m, rows.shape[-1]) for m in masks[i]]))
+                rows = mx.where(allowed, rows, -mx.inf)
+                rows = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
             if s.temperature == 0:
-                row = greedy[i]
+                row = mx.argmax(rows, axis=-1).tolist() if i in masks else greedy[i]
                 n = 0
                 while n < len(d) and row[n] == d[n]:
                     n += 1
                 kept.append(n)
                 following.append(row[n])
             else:
-                probs = np.array(target(logprobs[i, : len(d) + 1], s).astype(mx.float32))
+                probs = np.array(target(rows, s).astype(mx.float32))
                 n, z = verify(probs, d, spec.rng)
                 kept.append(n)
                 following.append(z)
+            if i in masks:
+                grammars[i].rollback(len(d) - n)
         # The positions of refused (and padding) draft tokens leave the cache.
         refused = [width - n for n in kept]
         least = min(refused)
@@ -395,8 +432,8 @@ class SpeculativeBatch(GenerationBatch):
         for i, (y, d, n) in enumerate(zip(nexts, drafts, kept)):
             tokens = [y] + d[:n]
             if i in proposed:
-                self._drafters[i].kept(len(d), n)
-            elif d:
+                self._drafters[i].kept(proposed_lengths[i], n)
+            elif i in looked_up and d:
                 self._lookups[i].learn(len(d), n)
             self.tokens[i].extend(tokens)
             emitted.append(tokens)
