@@ -1,7 +1,8 @@
 """Speculative decoding from the prompt (`backend.prompt_lookup_tokens`), on and off, side by
 side over HTTP, on an edit-shaped turn (the model writes out a 60-line file from its prompt
-with one change: `tests/fixtures/edit-turn.py`) and on a free-text turn (nothing to copy: what
-speculation costs when its drafts fail).
+with one change: `tests/fixtures/edit-turn.py`), on a free-text turn (nothing to copy: what
+speculation costs when its drafts fail), and on the edit as a forced call to a write tool (held
+to the call's grammar: its drafts are cut by the grammar, its scaffolding forced).
 
     make build smollm2
     .venv/bin/python benches/speculation.py [MODEL] [ROUNDS] [TOKENS]
@@ -30,21 +31,39 @@ BIN = ROOT / "target/release/pensieve"
 SMOLLM2 = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = {"on (10)": "10", "off (0)": "0"}
 FILE = (ROOT / "tests/fixtures/edit-turn.py").read_text()
+EDIT = (
+    f"Here is a Python file:\n\n```python\n{FILE}```\n\nRewrite this file with one change: "
+    "rename the method `hit_rate` to `ratio`. Write out the whole file."
+)
+WRITE = {
+    "name": "write_file",
+    "description": "Write a file",
+    "input_schema": {
+        "type": "object",
+        "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+        "required": ["path", "content"],
+    },
+}
+#: Each turn: the message, and what else the request carries. "call" is the edit as a forced
+#: call to a write tool (as Claude Code's Write): held to the call's grammar, whose scaffolding
+#: is forced.
 TURNS = {
-    "edit": f"Here is a Python file:\n\n```python\n{FILE}```\n\nRewrite this file with one change: "
-    "rename the method `hit_rate` to `ratio`. Write out the whole file.",
-    "free": "Write a long story about a robot who learns to paint, with many details.",
+    "edit": (EDIT, {}),
+    "free": ("Write a long story about a robot who learns to paint, with many details.", {}),
+    "call": (EDIT + " Save it with write_file as cache.py.", {"tools": [WRITE], "tool_choice": {"type": "tool", "name": "write_file"}}),
 }
 
 
-def stream(base: str, content: str, max_tokens: int) -> tuple[str, float, int]:
-    """(text, decoding seconds, output tokens) of one streamed turn."""
+def stream(base: str, turn: tuple, max_tokens: int) -> tuple[str, float, int]:
+    """(text or call input, decoding seconds, output tokens) of one streamed turn."""
+    content, extra = turn
     body = {
         "model": "m",
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "messages": [{"role": "user", "content": content}],
+        **extra,
     }
     req = urllib.request.Request(base + "/v1/messages", json.dumps(body).encode(), {"content-type": "application/json"})
     text, first, tokens = "", None, 0
@@ -56,6 +75,11 @@ def stream(base: str, content: str, max_tokens: int) -> tuple[str, float, int]:
             if event["type"] == "content_block_delta" and event["delta"].get("type") == "text_delta":
                 first = first or time.perf_counter()
                 text += event["delta"]["text"]
+            elif event["type"] == "content_block_delta" and event["delta"].get("type") == "input_json_delta":
+                first = first or time.perf_counter()
+                text += event["delta"]["partial_json"]
+            elif event["type"] == "content_block_start" and event["content_block"]["type"] == "tool_use":
+                first = first or time.perf_counter()
             elif event["type"] == "message_delta":
                 tokens = event["usage"]["output_tokens"]
     return text, time.perf_counter() - first, tokens
@@ -88,8 +112,8 @@ def main() -> None:
             }
             proc, base = served.serve([str(BIN), "serve", "--port", "0", "--model", model], env, ROOT)
             try:
-                for turn, content in TURNS.items():
-                    text, secs, n = stream(base, content, tokens)
+                for turn, request in TURNS.items():
+                    text, secs, n = stream(base, request, tokens)
                     rates[(turn, setting)].append((n - 1) / secs)
                     texts[(turn, setting)].add(text)
                     print(f"round {r + 1} {setting:8} {turn}: {n} tokens, {(n - 1) / secs:.1f} tokens/s", flush=True)

@@ -22,9 +22,13 @@ A sequence whose prompt gives no draft gets one from the model's draft model, wh
 The positions of refused draft tokens leave the KV cache: trimmed when every sequence refused
 as many, otherwise rolled to the left as padding, as mlx-lm does with right-padded prompts
 (:meth:`BatchKVCache.finalize`). A step drafts only when the drafts hold at least one token per
-sequence on average (padding is computed too), never for sequences held to a grammar
-(a step with one runs as usual), and only over caches that can be trimmed (mlx-lm's
-``BatchKVCache``: not sliding-window or recurrent layers).
+sequence on average (padding is computed too), only while speculative steps have been the
+faster (:class:`Pace`), and only over caches that can be trimmed (mlx-lm's ``BatchKVCache``:
+not sliding-window or recurrent layers).
+
+A sequence held to a grammar (:class:`~pensieve_bridge.constrain.Constraint`) speculates
+through it: the grammar cuts its draft where it refuses a token, gives the tokens it forces
+when there is no draft, and its masks apply at every position verified.
 
 :class:`SpeculativeBatch` replaces mlx-lm's ``GenerationBatch`` in pensieve's
 ``BatchGenerator``; a step without drafts is mlx-lm's own (pipelined) step. It also decodes a
