@@ -46,7 +46,7 @@ WRITE = {
 }
 #: Each turn: the message, and what else the request carries. "call" is the edit as a forced
 #: call to a write tool (as Claude Code's Write): held to the call's grammar, whose scaffolding
-#: is forced.
+#: is forced (SmolLM2 leaves the arguments empty: there, the scaffolding is all it measures).
 TURNS = {
     "edit": (EDIT, {}),
     "free": ("Write a long story about a robot who learns to paint, with many details.", {}),
