@@ -272,7 +272,7 @@ class Constraint:
     def begin(self, first: int, draft: list[int], most: int) -> tuple[list[int], list[np.ndarray], int]:
         """A speculative step (:mod:`~pensieve_bridge.speculate`), in place of a call: consumes
         ``first`` (the token the step feeds), then the draft's tokens while the grammar allows
-        them. An empty draft becomes the tokens the grammar forces next, up to ``most`` (a
+        them. A draft left empty becomes the tokens the grammar forces next, up to ``most`` (a
         forced call's ``{"name": "``, a schema's keys): verified, they are always kept. Returns
         the draft so cut, what the grammar allows after each token consumed (one more than the
         draft), and how many tokens were consumed: :meth:`rollback` gives back the draft
@@ -283,9 +283,9 @@ class Constraint:
         if first in self._eos:
             return [], [np.ones(self._vocab, dtype=np.bool_)], 0
         self._consume(first)
+        draft = draft[: self.matcher.validate_tokens(draft)] if draft else []
         if not draft and most > 0:
             draft = self.matcher.compute_ff_tokens()[:most]
-        draft = draft[: self.matcher.validate_tokens(draft)]
         draft = list(itertools.takewhile(lambda t: t < self._vocab and t not in self._eos, draft))
         masks = [self.allowed()]
         for t in draft:

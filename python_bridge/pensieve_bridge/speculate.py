@@ -381,7 +381,7 @@ class SpeculativeBatch(GenerationBatch):
             mx.eval(*proposed.values())
             for i, p in proposed.items():
                 drafts[i] = p.tolist()
-        proposed_lengths = {i: len(drafts[i]) for i in proposed}
+        proposals = {i: drafts[i] for i in proposed}
         looked_up = {i for i, d in enumerate(drafts) if d and i not in proposed}
         masks, consumed = {}, {}
         for i, g in enumerate(grammars):
@@ -395,6 +395,8 @@ class SpeculativeBatch(GenerationBatch):
             for i, g in enumerate(grammars):
                 if g is not None:
                     g.rollback(consumed[i])  # mlx-lm's step feeds them again
+            for i, p in proposals.items():  # all cut by a grammar: the draft model's cache goes back
+                self._drafters[i].kept(len(p), 0)
             return None
         inputs = mx.array([[y] + d + [y] * (width - len(d)) for y, d in zip(nexts, drafts)])
         logits = self.model(inputs, cache=self.prompt_cache)
@@ -435,8 +437,13 @@ class SpeculativeBatch(GenerationBatch):
         emitted = []
         for i, (y, d, n) in enumerate(zip(nexts, drafts, kept)):
             tokens = [y] + d[:n]
-            if i in proposed:
-                self._drafters[i].kept(proposed_lengths[i], n)
+            if i in proposals:
+                # What its cache holds of the step's tokens: its proposal, as far as it matches
+                # them (a grammar may have cut or replaced it).
+                p, same = proposals[i], 0
+                while same < min(len(p), n) and p[same] == d[same]:
+                    same += 1
+                self._drafters[i].kept(len(p), same)
             elif i in looked_up and d:
                 self._lookups[i].learn(len(d), n)
             self.tokens[i].extend(tokens)

@@ -8,15 +8,18 @@ import json
 import jsonschema
 import mlx.core as mx
 from conftest import Always, add, running
+from pensieve_bridge import draft as drafting
 from pensieve_bridge.batch import Batcher
+from pensieve_bridge.engine import Engine
 from pensieve_bridge.protocol import Finish
 from test_constrain import ANSWER, SCHEMAS, TOOLS, chat, params, streamed_call
 
 
-def run(engine, requests, lookup_tokens):
+def run(engine, requests, lookup_tokens, draft=None):
     """``(pieces by request, finishes, speculation_stats)`` of ``requests`` ((chat, params)
-    pairs) run together, speculating at every step it can when ``lookup_tokens`` > 0."""
-    b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens)
+    pairs) run together, speculating at every step it can when ``lookup_tokens`` > 0 or there
+    is a ``draft`` model."""
+    b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens, draft=draft)
     b._speculation.pace = Always()
     uids = [add(b, c, p)[0] for c, p in requests]
     out, finishes = {}, {}
@@ -67,3 +70,19 @@ def test_sampled_answers_under_a_grammar_validate_with_speculation(engine):
         drafted += stats[1]
     assert drafted > 0
     assert engine.clear_cache() == 0
+
+
+def test_a_draft_model_under_a_grammar_keeps_the_text(engine):
+    """The draft model proposes what it would say unconstrained: the grammar cuts it (often to
+    nothing, when the forced tokens take its place), and its cache follows what was kept."""
+    model = drafting.DraftModel(Engine("demo"), engine)
+    requests = [
+        (chat("judge this", None), params({"type": "json_schema", "schema": ANSWER}, temperature=0)),
+        (chat("weather in Paris", TOOLS), params({"type": "tool", "names": ["get_weather", "get_time"]}, temperature=0)),
+        (chat("hello there"), json.dumps({"max_tokens": 40, "temperature": 0})),
+    ]
+    plain, _, _ = run(engine, requests, 0)
+    fast, finishes, on = run(engine, requests, 0, model)
+    assert fast == plain
+    assert on[1] > 0 and on[2] > 0, on
+    assert finishes[:2] == [Finish.STOP, Finish.TOOL_USE]
