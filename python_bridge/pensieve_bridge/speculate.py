@@ -352,12 +352,11 @@ class SpeculativeBatch(GenerationBatch):
                 if spec.draft is not None:
                     self._drafters[i] = spec.draft.drafter(self.tokens[i])
         # Without a likely draft, mlx-lm's step runs: its next forward pass is queued before
-        # the next token is known, which waiting for that token here would undo. A draft model
-        # always has a draft.
-        # The draft lengths of the sequences likely to draft stand for the tokens a step would
-        # gain; below one a sequence, the wait is not worth it.
-        # A sequence held to a grammar waits for its token at every step anyway (its mask
-        # needs it), and the grammar may force its next tokens: it counts as likely.
+        # the next token is known, which waiting for that token here would undo. The draft
+        # lengths of the sequences likely to draft stand for the tokens a step would gain;
+        # below one a sequence, the wait is not worth it. A sequence held to a grammar waits
+        # for its token at every step anyway (its mask needs it), and the grammar may force
+        # its next tokens: it counts one. A draft model always has a draft.
         likely = [lookup.likely() for lookup in self._lookups]
         weight = sum(lk.length for lk, yes in zip(self._lookups, likely) if yes)
         weight += sum(1 for g, yes in zip(grammars, likely) if g is not None and not yes)
@@ -365,10 +364,11 @@ class SpeculativeBatch(GenerationBatch):
             return None
         mx.eval(self._next_tokens)
         nexts = self._next_tokens.tolist()
+        # The tokens each sequence may still give after this step's next one.
+        rooms = [most - n - 1 for most, n in zip(self.max_tokens, self._num_tokens)]
         drafts, proposed = [], {}
-        for i, y in enumerate(nexts):
+        for i, (y, room) in enumerate(zip(nexts, rooms)):
             lookup = self._lookups[i]
-            room = self.max_tokens[i] - self._num_tokens[i] - 1
             d = lookup.draft(y, min(lookup.length, room)) if spec.max_draft > 0 else []
             if likely[i] and not d and room > 0:
                 lookup.missed()
@@ -386,8 +386,7 @@ class SpeculativeBatch(GenerationBatch):
         masks, consumed = {}, {}
         for i, g in enumerate(grammars):
             if g is not None:
-                room = self.max_tokens[i] - self._num_tokens[i] - 1
-                drafts[i], masks[i], consumed[i] = g.begin(nexts[i], drafts[i], min(FORCED, room))
+                drafts[i], masks[i], consumed[i] = g.begin(nexts[i], drafts[i], min(FORCED, rooms[i]))
         width = max(len(d) for d in drafts)
         # Padding is computed too: lookups draft when they hold a token per sequence on average
         # (a draft model's proposals, made already, are always verified).

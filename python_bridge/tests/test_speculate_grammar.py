@@ -7,12 +7,13 @@ import json
 
 import jsonschema
 import mlx.core as mx
-from conftest import Always, add, running
+from conftest import Always, add
 from pensieve_bridge import draft as drafting
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.engine import Engine
 from pensieve_bridge.protocol import Finish
 from test_constrain import ANSWER, SCHEMAS, TOOLS, chat, params, streamed_call
+from test_constrain import run as run_batch
 
 
 def run(engine, requests, lookup_tokens, draft=None):
@@ -22,12 +23,7 @@ def run(engine, requests, lookup_tokens, draft=None):
     b = Batcher(engine, 4, 0, prompt_lookup_tokens=lookup_tokens, draft=draft)
     b._speculation.pace = Always()
     uids = [add(b, c, p)[0] for c, p in requests]
-    out, finishes = {}, {}
-    while running(b):
-        for uid, pieces, finish in b.step():
-            out.setdefault(uid, []).extend(pieces)
-            if finish is not None:
-                finishes[uid] = finish
+    out, finishes = run_batch(b)
     return [out.get(u, []) for u in uids], [finishes[u] for u in uids], b.speculation_stats()
 
 

@@ -275,10 +275,12 @@ impl Loader for PyLoader {
                 };
                 py.import("pensieve_bridge.progress")?
                     .call_method1("set_reporter", (Py::new(py, reporter)?,))?;
-                let engine = py
-                    .import("pensieve_bridge.engine")?
-                    .getattr("Engine")?
-                    .call1((model, self.settings.cpu_float32_budget))?;
+                let load_engine = |path: &str| {
+                    py.import("pensieve_bridge.engine")?
+                        .getattr("Engine")?
+                        .call1((path, self.settings.cpu_float32_budget))
+                };
+                let engine = load_engine(model)?;
                 let info: String = engine.call_method0("describe")?.extract()?;
                 tracing::info!(model = %spec.name, %info, "model ready");
                 let context_length: u32 = engine.getattr("context_length")?.extract().unwrap_or(0);
@@ -301,10 +303,7 @@ impl Loader for PyLoader {
                 }
                 let draft = match &spec.draft {
                     Some((name, path)) => {
-                        let engine_of_draft = py
-                            .import("pensieve_bridge.engine")?
-                            .getattr("Engine")?
-                            .call1((path.as_str(), self.settings.cpu_float32_budget))?;
+                        let engine_of_draft = load_engine(path)?;
                         let draft = py
                             .import("pensieve_bridge.draft")?
                             .getattr("DraftModel")?
