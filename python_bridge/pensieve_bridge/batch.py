@@ -31,6 +31,7 @@ tokenised another way) and names the sequence.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -280,10 +281,15 @@ class Batcher:
                 self.engine.reset_peak()
             gen = self._gen
             # While streams decode, a step reads only as much prompt as the budget allows.
-            gen.prefill_step_size = self._budget.tokens(len(gen._generation_batch) > 0, len(gen._currently_processing))
-            before = (gen._counters.prompt_tokens, gen._counters.prompt_time)
+            decoding = len(gen._generation_batch) > 0
+            gen.prefill_step_size = self._budget.tokens(decoding, len(gen._currently_processing))
+            before = (gen._counters.prompt_tokens, gen._counters.prompt_time, time.perf_counter())
             prompts, responses = gen.next()
-            self._budget.learn(gen._counters.prompt_tokens - before[0], gen._counters.prompt_time - before[1])
+            read = gen._counters.prompt_tokens - before[0]
+            if read:
+                self._budget.learn(read, gen._counters.prompt_time - before[1])
+            elif decoding:
+                self._budget.learn_decode(time.perf_counter() - before[2])
             for p in prompts:
                 running = self._running.get(p.uid)
                 if running is not None:

@@ -4,42 +4,59 @@ mlx-lm's ``BatchGenerator`` runs, in each step, one decoding step of the generat
 decoding and then one prefill chunk of ``prefill_step_size`` tokens for each prompt being read.
 With 2,048-token chunks, a stream waits for a whole chunk between two of its tokens: seconds on
 a small CPU (SmolLM2 here reads ~115 prompt tokens/s: 18 s per chunk). :class:`StepBudget`
-sizes the chunk so that one step's prefill takes about ``max_decode_stall_ms``, from the
-prefill rate it has measured, whenever something is decoding; with nothing decoding, chunks
-are full-size (a prompt alone is read as fast as it can be). The long prompt's own
-time-to-first-token grows by the decoding steps interleaved with its chunks.
+sizes the chunk so that one step's prefill takes about ``RELATIVE`` decoding steps, and never
+more than ``max_decode_stall_ms``, from the prefill and decoding times it has measured,
+whenever something is decoding; with nothing decoding, chunks are full-size (a prompt alone is
+read as fast as it can be). A running stream's gap while a prompt is read is then a few times
+its gap without one, whatever the model: the same ratio for a 1 ms step of the demo model here
+as for a 40 ms one of a 30B model on a Mac. The long prompt's own time to first token grows by
+the decoding steps interleaved with its chunks, and by what small chunks cost more per token
+(little: see ``FLOOR``).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-#: The smallest chunk. Small chunks cost more per token (a model call's fixed cost): on the demo
-#: model here 100-token chunks read prompts at a quarter of the rate of 2,048-token ones, but the
-#: rate the budget learns is that of the chunks it uses, so a fast model keeps large chunks
-#: (about 1,700 tokens for 500 ms on the demo model) and only a slow one gets small ones.
-FLOOR = 32
+#: The smallest chunk. Small chunks cost more per token (a model call's fixed cost), least at
+#: long contexts, where attention over the context dominates: on the demo model here, at 6,000
+#: tokens of context, 8-token chunks read 2,180 tokens/s, 32-token ones 2,560 and 2,048-token
+#: ones 1,900; the rate the budget learns is that of the chunks it uses.
+FLOOR = 8
+#: A step's prefill, in decoding steps: a running stream's gap while a prompt is read stays
+#: under ten times its gap without one (the chunk, the decoding step, and the step's overhead).
+RELATIVE = 5
 #: Chunk while the prefill rate is not known yet (it is learnt from the first chunk).
-FIRST = 64
-#: A step that read fewer prompt tokens than this says little about the rate.
-MIN_LEARN = 16
+FIRST = FLOOR
+#: A step that read fewer prompt tokens than this (a prompt's last few) says little about the rate.
+MIN_LEARN = FLOOR
 #: Weight of the newest measurement in the rate's moving average.
 ALPHA = 0.3
 
 
 class StepBudget:
-    """Prompt tokens per step: ``full`` when nothing decodes, else about ``stall_ms`` of
-    prefill at the measured rate (``stall_ms`` 0: always ``full``)."""
+    """Prompt tokens per step: ``full`` when nothing decodes, else about ``RELATIVE`` decoding
+    steps of prefill, at most ``stall_ms``, at the measured rate (``stall_ms`` 0: always
+    ``full``)."""
 
     def __init__(self, stall_ms: int, full: int):
-        self.target = max(0, stall_ms) / 1000.0
+        self.stall = max(0, stall_ms) / 1000.0
         self.full = full
         #: Prompt tokens per second, a moving average; None until measured.
         self.rate: Optional[float] = None
+        #: Seconds of a step that only decodes, a moving average; None until measured.
+        self.decode: Optional[float] = None
+
+    @property
+    def target(self) -> float:
+        """Seconds of prefill a step may take while something decodes."""
+        if self.decode is None:
+            return self.stall
+        return min(self.stall, RELATIVE * self.decode)
 
     def tokens(self, decoding: bool, prompts: int = 1) -> int:
         """The chunk per prompt for the next step, with ``prompts`` prompts being read."""
-        if not decoding or self.target <= 0:
+        if not decoding or self.stall <= 0:
             return self.full
         if self.rate is None:
             return min(FIRST, self.full)
@@ -50,5 +67,13 @@ class StepBudget:
         """A step read ``tokens`` prompt tokens in ``seconds``."""
         if tokens < MIN_LEARN or seconds <= 0:
             return
-        rate = tokens / seconds
-        self.rate = rate if self.rate is None else (1 - ALPHA) * self.rate + ALPHA * rate
+        self.rate = _average(self.rate, tokens / seconds)
+
+    def learn_decode(self, seconds: float) -> None:
+        """A step that read no prompt took ``seconds`` (its decoding and the step's overhead)."""
+        if seconds > 0:
+            self.decode = _average(self.decode, seconds)
+
+
+def _average(old: Optional[float], new: float) -> float:
+    return new if old is None else (1 - ALPHA) * old + ALPHA * new

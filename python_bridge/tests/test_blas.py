@@ -1,0 +1,51 @@
+"""OpenBLAS's idle threads sleep instead of spinning (``blas.THREAD_TIMEOUT``): measured as the
+CPU time a process burns while it sleeps right after a matmul, with the server's setting and
+with OpenBLAS's own (whose threads spin for about a tenth of a second)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = """
+import os, sys, time
+from pensieve_bridge import blas
+print(blas.preload("auto"), file=sys.stderr)
+import mlx.core as mx
+a = mx.random.normal((512, 512))
+spent = []
+for _ in range(5):
+    mx.eval(a @ a)
+    before = time.process_time()
+    time.sleep(0.05)
+    spent.append(time.process_time() - before)
+print(sorted(spent)[2], os.environ["OPENBLAS_THREAD_TIMEOUT"])
+"""
+
+
+def idle_cpu(timeout=None):
+    """CPU seconds a process spends in a 50 ms sleep after a matmul (median of 5), and the
+    ``OPENBLAS_THREAD_TIMEOUT`` it ran with."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS")}
+    if timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = timeout
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    if "OpenBLAS" not in out.stderr and "openblas" not in out.stderr:
+        pytest.skip(f"no OpenBLAS here: {out.stderr.strip()}")
+    spent, used = out.stdout.split()
+    return float(spent), used
+
+
+def test_idle_openblas_threads_sleep_unless_the_user_says_otherwise():
+    spent, used = idle_cpu()
+    assert used == "4"
+    # OpenBLAS's own setting: its idle threads spin through the sleep (at least one more thread
+    # on a machine with two cores). The check can fail.
+    spinning, used = idle_cpu("28")
+    assert used == "28"  # the user's value is kept
+    if (os.cpu_count() or 1) > 1:
+        assert spinning > 0.02, spinning
+    assert spent < 0.01, (spent, spinning)
