@@ -8,7 +8,7 @@ import json
 import numpy as np
 from conftest import add, generate, reference_generate
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.speculate import Lookup, Pace, verify
+from pensieve_bridge.speculate import CATCH_UP, Lookup, Pace, verify
 
 
 def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_tokens():
@@ -26,6 +26,26 @@ def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_toke
     assert lookup.likely()  # (7, 8) occurred before
     tokens.append(42)
     assert not lookup.likely()
+
+
+def test_a_long_prompt_is_indexed_newest_first_a_few_hundred_positions_a_step():
+    # 100, 101 early in a long prompt (then 6) and again near its end (then 7); 200, 201 only
+    # early. Each step indexes CATCH_UP more positions, newest first.
+    filler = [1000 + i for i in range(4 * CATCH_UP)]
+    tokens = [5, 100, 101, 6, 200, 201, 202] + filler + [100, 101, 7] + filler[:10] + [200]
+    lookup = Lookup(tokens, 10)
+    assert lookup.draft(201, 2) == []  # the first step indexed only the newest positions
+    steps = 2  # each draft is a step's catching up
+    while lookup.draft(201, 2) == []:
+        steps += 1
+        assert steps <= len(tokens) // CATCH_UP + 1, steps
+    # The first step indexes its CATCH_UP newest positions and CATCH_UP older ones.
+    assert steps >= len(tokens) // CATCH_UP - 1, steps
+    assert lookup.draft(201, 2) == [202, 1000]
+    # New tokens are indexed at once; the older occurrence of (100, 101) did not replace the
+    # latest one.
+    tokens += [300, 100]
+    assert lookup.draft(101, 2) == [7, 1000]
 
 
 def test_the_draft_length_grows_while_drafts_are_kept_and_shrinks_when_not():
