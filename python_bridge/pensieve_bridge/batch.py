@@ -281,15 +281,24 @@ class Batcher:
                 self.engine.reset_peak()
             gen = self._gen
             # While streams decode, a step reads only as much prompt as the budget allows.
-            decoding = len(gen._generation_batch) > 0
+            # Decoding: generations already, or a prompt read to its last token, which starts
+            # decoding in this step (before this step's prefill).
+            decoding = len(gen._generation_batch) > 0 or any(
+                len(seq[0]) == 1 and len(seq[0][0]) == 1 for seq in gen._currently_processing
+            )
             gen.prefill_step_size = self._budget.tokens(decoding, len(gen._currently_processing))
             before = (gen._counters.prompt_tokens, gen._counters.prompt_time, time.perf_counter())
             prompts, responses = gen.next()
-            read = gen._counters.prompt_tokens - before[0]
+            wall, read = time.perf_counter() - before[2], gen._counters.prompt_tokens - before[0]
             if read:
-                self._budget.learn(read, gen._counters.prompt_time - before[1])
+                spent = gen._counters.prompt_time - before[1]
+                self._budget.learn(read, spent)
+                if decoding and self._budget.decode is None:
+                    # Streams have decoded only beside prompts so far: what this step spent
+                    # besides its prompt stands in for a decoding step until one is timed alone.
+                    self._budget.learn_decode(wall - spent)
             elif decoding:
-                self._budget.learn_decode(time.perf_counter() - before[2])
+                self._budget.learn_decode(wall)
             for p in prompts:
                 running = self._running.get(p.uid)
                 if running is not None:

@@ -26,7 +26,8 @@ FLOOR = 8
 #: A step's prefill, in decoding steps: a running stream's gap while a prompt is read stays
 #: under ten times its gap without one (the chunk, the decoding step, and the step's overhead).
 RELATIVE = 5
-#: Chunk while the prefill rate is not known yet (it is learnt from the first chunk).
+#: Chunk while the prefill rate or the decoding step is not known yet (each is learnt from the
+#: first step that shows it).
 FIRST = FLOOR
 #: A step that read fewer prompt tokens than this (a prompt's last few) says little about the rate.
 MIN_LEARN = FLOOR
@@ -58,7 +59,7 @@ class StepBudget:
         """The chunk per prompt for the next step, with ``prompts`` prompts being read."""
         if not decoding or self.stall <= 0:
             return self.full
-        if self.rate is None:
+        if self.rate is None or self.decode is None:
             return min(FIRST, self.full)
         per_step = self.rate * self.target / max(1, prompts)
         return int(min(self.full, max(FLOOR, per_step)))

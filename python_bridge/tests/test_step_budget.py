@@ -13,6 +13,8 @@ def test_the_budget_is_full_when_nothing_decodes_and_follows_the_measured_rate()
     assert b.tokens(decoding=False) == 2048
     assert b.tokens(decoding=True) == FIRST  # rate not known yet
     b.learn(2048, 1.0)  # 2,048 tokens/s
+    assert b.tokens(decoding=True) == FIRST  # the decoding step not known yet
+    b.learn_decode(0.2)  # five of them are more than 500 ms
     assert b.tokens(decoding=True) == 1024  # half a second of it
     assert b.tokens(decoding=True, prompts=2) == 512  # two prompts share the step
     b.learn(100, 10.0)  # far slower now: the moving average follows, the floor holds
@@ -25,7 +27,10 @@ def test_the_budget_is_full_when_nothing_decodes_and_follows_the_measured_rate()
 def test_the_budget_is_a_few_decoding_steps_when_they_are_short():
     b = StepBudget(500, 2048)
     b.learn(1000, 1.0)  # 1,000 tokens/s: 500 ms of it is 500 tokens
+    b.learn_decode(0.5)
     assert b.tokens(decoding=True) == 500
+    b = StepBudget(500, 2048)
+    b.learn(1000, 1.0)
     b.learn_decode(0.040)  # a 40 ms step: RELATIVE of them is under 500 ms
     assert b.target == RELATIVE * 0.040 < 0.5
     assert b.tokens(decoding=True) == int(1000 * RELATIVE * 0.040)
@@ -78,3 +83,28 @@ def test_a_long_prompt_is_read_in_budgeted_chunks_while_a_stream_decodes(engine)
     budgeted = steps
     steps, _, _ = steps_until_first_token(engine, 0)
     assert steps <= 3 < budgeted, (steps, budgeted)
+
+
+def test_a_stream_that_starts_beside_a_long_prompt_is_not_stalled_by_it(engine):
+    # Both arrive together: the first step reads both prompts with nothing decoding (a full
+    # chunk), then the short one decodes while the long one is still read. No step has decoded
+    # alone yet, so the budget's decoding step comes from the steps beside the prompt: the rest
+    # of the long prompt is read in small chunks, not in 500 ms of prefill at once.
+    b = Batcher(engine, 4, 0, max_decode_stall_ms=500)
+    stream, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 10_000, "temperature": 0}))
+    words = " ".join(f"w{i % 97}" for i in range(1500))
+    long, n, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 1, "temperature": 0}))
+    assert n > PREFILL_STEP + 200, n
+    reads, stream_tokens = [], 0
+    while True:
+        out = b.step()
+        stream_tokens += sum(1 for uid, _, _ in out if uid == stream)
+        if any(uid == long for uid, _, _ in out):
+            break
+        reads.append(b.prefill_progress([long])[0])
+        assert len(reads) < 2000
+    b.cancel([stream])
+    after_first = [r for r in reads if r > PREFILL_STEP]
+    assert len(after_first) >= 5, reads[:10]  # the rest of the prompt in several steps
+    assert max(b - a for a, b in zip(after_first, after_first[1:])) < 400, after_first[:10]
+    assert stream_tokens >= len(after_first) - 1
