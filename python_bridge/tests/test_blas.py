@@ -16,17 +16,18 @@ print(blas.preload("auto"), file=sys.stderr)
 import mlx.core as mx
 a = mx.random.normal((512, 512))
 spent = []
-for _ in range(5):
+for _ in range(8):
     mx.eval(a @ a)
     before = time.process_time()
     time.sleep(0.05)
     spent.append(time.process_time() - before)
-print(sorted(spent)[2], os.environ["OPENBLAS_THREAD_TIMEOUT"])
+print(max(spent), os.environ["OPENBLAS_THREAD_TIMEOUT"])
 """
 
 
 def idle_cpu(timeout=None):
-    """CPU seconds a process spends in a 50 ms sleep after a matmul (median of 5), and the
+    """CPU seconds a process spends in a 50 ms sleep after a matmul (the most of 8: a busy
+    machine may leave a spinning thread no core in some of them), and the
     ``OPENBLAS_THREAD_TIMEOUT`` it ran with."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS")}
     if timeout is not None:
@@ -42,10 +43,10 @@ def idle_cpu(timeout=None):
 def test_idle_openblas_threads_sleep_unless_the_user_says_otherwise():
     spent, used = idle_cpu()
     assert used == "4"
-    # OpenBLAS's own setting: its idle threads spin through the sleep (at least one more thread
-    # on a machine with two cores). The check can fail.
+    # OpenBLAS's own setting: its idle threads spin through the sleep (up to 50 ms of CPU with a
+    # core free; 35 ms in the worst of four runs beside a build here). The check can fail.
     spinning, used = idle_cpu("28")
     assert used == "28"  # the user's value is kept
     if (os.cpu_count() or 1) > 1:
-        assert spinning > 0.02, spinning
-    assert spent < 0.01, (spent, spinning)
+        assert spinning > max(10 * spent, 0.005), (spent, spinning)
+    assert spent < 0.002, (spent, spinning)

@@ -109,3 +109,24 @@ def test_a_final_assistant_message_is_continued_not_closed(engine):
     # Without it, the turn is closed and a new one opens: what the API must not do.
     assert engine.tokenizer.decode(closed).endswith("Hello, I am<|im_end|>\n<|im_start|>assistant\n")
     assert closed[: len(cont)] == cont
+
+
+def test_a_loaded_model_leaves_the_cycle_collector_little_to_walk():
+    # Frozen after loading: a full collection walks what requests create, not the ~90,000
+    # objects of the interpreter, mlx-lm and the model; releasing unfreezes them, so that a
+    # dropped model's cycles are still collected.
+    import gc
+    import weakref
+
+    e = engine_mod.Engine("demo")
+    assert gc.get_freeze_count() > 20_000
+    assert len(gc.get_objects()) < gc.get_freeze_count() // 4, (len(gc.get_objects()), gc.get_freeze_count())
+    # A model held in a reference cycle, frozen: only the cycle collector frees it, and only
+    # once it is unfrozen.
+    e.model.cycle = {"model": e.model}
+    engine_mod.settle()
+    gone = weakref.ref(e.model)
+    del e
+    engine_mod.release()
+    assert gone() is None
+    assert gc.get_freeze_count() > 20_000  # what remains is frozen again
