@@ -150,8 +150,13 @@ async fn a_request_whose_kv_cache_would_not_fit_is_refused_before_prefill_with_w
 #[tokio::test]
 async fn a_step_over_mlxs_memory_limit_fails_that_request_cleanly_and_no_other() {
     // The demo model holds about 3 MB; a short request stays under 1 MB more, a 2,000-token
-    // prompt's prefill peaks near 80 MB. MLX gets a limit of 24 MB.
-    let s = Server::start_with(&[("PENSIEVE_BACKEND__MLX_MEMORY_LIMIT_MB", "24")]);
+    // prompt's prefill in one chunk peaks near 80 MB. MLX gets a limit of 24 MB. The step
+    // budget is off: beside a decoding stream it would read that prompt in chunks of a few
+    // tokens, whose peak stays under the limit.
+    let s = Server::start_with(&[
+        ("PENSIEVE_BACKEND__MLX_MEMORY_LIMIT_MB", "24"),
+        ("PENSIEVE_BACKEND__MAX_DECODE_STALL_MS", "0"),
+    ]);
     // Running beside it, a short stream of 3,000 tokens (about 3 s here).
     let short_body = hello(3000);
     let short = s.post_stream(&short_body);
