@@ -147,7 +147,8 @@ keep_alive_secs = 4
     );
 
     // Both models at once: a long stream on the default model (by glob), SmolLM2 by exact alias.
-    let long_body = ask("claude-sonnet-4-5", 300);
+    // 3,000 tokens: still running 300 ms in (the demo model gives ~1,000 tokens/s here).
+    let long_body = ask("claude-sonnet-4-5", 3000);
     let (long, short) = tokio::join!(s.post_stream(&long_body), async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let h = s.health().await;
