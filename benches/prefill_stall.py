@@ -131,5 +131,6 @@ def main() -> None:
         ta, tb = (statistics.median(results[n]["ttft"]) for n in (name, last))
         print(f"  {name} / {last}: max gap {a / b:.2f}, TTFT {ta / tb:.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -221,8 +221,8 @@ def settle() -> None:
     """After a model loaded (or one was released): collects the garbage, then freezes what is
     left (``gc.freeze``), so that the cycle collector's full collections no longer walk the
     ~90,000 objects of the interpreter, mlx-lm, the tokenizer and the model. Such a collection
-    took 20-40 ms on the batch thread here, at a moment no one chooses (it was the longest gap of
-    a stream while a long prompt was read: 48 ms against 15 ms for the prompt's own steps).
+    took 20-40 ms on the batch thread here, at a moment no one chooses. (It was suspected of a
+    stream's 48 ms longest gap beside a long prompt in ``benches/compare.py``; that gap stayed.)
     Frozen objects are still freed by reference counting; :func:`release` unfreezes them first,
     so that a dropped model's cycles are collected."""
     gc.collect()

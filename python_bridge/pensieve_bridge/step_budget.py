@@ -50,9 +50,9 @@ class StepBudget:
 
     @property
     def target(self) -> float:
-        """Seconds of prefill a step may take while something decodes."""
-        if self.decode is None:
-            return self.stall
+        """Seconds of prefill a step may take while something decodes (once a decoding step
+        was timed: until then, :meth:`tokens` gives ``FIRST``)."""
+        assert self.decode is not None
         return min(self.stall, RELATIVE * self.decode)
 
     def tokens(self, decoding: bool, prompts: int = 1) -> int:
@@ -71,7 +71,8 @@ class StepBudget:
         self.rate = _average(self.rate, tokens / seconds)
 
     def learn_decode(self, seconds: float) -> None:
-        """A step that read no prompt took ``seconds`` (its decoding and the step's overhead)."""
+        """A decoding step took ``seconds`` (a step that read no prompt; or, until one has, the
+        part of a step besides its prompt)."""
         if seconds > 0:
             self.decode = _average(self.decode, seconds)
 
