@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "crates/pensieve-layers/src": ["wire", "config", "memory", "policy", "metrics", "layers", "stack", "guard"],
     # guard, layers, memory, policy, stack and wire here are the layers' crate, re-exported.
-    "src": ["wire", "memory", "policy", "layers", "stack", "guard", "config", "backend", "metrics", "api", "server", "cli"],
+    "src": ["alloc", "wire", "memory", "policy", "layers", "stack", "guard", "config", "backend", "metrics", "api", "server", "cli"],
 }
 # (`self::pensieve::…` is the module wasmtime's bindgen makes of the WIT package `pensieve:policy`.)
 FORBIDDEN = {"crates/pensieve-layers/src": [r"(?<!self::)\bpensieve::", r"\bpyo3\b", r"\bpensieve_bridge\b"]}

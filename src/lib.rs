@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod api;
 pub mod backend;
 pub mod cli;

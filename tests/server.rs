@@ -169,6 +169,37 @@ async fn cache_is_empty_after_a_success() {
     assert!(b["peak_bytes"].as_u64().unwrap() > 0);
 }
 
+/// On Linux the binary's allocator is jemalloc for the whole process: the embedded Python's and
+/// MLX's `malloc` resolve to the binary's own (it exports them), and jemalloc runs with the
+/// options of `src/alloc.rs` (its background thread, which gives freed pages back).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_binary_allocates_with_jemalloc_for_python_and_mlx_too() {
+    let exported = std::process::Command::new("nm")
+        .args(["-D", "--defined-only", BIN])
+        .output()
+        .expect("nm (binutils) runs");
+    let exported = String::from_utf8_lossy(&exported.stdout);
+    for name in ["malloc", "free", "calloc", "realloc", "posix_memalign"] {
+        assert!(
+            exported.lines().any(|l| l.split_whitespace().last() == Some(name)),
+            "the binary does not export {name}: Python and MLX would allocate with glibc's"
+        );
+    }
+    let s = Server::start();
+    assert_eq!(s.post(&hello(20)).await.status(), 200);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", s.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(
+        threads.iter().any(|n| n == "jemalloc_bg_thd"),
+        "no jemalloc background thread: its options were not read ({threads:?})"
+    );
+    assert!(s.log().contains("allocator=\"jemalloc\""), "{}", s.log());
+}
+
 #[tokio::test]
 async fn a_client_that_hangs_up_mid_stream_stops_its_generation_and_leaves_no_cache() {
     let s = Server::start();

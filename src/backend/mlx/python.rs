@@ -245,6 +245,7 @@ impl PyLoader {
                     .call_method1("preload", (settings.blas.as_str(),))?
                     .extract()?;
                 tracing::info!("{blas}");
+                tracing::info!(allocator = crate::alloc::allocator_name(), "memory allocator");
                 let schema: String = py
                     .import("json")?
                     .call_method1(
@@ -352,11 +353,14 @@ impl Loader for PyLoader {
 
     fn release(&mut self) -> Option<u64> {
         // Attaching runs the decrefs of the dropped batcher; `release` does the rest.
-        Python::attach(|py| -> PyResult<u64> {
+        let active = Python::attach(|py| -> PyResult<u64> {
             py.import("pensieve_bridge.engine")?.call_method0("release")?.extract()
         })
         .map_err(|e| tracing::warn!(error = %e, "releasing an unloaded model's memory failed"))
-        .ok()
+        .ok();
+        // What Python and MLX freed goes back to the system now, not after jemalloc's decay.
+        crate::alloc::release_freed();
+        active
     }
 }
 

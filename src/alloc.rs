@@ -1,0 +1,59 @@
+//! The `pensieve` binary's memory allocator on Linux: jemalloc, for the whole process.
+//!
+//! The binary exports jemalloc's `malloc` and `free` (tikv-jemallocator's unprefixed build), so
+//! every allocation in the process goes there: Rust's, but also the embedded Python's and MLX's
+//! (an `mx.array`'s buffer is a `malloc`). glibc's allocator was the batch thread's largest cost
+//! after MLX itself: ~22% of its samples (`_int_malloc`, `malloc_consolidate`, `unlink_chunk`:
+//! each decoding step allocates and frees Python objects and MLX buffers of every size, from a
+//! thread that is not the main one, while MLX's stream thread frees what it allocated). One
+//! stream of the demo model over HTTP went from ~1,100 to ~1,400 tokens/s with jemalloc
+//! (`benches/single_stream.py`; BENCHMARKS.md).
+//!
+//! jemalloc keeps freed pages for reuse; [`MALLOC_CONF`] has a background thread give them back
+//! to the system after a second (`dirty_decay_ms`), without `MADV_FREE` (`muzzy_decay_ms:0`),
+//! so that the memory probe sees memory that was freed as free. [`release_freed`] gives them
+//! back at once, after a model is unloaded. `MALLOC_CONF` in the environment adds to these.
+//!
+//! The wheel's extension module runs inside the user's Python, whose allocator it cannot
+//! replace: there, and on macOS, this module does nothing.
+
+/// jemalloc's options, read before `main` (the `malloc_conf` symbol).
+#[cfg(all(feature = "embed", target_os = "linux"))]
+pub const MALLOC_CONF: &[u8] =
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
+/// Whether this process allocates with jemalloc (the `pensieve` binary on Linux).
+pub const JEMALLOC: bool = cfg!(all(feature = "embed", target_os = "linux"));
+
+/// Gives the pages jemalloc keeps for reuse back to the system now (after an unload: the
+/// model's memory was freed, and the system should see it free without waiting for the
+/// background thread). Returns whether it did.
+pub fn release_freed() -> bool {
+    #[cfg(all(feature = "embed", target_os = "linux"))]
+    {
+        // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages.
+        let name = c"arena.4096.purge";
+        // SAFETY: a void mallctl (no old or new value) with a NUL-terminated name.
+        let r = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        r == 0
+    }
+    #[cfg(not(all(feature = "embed", target_os = "linux")))]
+    false
+}
+
+/// The allocator this process uses, for the start-up log.
+pub fn allocator_name() -> &'static str {
+    if JEMALLOC {
+        "jemalloc"
+    } else {
+        "the system's"
+    }
+}
