@@ -44,6 +44,7 @@ from . import disk_cache, tool_format
 from .calls import GenericOutput
 from .constrain import ConstrainedOutput, ConstraintError, Grammars
 from .engine import SCRIPTED, Engine
+from .prompt_batch import PromptBatch
 from .prompt_cache import PromptCache, own
 from .protocol import Added, AddParams, AddResult, CacheStats, Caching, DiskStats, Finish, Out, Piece, Stepped
 from .render import Renderer
@@ -151,6 +152,8 @@ class Batcher:
             prefill_batch_size=min(self.max_concurrent, PREFILL_BATCH),
             prefill_step_size=PREFILL_STEP,
         )
+        # Prompts' caches are allocated once for the whole prompt, not grown 256 tokens at a time.
+        self._gen._prompt_batch = PromptBatch.empty(self.engine.model, self._gen.sampler, prefill_step_size=PREFILL_STEP)
         # Decoding steps may verify drafts from the prompt (mlx-lm's own step otherwise).
         batch = SpeculativeBatch.empty(self.engine.model, self._gen.sampler)
         batch.speculation = self._speculation
@@ -287,6 +290,10 @@ class Batcher:
                 len(seq[0]) == 1 and len(seq[0][0]) == 1 for seq in gen._currently_processing
             )
             gen.prefill_step_size = self._budget.tokens(decoding, len(gen._currently_processing))
+            if gen._currently_processing or gen._unprocessed_sequences:
+                remaining = {uid: seq[2] - seq[1] for uid, seq in zip(gen._prompt_batch.uids, gen._currently_processing)}
+                remaining.update((seq[0], sum(len(s) for s in seq[1])) for seq in gen._unprocessed_sequences)
+                gen._prompt_batch.remaining = remaining
             before = (gen._counters.prompt_tokens, gen._counters.prompt_time, time.perf_counter())
             prompts, responses = gen.next()
             wall, read = time.perf_counter() - before[2], gen._counters.prompt_tokens - before[0]

@@ -49,6 +49,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .constrain import widen
+from .prompt_batch import settle
 
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
@@ -287,6 +288,7 @@ class SpeculativeBatch(GenerationBatch):
 
     def extend(self, batch):
         super().extend(batch)
+        settle(self.prompt_cache)
         self._lookups.extend([None] * len(batch.uids))
         self._drafters.extend([None] * len(batch.uids))
         unmasked(self.prompt_cache, len(self.uids))
