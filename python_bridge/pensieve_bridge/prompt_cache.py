@@ -25,7 +25,15 @@ from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.cache import CacheList, KVCache, LRUPromptCache, QuantizedKVCache, can_trim_prompt_cache
+from mlx_lm.models.cache import (
+    CacheList,
+    KVCache,
+    LRUPromptCache,
+    PromptTrie,
+    PromptTrieResult,
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+)
 
 #: How many prompts are kept at most, whatever their size.
 MAX_ENTRIES = 64
@@ -63,6 +71,55 @@ def _own_layer(layer: Any, arrays: list) -> None:
         arrays.extend(a for _, a in tree_flatten(owned) if isinstance(a, mx.array))
 
 
+class Trie(PromptTrie):
+    """mlx-lm's trie of cached prompts, with a search whose cost does not grow with the
+    prompts cached beyond the point where a new prompt leaves them.
+
+    mlx-lm's ``PromptTrie.search`` finds the shortest cached prompt that continues the tokens'
+    longest cached path (``longer``) by walking every node below that point, copying the path
+    so far at each node: for prompts that share a prefix and then go on for thousands of
+    tokens each, that is quadratic in their length. An agent's prompts are exactly that (one
+    system prompt, then each turn's own long text): in ``benches/compare.py`` the fifth
+    6,500-token prompt's lookup took 120 ms on the batch thread, and every stream waited for
+    it (its longest gap, growing by ~40 ms with each prompt cached). Here ``longer`` comes from
+    the cached prompts themselves (:attr:`order`, mlx-lm's list of them), compared as lists:
+    a C comparison per entry, at most :data:`MAX_ENTRIES` of them.
+    """
+
+    def __init__(self, order: "LRUPromptCache.CacheOrder"):
+        super().__init__()
+        #: The cache's entries, ``(model, tokens)``, by kind (mlx-lm's LRU order).
+        self.order = order
+
+    def search(self, model: Any, tokens: List[int]) -> PromptTrieResult:
+        node = self._trie.get(model)
+        if node is None:
+            return PromptTrieResult(model, None, None, None, 0)
+        if not tokens and "__value__" in node:
+            return PromptTrieResult(model, [], None, None, 0)
+        # The longest path of ``tokens`` in the trie, and the last entry on it.
+        depth, last = 0, -1
+        for t in tokens:
+            node = node.get(t)
+            if node is None:
+                break
+            depth += 1
+            if "__value__" in node:
+                last = depth - 1
+        if last == len(tokens) - 1 >= 0:
+            return PromptTrieResult(model, tokens, None, None, 0)
+        shorter = tokens[: last + 1] if last > 0 else None
+        longer = None
+        if depth > 0:
+            head = tokens[:depth]
+            for lru in self.order._lrus.values():
+                for m, cached in lru:
+                    if m == model and len(cached) >= depth and (longer is None or len(cached) < len(longer)):
+                        if cached[:depth] == head:
+                            longer = list(cached)
+        return PromptTrieResult(model, None, shorter, longer, depth)
+
+
 #: Where an entry leaving memory goes (the disk tier), given its tokens and cache.
 Spill = Callable[[List[int], List[Any]], Any]
 
@@ -76,6 +133,7 @@ class PromptCache:
     def __init__(self, key: str, max_bytes: int, spill: Optional[Spill] = None):
         self._key = key
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+        self._lru._trie = Trie(self._lru._lru)
         self._spill = spill
 
     def fetch(self, tokens: List[int]):

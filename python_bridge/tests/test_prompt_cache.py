@@ -6,9 +6,9 @@ import random
 
 import mlx.core as mx
 from conftest import add, running
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, LRUPromptCache, PromptTrie
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.prompt_cache import PromptCache, own
+from pensieve_bridge.prompt_cache import PromptCache, Trie, own
 
 #: What MLX's allocator may hold beyond the arrays' bytes (alignment of small buffers).
 SLACK = 64 << 10
@@ -96,3 +96,49 @@ def test_the_cap_holds_in_mlx_active_memory(engine):
     assert b.prompt_cache_stats()[0] <= cap
     assert active() - weights <= cap + SLACK
     b.drop_prompt_cache()
+
+
+class _Layer:
+    """A cache layer as LRUPromptCache sees it: its bytes, and whether it can be trimmed."""
+
+    nbytes = 1
+
+    def __init__(self, trimmable):
+        self.trimmable = trimmable
+
+    def is_trimmable(self):
+        return self.trimmable
+
+
+def test_the_trie_search_finds_what_mlx_lms_finds_without_walking_the_cached_prompts():
+    # Prompts that share a system prompt, then go their own way for a long stretch (an agent's
+    # turns), and some that stop inside others: every lookup answers as mlx-lm's own search
+    # does (the same exact and shorter entries, the same common prefix, a longer entry as short
+    # as its).
+    rng = random.Random(7)
+    ours = LRUPromptCache(max_size=64)
+    ours._trie = Trie(ours._lru)
+    theirs = PromptTrie()
+    system = [rng.randrange(50) for _ in range(40)]
+    cached = []
+    for _ in range(30):
+        tokens = system[: rng.choice([0, 10, 40])] + [rng.randrange(50) for _ in range(rng.randrange(1, 300))]
+        if cached and rng.random() < 0.3:
+            other = rng.choice(cached)
+            tokens = other[: rng.randrange(1, len(other) + 1)]  # a prefix of another entry
+        trimmable = rng.random() < 0.5
+        ours.insert_cache("m", list(tokens), [_Layer(trimmable)])
+        cached.append(tokens)
+    ours.insert_cache("m", [5], [_Layer(False)])  # a one-token entry: mlx-lm never calls it a prefix
+    for model, tokens in (pair for lru in ours._lru._lrus.values() for pair in lru):
+        theirs.add(model, tokens, object())
+    probes = [c[: rng.randrange(0, len(c) + 1)] + [rng.randrange(50) for _ in range(rng.randrange(0, 20))] for c in cached]
+    probes += [[], [99], [5], [5, 6, 7], system, system + [1, 2, 3]]
+    for tokens in probes:
+        a, b = ours._trie.search("m", tokens), theirs.search("m", tokens)
+        assert (a.exact, a.shorter, a.common_prefix) == (b.exact, b.shorter, b.common_prefix), tokens
+        assert (a.longer is None) == (b.longer is None), tokens
+        if a.longer is not None:
+            assert len(a.longer) == len(b.longer) and a.longer[: a.common_prefix] == tokens[: a.common_prefix]
+            assert ours._trie.get("m", a.longer) is not None  # an entry of the cache
+    assert ours._trie.search("other", [1, 2]).exact is None
