@@ -1,11 +1,13 @@
 """Chats rendered to tokens, the long ones off the batch thread.
 
 The batch thread runs every generation's next step; a long prompt rendered on it (the chat
-template, then the tokenizer) stalls every running stream for as long as that takes: about
-0.6 s per MB of text here. The tokenizer releases the GIL while it encodes, so a prompt of
-:data:`OFF_THREAD_BYTES` or more is rendered on a thread of its own instead, and the batch
-thread is told to ask again (``None``): it keeps stepping the other generations meanwhile
-(measured: 21 ms longest pause of a 5 ms ticker during a 900 KB render).
+template, then the tokenizer) stalls every running stream for as long as that takes: 0.4 to 1
+ms per KB of text here (a 64 KB prompt, the size of a coding agent's, took 33 ms with the demo
+model's tokenizer and 73 ms with SmolLM2's). The tokenizer releases the GIL while it encodes,
+so a prompt of :data:`OFF_THREAD_BYTES` or more is rendered on a thread of its own instead, and
+the batch thread is told to ask again (``None``): it keeps stepping the other generations
+meanwhile (measured: 21 ms longest pause of a 5 ms ticker during a 900 KB render). What that
+costs the prompt itself is a turn of the loop: a step when others decode, 2 ms when idle.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
-#: A chat (its JSON) at least this long is rendered off the batch thread.
-OFF_THREAD_BYTES = 64 * 1024
+#: A chat (its JSON) at least this long is rendered off the batch thread: 2-4 ms of rendering
+#: here, a few decoding steps of a small model (it was 64 KB, 33-73 ms: in benches/prefill_stall.py
+#: a 20 KB prompt's arrival was one of the stream's longest gaps).
+OFF_THREAD_BYTES = 4 * 1024
 #: Renders kept at most, done or not (a client that left never asks for its own again).
 MAX_JOBS = 16
 #: A finished render nobody asked for within this long is dropped.
