@@ -34,7 +34,7 @@ TS_SDK := .cache/anthropic-sdk-ts/node_modules/@anthropic-ai/sdk/package.json
 SMOLLM2_VERSION := 0.1.2
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: bench-peers wheel test-wheel actionlint browser lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
+.PHONY: libjemalloc bench-peers wheel test-wheel actionlint browser lint package policies all venv blas build run test check-macos ts-sdk codex ai-sdk client-libs test-rust test-python test-clients test-e2e test-deploy haproxy claude-code tools bench demo fmt clean smollm2
 
 all: build
 
@@ -131,6 +131,13 @@ tools:
 	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq curl jq >/dev/null; } || \
 	  { echo "install curl and jq"; exit 1; }
 
+# Debian's jemalloc library, for tests/server.rs: the binary, started with another allocator in
+# LD_PRELOAD, starts again without it. Installed with apt-get where it is missing (root).
+libjemalloc:
+	@test -e /usr/lib/$$(uname -m)-linux-gnu/libjemalloc.so.2 || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null; } || \
+	  { echo "install libjemalloc2"; exit 1; }
+
 # Headless Chromium and its driver for the dashboard's browser test (tests/clients/test_dashboard.py):
 # Debian's packages, installed with apt-get where they are missing (root).
 browser:
@@ -203,7 +210,7 @@ $(CLIENT_LIBS): tests/clients/requirements.txt python_bridge/constraints.txt | $
 client-libs: $(CLIENT_LIBS)
 
 # Release profile: the same build as `make build`, so the dependency tree compiles once.
-test-rust: build smollm2 haproxy
+test-rust: build smollm2 haproxy libjemalloc
 	cargo test --release --locked --workspace --exclude pensieve-py -- --test-threads=2
 
 bench: build policies smollm2

@@ -14,6 +14,13 @@
 //! so that the memory probe sees memory that was freed as free. [`release_freed`] gives them
 //! back at once, after a model is unloaded. `MALLOC_CONF` in the environment adds to these.
 //!
+//! An allocator preloaded with `LD_PRELOAD` (jemalloc's or tcmalloc's library, as some set for
+//! machine-learning tools) would be a second one in the process: the binary's exports win for
+//! `malloc` and `free`, the preloaded library's for C++'s `new` and `delete` and the rest, and
+//! memory from one freed by the other crashed the server while it loaded its model. At start-up
+//! [`preloaded_allocators`] finds such libraries, and the binary starts itself again without
+//! them (`main.rs`), saying so.
+//!
 //! The wheel's extension module runs inside the user's Python, whose allocator it cannot
 //! replace: there, and on macOS, this module does nothing.
 
@@ -47,6 +54,45 @@ pub fn release_freed() -> bool {
     }
     #[cfg(not(all(feature = "embed", target_os = "linux")))]
     false
+}
+
+/// The libraries of `LD_PRELOAD` (as written there) that bring their own `malloc`: each one's
+/// `malloc` is not the C library's. Empty where this process does not allocate with jemalloc.
+pub fn preloaded_allocators() -> Vec<String> {
+    #[cfg(all(feature = "embed", target_os = "linux"))]
+    {
+        use std::ffi::CString;
+        let Some(preload) = std::env::var_os("LD_PRELOAD") else {
+            return Vec::new();
+        };
+        let preload = preload.to_string_lossy().into_owned();
+        // SAFETY: dlopen with RTLD_NOLOAD only looks up libraries already loaded (it loads
+        // nothing and runs no constructor), dlsym reads a symbol's address, dlclose drops the
+        // reference taken; the names are NUL-terminated.
+        let malloc_of = |lib: &str| -> Option<usize> {
+            let name = CString::new(lib).ok()?;
+            unsafe {
+                let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+                if handle.is_null() {
+                    return None;
+                }
+                let address = libc::dlsym(handle, c"malloc".as_ptr()) as usize;
+                libc::dlclose(handle);
+                (address != 0).then_some(address)
+            }
+        };
+        let Some(system) = malloc_of("libc.so.6") else {
+            return Vec::new();
+        };
+        preload
+            .split([':', ' '])
+            .filter(|lib| !lib.is_empty())
+            .filter(|lib| malloc_of(lib).is_some_and(|m| m != system))
+            .map(str::to_string)
+            .collect()
+    }
+    #[cfg(not(all(feature = "embed", target_os = "linux")))]
+    Vec::new()
 }
 
 /// The allocator this process uses, for the start-up log.

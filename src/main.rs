@@ -16,5 +16,42 @@ pub static malloc_conf: Option<&'static std::ffi::c_char> = Some(unsafe {
 });
 
 fn main() -> std::process::ExitCode {
+    #[cfg(target_os = "linux")]
+    without_preloaded_allocators();
     std::process::ExitCode::from(pensieve::cli::run(std::env::args_os()))
+}
+
+/// Starts this binary again without the `LD_PRELOAD` libraries that bring an allocator of
+/// their own: two allocators in one process crash it ([`pensieve::alloc`]).
+#[cfg(target_os = "linux")]
+fn without_preloaded_allocators() {
+    use std::os::unix::process::CommandExt;
+    let dropped = pensieve::alloc::preloaded_allocators();
+    if dropped.is_empty() {
+        return;
+    }
+    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
+    let kept: Vec<&str> = preload
+        .split([':', ' '])
+        .filter(|lib| !lib.is_empty() && !dropped.iter().any(|d| d == lib))
+        .collect();
+    eprintln!(
+        "pensieve: LD_PRELOAD brings another memory allocator ({}); pensieve has jemalloc built in, \
+         and two allocators in one process crash it: starting again without {}",
+        dropped.join(", "),
+        if dropped.len() == 1 { "it" } else { "them" }
+    );
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let mut again = std::process::Command::new(exe);
+    again.arg0(arg0).args(args);
+    if kept.is_empty() {
+        again.env_remove("LD_PRELOAD");
+    } else {
+        again.env("LD_PRELOAD", kept.join(":"));
+    }
+    let e = again.exec();
+    eprintln!("pensieve: could not start again without LD_PRELOAD's allocator: {e}");
+    std::process::exit(1);
 }

@@ -198,6 +198,28 @@ async fn the_binary_allocates_with_jemalloc_for_python_and_mlx_too() {
         "no jemalloc background thread: its options were not read ({threads:?})"
     );
     assert!(s.log().contains("allocator=\"jemalloc\""), "{}", s.log());
+    drop(s);
+
+    // Another allocator in LD_PRELOAD (Debian's jemalloc library, `make libjemalloc`): the
+    // binary starts again without it, says so, and serves (with it, loading the model crashed).
+    let other = format!("/usr/lib/{}-linux-gnu/libjemalloc.so.2", std::env::consts::ARCH);
+    assert!(
+        std::path::Path::new(&other).exists(),
+        "{other} is missing: `make libjemalloc` installs it"
+    );
+    let s = Server::start_with(&[("LD_PRELOAD", &other)]);
+    let reply = s.post(&hello(20)).await;
+    assert_eq!(reply.status(), 200);
+    assert!(
+        s.log().contains("LD_PRELOAD brings another memory allocator"),
+        "{}",
+        s.log()
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", s.pid())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("libjemalloc.so"),
+        "the server still runs with the preloaded allocator"
+    );
 }
 
 #[tokio::test]
