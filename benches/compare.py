@@ -22,7 +22,9 @@ is better; for time to first token, lower is better). ``ROUNDS`` sets the rounds
 ``PEER`` (``rapid-mlx`` or ``fusion-mlx``) compares against that server instead, installed
 from PyPI (pinned, in ``PEERS``) into its own venv under ``.cache/peers/`` the first time, with
 Debian's OpenBLAS loaded ahead of MLX's reference BLAS as pensieve loads it; ``make
-bench-peers`` runs both.
+bench-peers`` runs both. ``PEER_PRELOAD`` adds libraries to the peer's ``LD_PRELOAD`` (say
+Debian's ``libjemalloc.so.2``, to give it the allocator the ``pensieve`` binary has built in),
+and the peer inherits this environment (``OPENBLAS_THREAD_TIMEOUT=4``, as pensieve sets it).
 
 ``BASELINE`` names another pensieve binary to compare against instead of mlx-lm (an earlier
 build: before and after a change), with ``BASELINE_BRIDGE`` the ``python_bridge`` folder it
@@ -188,8 +190,9 @@ class Peer(MlxLm):
         self.port = free_port()
         _, module, folder_of_models = PEERS[name]
         env = dict(os.environ)
-        if Path(OPENBLAS).exists():
-            env["LD_PRELOAD"] = OPENBLAS
+        preload = ([OPENBLAS] if Path(OPENBLAS).exists() else []) + [p for p in os.environ.get("PEER_PRELOAD", "").split(":") if p]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
         if folder_of_models:
             models = Path(tempfile.mkdtemp(prefix=f"{name}-models-"))
             (models / "default_model").symlink_to(Path(model_dir).resolve())
