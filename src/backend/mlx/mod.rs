@@ -325,7 +325,8 @@ impl MlxBackend {
     /// Starts the thread with the loader `init` makes there (Python objects live on it).
     fn spawn<L, F>(config: &Config, gate: Gate, init: F) -> Result<MlxBackend, StartError>
     where
-        L: Loader,
+        L: Loader + Send,
+        L::Batcher: Send,
         F: FnOnce() -> Result<L, StartError> + Send + 'static,
     {
         let b = &config.backend;
@@ -390,22 +391,24 @@ impl MlxBackend {
                         Err(_) => return,
                     };
                     let mut pool = Pool::new(loader, &slots, &global, &gate, rules);
-                    match catch_unwind(AssertUnwindSafe(|| pool.preload())) {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            let _ = ready_tx.send(Err(StartError::Load(e)));
-                            return;
+                    L::on_thread(|| {
+                        match catch_unwind(AssertUnwindSafe(|| pool.preload())) {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                let _ = ready_tx.send(Err(StartError::Load(e)));
+                                return;
+                            }
+                            Err(_) => return,
                         }
-                        Err(_) => return,
-                    }
-                    global.alive.store(true, Ordering::SeqCst);
-                    let _ = ready_tx.send(Ok(()));
-                    let run = catch_unwind(AssertUnwindSafe(|| pool.run(queue)));
-                    // Whatever ended the loop, say so: requests then get 503, not a silent queue.
-                    global.alive.store(false, Ordering::SeqCst);
-                    if run.is_err() {
-                        tracing::error!("the backend thread panicked; no model is served any more");
-                    }
+                        global.alive.store(true, Ordering::SeqCst);
+                        let _ = ready_tx.send(Ok(()));
+                        let run = catch_unwind(AssertUnwindSafe(|| pool.run(queue)));
+                        // Whatever ended the loop, say so: requests then get 503, not a silent queue.
+                        global.alive.store(false, Ordering::SeqCst);
+                        if run.is_err() {
+                            tracing::error!("the backend thread panicked; no model is served any more");
+                        }
+                    })
                 }
             })
             .map_err(|e| StartError::Thread(e.to_string()))?;

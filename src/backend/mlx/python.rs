@@ -351,6 +351,16 @@ impl Loader for PyLoader {
         loaded
     }
 
+    fn on_thread<R>(f: impl FnOnce() -> R + Send) -> R
+    where
+        R: Send,
+    {
+        // Attached once for the thread's life, then detached: its Python state stays, and every
+        // `Python::attach` after only takes the GIL (without this, each one made the thread's
+        // state and deleted it again, at every step).
+        Python::attach(|py| py.detach(f))
+    }
+
     fn release(&mut self) -> Option<u64> {
         // Attaching runs the decrefs of the dropped batcher; `release` does the rest.
         let active = Python::attach(|py| -> PyResult<u64> {

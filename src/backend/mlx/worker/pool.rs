@@ -40,6 +40,16 @@ pub(crate) trait Loader {
     fn release(&mut self) -> Option<u64> {
         None
     }
+    /// Runs `f`, the backend thread's whole life after the loader is made, with what the
+    /// loader keeps for that thread (the Python loader: the thread's Python state, so that
+    /// each call into Python takes the GIL and no more).
+    fn on_thread<R>(f: impl FnOnce() -> R + Send) -> R
+    where
+        Self: Sized,
+        R: Send,
+    {
+        f()
+    }
 }
 
 /// Any closure that makes a batcher is a loader (the tests' fakes).
