@@ -6,7 +6,7 @@
 //! after MLX itself: ~22% of its samples (`_int_malloc`, `malloc_consolidate`, `unlink_chunk`:
 //! each decoding step allocates and frees Python objects and MLX buffers of every size, from a
 //! thread that is not the main one, while MLX's stream thread frees what it allocated). One
-//! stream of the demo model over HTTP went from ~1,100 to ~1,400 tokens/s with jemalloc
+//! stream of the demo model over HTTP went from ~1,100 to ~1,500 tokens/s with jemalloc
 //! (`benches/single_stream.py`; BENCHMARKS.md).
 //!
 //! jemalloc keeps freed pages for reuse; [`MALLOC_CONF`] has a background thread give them back
