@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model
 
-from . import blas, demo, disk_cache, disk_format, gguf, progress, tool_format
+from . import blas, cpu_attention, demo, disk_cache, disk_format, gguf, progress, tool_format
 from .protocol import MemoryCounters
 
 #: A model id starting with this is served by the test batcher of
@@ -76,6 +76,8 @@ class Engine:
         self.tool_format = tool_format.NATIVE
         self.tool_format = tool_format.detect(self.tokenizer, self.render_chat)
         self.identity = self._identity(gguf_file)
+        if cpu_attention.install():
+            self.notes.append("attention's softmax in base 2 on the CPU (MLX's exp is scalar there)")
         self.clear_cache()
         settle()
 

@@ -8,6 +8,13 @@ from pensieve_bridge.batch import PREFILL_STEP, Batcher
 from pensieve_bridge.step_budget import FIRST, FLOOR, RELATIVE, StepBudget
 
 
+def settled(b, prompts=1):
+    """The chunk once the growth limit has let it reach what the rate and the target give."""
+    for _ in range(12):
+        chunk = b.tokens(decoding=True, prompts=prompts)
+    return chunk
+
+
 def test_the_budget_is_full_when_nothing_decodes_and_follows_the_measured_rate():
     b = StepBudget(500, 2048)
     assert b.tokens(decoding=False) == 2048
@@ -15,10 +22,10 @@ def test_the_budget_is_full_when_nothing_decodes_and_follows_the_measured_rate()
     b.learn(2048, 1.0)  # 2,048 tokens/s
     assert b.tokens(decoding=True) == FIRST  # the decoding step not known yet
     b.learn_decode(0.2)  # five of them are more than 500 ms
-    assert b.tokens(decoding=True) == 1024  # half a second of it
+    assert settled(b) == 1024  # half a second of it
     assert b.tokens(decoding=True, prompts=2) == 512  # two prompts share the step
-    b.learn(100, 10.0)  # far slower now: the moving average follows, the floor holds
-    assert FLOOR <= b.tokens(decoding=True) < 1024
+    b.learn(100, 10.0)  # far slower now: the rate follows at once, the floor holds
+    assert b.tokens(decoding=True) == FLOOR
     assert StepBudget(0, 2048).tokens(decoding=True) == 2048  # 0: off
     b.learn(3, 0.0)  # too little to learn from: ignored
     assert b.rate > 0
@@ -28,19 +35,42 @@ def test_the_budget_is_a_few_decoding_steps_when_they_are_short():
     b = StepBudget(500, 2048)
     b.learn(1000, 1.0)  # 1,000 tokens/s: 500 ms of it is 500 tokens
     b.learn_decode(0.5)
-    assert b.tokens(decoding=True) == 500
+    assert settled(b) == 500
     b = StepBudget(500, 2048)
     b.learn(1000, 1.0)
     b.learn_decode(0.040)  # a 40 ms step: RELATIVE of them is under 500 ms
     assert b.target == RELATIVE * 0.040 < 0.5
-    assert b.tokens(decoding=True) == int(1000 * RELATIVE * 0.040)
-    b.learn_decode(1.0)  # long steps: the configured stall caps the chunk
-    assert b.tokens(decoding=True) == 500
+    assert settled(b) == int(1000 * RELATIVE * 0.040)
+    b.learn_decode(0.400)  # one slow step (a render on another thread): followed slowly
+    assert 0.040 < b.decode < 0.1
+    b.learn_decode(0.030)  # a faster one: at once
+    assert b.decode == 0.030
+    slow = StepBudget(500, 2048)
+    slow.learn(1000, 1.0)
+    slow.learn_decode(1.0)  # long steps: the configured stall caps the chunk
+    assert settled(slow) == 500
     fast = StepBudget(500, 2048)
     fast.learn(2000, 1.0)
     fast.learn_decode(0.0005)  # a 0.5 ms step: the floor, not a chunk of 500 ms
-    assert fast.tokens(decoding=True) == FLOOR
+    assert settled(fast) == FLOOR
     assert fast.tokens(decoding=False) == 2048
+
+
+def test_a_chunk_grows_at_most_twofold_and_the_rate_follows_a_slower_step_at_once():
+    # A few tokens at the start of a prompt read fast (little context to attend to): the rate
+    # they show would make the next chunk hundreds of tokens, far slower than the target once
+    # the context has grown. The chunk doubles at most, step by step.
+    b = StepBudget(500, 2048)
+    b.learn_decode(0.001)  # a 1 ms decoding step: 5 ms of prefill a step
+    assert b.tokens(decoding=True) == FIRST
+    b.learn(FIRST, 0.0001)  # 80,000 tokens/s: 400 tokens in 5 ms
+    chunks = [b.tokens(decoding=True) for _ in range(8)]
+    assert chunks == [16, 32, 64, 128, 256, 400, 400, 400], chunks
+    b.learn(400, 0.020)  # 400 tokens took 20 ms: 20,000 tokens/s
+    assert b.rate == 20_000
+    assert b.tokens(decoding=True) == 100
+    b.learn(100, 0.001)  # faster again: the average moves a third of the way
+    assert 20_000 < b.rate < 100_000 / 2
 
 
 def steps_until_first_token(engine, stall_ms):

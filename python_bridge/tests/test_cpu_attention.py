@@ -1,0 +1,63 @@
+"""Attention in base 2 on the CPU gives MLX's own attention, within float32 rounding, for every
+shape and mask it serves, and hands the others to MLX's."""
+
+import mlx.core as mx
+import pytest
+from pensieve_bridge import cpu_attention
+from pensieve_bridge.cpu_attention import attention
+
+MLX = cpu_attention._mlx
+
+
+def random(*shape):
+    return mx.random.normal(shape)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("n,length", [(1, 1), (1, 300), (5, 37), (8, 6500), (64, 200)])
+@pytest.mark.parametrize("mask", [None, "causal", "bool2", "bool4", "bool4heads"])
+def test_the_same_attention_as_mlx(heads, kv_heads, n, length, mask, monkeypatch):
+    monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)  # every size in base 2, small ones too
+    mx.random.seed(heads * 1000 + n * 10 + length)
+    b, d = 2, 16
+    q, k, v = random(b, heads, n, d), random(b, kv_heads, length, d), random(b, kv_heads, length, d)
+    if mask == "bool2":
+        mask = mx.random.uniform(shape=(n, length)) < 0.8
+    elif mask == "bool4":
+        # Left padding, as mlx-lm's batch caches mask it: the first positions of one sequence.
+        mask = mx.broadcast_to(mx.arange(length)[None, None, None, :] >= mx.array([0, length // 3])[:, None, None, None], (b, 1, n, length))
+    elif mask == "bool4heads":
+        mask = mx.random.uniform(shape=(b, heads, n, length)) < 0.7
+    if isinstance(mask, str) and length < n:
+        return
+    ours = cpu_attention.attention(q, k, v, scale=0.25, mask=mask)
+    theirs = MLX(q, k, v, scale=0.25, mask=mask)
+    assert ours.shape == theirs.shape
+    assert mx.allclose(ours, theirs, atol=1e-5, rtol=1e-4).item(), mx.abs(ours - theirs).max().item()
+
+
+def test_a_query_with_every_position_masked_is_finite(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)
+    q, k, v = random(1, 2, 3, 8), random(1, 2, 10, 8), random(1, 2, 10, 8)
+    mask = mx.ones((1, 1, 3, 10), dtype=mx.bool_)
+    mask[:, :, 0, :] = False  # a padding query sees nothing
+    out = attention(q, k, v, scale=0.3, mask=mask)
+    assert mx.isfinite(out).all().item()
+    assert mx.allclose(out[:, :, 1:], MLX(q, k, v, scale=0.3, mask=mask)[:, :, 1:], atol=1e-5).item()
+
+
+def test_what_it_does_not_serve_goes_to_mlx(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_attention, "_mlx", lambda *a, **kw: calls.append(kw) or "mlx")
+    length = cpu_attention.MIN_WORK  # enough work for base 2, unless something else says no
+    q, k, v = random(1, 2, 3, 8), random(1, 2, length, 8), random(1, 2, length, 8)
+    assert not isinstance(attention(q, k, v, scale=1.0, mask="causal"), str)
+    assert not isinstance(attention(q, k, v, scale=1.0), str)
+    assert calls == []
+    assert attention(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=1.0) == "mlx"
+    assert attention(q, k, v, scale=1.0, sinks=mx.zeros((2,))) == "mlx"
+    assert attention(q, k, v, scale=1.0, mask=mx.zeros((1, 1, 3, length))) == "mlx"  # additive
+    assert attention(q, k, v, scale=1.0, mask=mx.ones((1, 2, 1, 3, length), dtype=mx.bool_)) == "mlx"
+    assert attention(random(1, 2, cpu_attention.MAX_QUERIES + 1, 8), k, v, scale=1.0) == "mlx"
+    assert attention(q, k[:, :, :10], v[:, :, :10], scale=1.0) == "mlx"  # 3 × 10: little exp to save
+    assert len(calls) == 6
