@@ -51,16 +51,10 @@ def attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
     b, heads, n, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     rep = heads // kv_heads
-    grouped = _mask(mask, heads, kv_heads, rep, n, length)
-    if (
-        sinks is not None
-        or kwargs
-        or q.dtype != mx.float32
-        or k.dtype != mx.float32
-        or n > MAX_QUERIES
-        or n * length < MIN_WORK
-        or grouped is False
-    ):
+    # The cheap checks first: most calls (a short context) go to MLX before any mask is built.
+    served = not (sinks is not None or kwargs or q.dtype != mx.float32 or k.dtype != mx.float32)
+    grouped = _mask(mask, heads, kv_heads, rep, n, length) if served and MIN_WORK <= n * length and n <= MAX_QUERIES else False
+    if grouped is False:
         return _mlx(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
     # Query heads that share a KV head, stacked: (b, kv_heads, rep * n, d).
     scores = (q.reshape(b, kv_heads, rep * n, d) * (scale * LOG2E)) @ k.swapaxes(-1, -2)
