@@ -13,7 +13,9 @@ that drafts do not make the stream's tokens come in bursts), starts a stream at 
 that runs to its max_tokens, takes the median of its first 50 gaps ("alone"), then sends the
 long prompt (streamed) and records every gap between the running stream's tokens from the
 moment the long prompt is sent until its first token arrives. Prints p50/p99/max gap, max
-against the gap alone, and the long prompt's TTFT per setting (medians over rounds).
+against the gap alone, and the long prompt's TTFT per setting (medians over rounds); each
+round also says where its three longest gaps fall, counted back from the long prompt's first
+token (1: the gap that ends with it).
 SETTINGS="name=ms,name=ms" chooses the settings (the last is the one the others are compared
 to).
 """
@@ -117,8 +119,13 @@ def main() -> None:
             res["max"].append(max(gaps))
             res["ttft"].append(ttft)
             res["covered"] += covered
-            print(f"round {r} {name}: max gap {max(gaps):.2f} s, p50 {statistics.median(gaps):.3f} s, TTFT {ttft:.1f} s, "
-                  f"{len(gaps)} gaps, stream ran through: {covered}", flush=True)
+            # Where the longest gaps fall: gaps counted from the long prompt's first token back
+            # (1: the last gap, which ends with that token; n: the first, from the prompt's arrival).
+            longest = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:3]
+            where = ", ".join(f"{gaps[i] * 1000:.1f} ms at {len(gaps) - i}" for i in longest)
+            print(f"round {r} {name}: max gap {max(gaps):.3f} s, p50 {statistics.median(gaps):.4f} s, TTFT {ttft:.1f} s, "
+                  f"{len(gaps)} gaps, stream ran through: {covered}; longest (gaps before the first token): {where}",
+                  flush=True)
     print(f"\n{model}, a {prompt_words}-word prompt arriving while a stream decodes ({rounds} rounds, medians):")
     for name, res in results.items():
         med = {k: statistics.median(v) for k, v in res.items() if k != "covered"}

@@ -49,7 +49,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .constrain import widen
-from .prompt_batch import settle
+from .prompt_batch import merge, settle
 
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
@@ -287,6 +287,10 @@ class SpeculativeBatch(GenerationBatch):
         unmasked(self.prompt_cache, len(self.uids))
 
     def extend(self, batch):
+        if self.prompt_cache and batch.prompt_cache:
+            # One copy of each cache where mlx-lm makes two (then mlx-lm's extend takes ours).
+            merge(self.prompt_cache, batch.prompt_cache)
+            batch.prompt_cache = []
         super().extend(batch)
         settle(self.prompt_cache)
         self._lookups.extend([None] * len(batch.uids))

@@ -2,12 +2,15 @@
 the whole prompt (not grown 256 positions at a time, each growth a copy of the cache), and
 grows as mlx-lm's does again once it decodes."""
 
+import copy
 import json
 
+import mlx.core as mx
+import pytest
 from conftest import add
 from mlx_lm.models.cache import BatchKVCache
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.prompt_batch import STEP
+from pensieve_bridge.prompt_batch import STEP, merge
 
 
 def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
@@ -38,3 +41,60 @@ def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
     assert long in gen._generation_batch.uids
     assert all("step" not in c.__dict__ for c in gen._generation_batch.prompt_cache)
     b.cancel([stream, long])
+
+
+def cache(left_padding, lengths, heads=2, dim=4, seed=0):
+    """A BatchKVCache that took ``lengths`` tokens in turn (random keys and values)."""
+    mx.random.seed(seed)
+    c = BatchKVCache(left_padding)
+    for n in lengths:
+        shape = (len(left_padding), heads, n, dim)
+        c.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+    return c
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (([0], [20]), ([0], [300])),  # a short stream, then a long prompt (the usual move)
+        (([0], [300]), ([0], [20])),  # the long one decoding, a short prompt moving in
+        (([3, 0], [40, 1, 1]), ([0, 5], [600])),  # padding on both sides, growth steps
+        (([0], [250, 1, 1, 1, 1, 1, 1, 1]), ([0], [255])),  # a's buffer longer, b's index further: a is cut
+        (([0], [5]), ([0], [5])),
+    ],
+)
+def test_merge_writes_what_mlx_lms_extend_gives_in_one_copy(a, b):
+    ours, theirs = cache(*a, seed=1), copy.deepcopy(cache(*a, seed=1))
+    other = cache(*b, seed=2)
+    merge([ours], [other])
+    theirs.extend(copy.deepcopy(other))
+    for name in ("keys", "values", "offset", "left_padding"):
+        x, y = getattr(ours, name), getattr(theirs, name)
+        assert x.shape == y.shape, name
+        assert mx.array_equal(x, y).item(), name
+    assert ours._idx == theirs._idx
+    # It decodes on as mlx-lm's does.
+    for c in (ours, theirs):
+        c.update_and_fetch(mx.ones((c.keys.shape[0], 2, 1, 4)), mx.ones((c.keys.shape[0], 2, 1, 4)))
+    assert mx.array_equal(ours.keys, theirs.keys).item() and ours._idx == theirs._idx
+
+
+def test_merge_extends_as_mlx_lm_does_when_a_side_has_no_keys_yet():
+    ours, theirs, full = BatchKVCache([0]), BatchKVCache([0]), cache([0], [7])
+    merge([ours], [full])
+    theirs.extend(full)
+    assert ours.keys.shape == theirs.keys.shape and mx.array_equal(ours.keys, theirs.keys).item() and ours._idx == 7
+
+
+def test_a_split_that_takes_every_prompt_moves_the_caches_without_copying_them(engine):
+    b = Batcher(engine, 4, 0)
+    add(b, json.dumps({"messages": [{"role": "user", "content": "hi there"}]}), json.dumps({"max_tokens": 5, "temperature": 0}))
+    gen = b._gen
+    gen._prompt_batch.extend(gen._make_batch(1))
+    gen._prompt_batch.prompt([gen._currently_processing[0][0][0][:-1]])
+    batch = gen._prompt_batch
+    before = [c.keys for c in batch.prompt_cache]
+    moved = batch.split([0])
+    assert all(x is y for x, y in zip((c.keys for c in moved.prompt_cache), before, strict=True))
+    assert len(batch) == 0 and batch.prompt_cache == [] and len(moved) == 1
+    gen._currently_processing.clear()
