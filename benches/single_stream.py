@@ -4,6 +4,7 @@ spread of 200 identical requests.
 
     make build
     .venv/bin/python benches/single_stream.py [ROUNDS] [REQUESTS]
+    PENSIEVE_BIN=/path/to/venv/bin/pensieve .venv/bin/python benches/single_stream.py   # the wheel
 
 1. Alternating rounds (default 15): one in-process `stream_generate` of TOKENS (256) tokens at
    temperature 0, then the same prompt streamed from pensieve (Messages API, SSE read to the
@@ -33,7 +34,9 @@ from pathlib import Path
 import served
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = ROOT / "target/release/pensieve"
+#: The server to measure: the checkout's binary, or PENSIEVE_BIN (the wheel's `pensieve` command
+#: in a venv it was installed into, say).
+BIN = Path(os.environ.get("PENSIEVE_BIN", ROOT / "target/release/pensieve"))
 TOKENS = int(os.environ.get("TOKENS", "256"))
 PROMPT = "Tell me about memory."
 

@@ -21,8 +21,12 @@
 //! [`preloaded_allocators`] finds such libraries, and the binary starts itself again without
 //! them (`main.rs`), saying so.
 //!
-//! The wheel's extension module runs inside the user's Python, whose allocator it cannot
-//! replace: there, and on macOS, this module does nothing.
+//! The wheel's server runs inside the user's Python, whose allocator an imported module cannot
+//! replace. Its extension module carries jemalloc too and exports the C allocation functions
+//! (`crates/pensieve-py/src/alloc.rs`), and the wheel's `pensieve` command starts its
+//! interpreter again with that library preloaded: [`allocator_name`] says which allocator a
+//! process has, found at run time, and [`release_freed`] purges the preloaded one too. On macOS
+//! this module does nothing.
 
 /// jemalloc's options, read before `main` (the `malloc_conf` symbol).
 #[cfg(all(feature = "embed", target_os = "linux"))]
@@ -36,6 +40,11 @@ pub const JEMALLOC: bool = cfg!(all(feature = "embed", target_os = "linux"));
 /// model's memory was freed, and the system should see it free without waiting for the
 /// background thread). Returns whether it did.
 pub fn release_freed() -> bool {
+    #[cfg(all(not(feature = "embed"), target_os = "linux"))]
+    if let Some(purge) = wheel_purge() {
+        // SAFETY: the wheel's `pensieve_jemalloc_purge`, `extern "C" fn() -> bool`.
+        return unsafe { purge() };
+    }
     #[cfg(all(feature = "embed", target_os = "linux"))]
     {
         // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages.
@@ -56,50 +65,107 @@ pub fn release_freed() -> bool {
     false
 }
 
-/// The libraries of `LD_PRELOAD` (as written there) that bring their own `malloc`: each one's
-/// `malloc` is not the C library's. Empty where this process does not allocate with jemalloc.
-pub fn preloaded_allocators() -> Vec<String> {
+/// The libraries of `LD_PRELOAD` (as written there), split into those that bring their own
+/// `malloc` (each one's `malloc` is not the C library's) and the others, in order. Both are
+/// empty where this process does not allocate with jemalloc.
+pub fn preloaded_allocators() -> (Vec<String>, Vec<String>) {
     #[cfg(all(feature = "embed", target_os = "linux"))]
     {
-        use std::ffi::CString;
         let Some(preload) = std::env::var_os("LD_PRELOAD") else {
-            return Vec::new();
+            return Default::default();
         };
         let preload = preload.to_string_lossy().into_owned();
-        // SAFETY: dlopen with RTLD_NOLOAD only looks up libraries already loaded (it loads
-        // nothing and runs no constructor), dlsym reads a symbol's address, dlclose drops the
-        // reference taken; the names are NUL-terminated.
-        let malloc_of = |lib: &str| -> Option<usize> {
-            let name = CString::new(lib).ok()?;
-            unsafe {
-                let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
-                if handle.is_null() {
-                    return None;
-                }
-                let address = libc::dlsym(handle, c"malloc".as_ptr()) as usize;
-                libc::dlclose(handle);
-                (address != 0).then_some(address)
-            }
-        };
-        let Some(system) = malloc_of("libc.so.6") else {
-            return Vec::new();
+        let Some(system) = malloc_in("libc.so.6") else {
+            return Default::default();
         };
         preload
             .split([':', ' '])
             .filter(|lib| !lib.is_empty())
-            .filter(|lib| malloc_of(lib).is_some_and(|m| m != system))
             .map(str::to_string)
-            .collect()
+            .partition(|lib| malloc_in(lib).is_some_and(|m| m != system))
     }
     #[cfg(not(all(feature = "embed", target_os = "linux")))]
-    Vec::new()
+    Default::default()
 }
 
-/// The allocator this process uses, for the start-up log.
-pub fn allocator_name() -> &'static str {
+/// The allocator this process uses, for the start-up log: `jemalloc` (the binary's),
+/// `jemalloc (preloaded)` (the wheel's, see the module docs), `glibc`, `preloaded from <file>`
+/// (another library in `LD_PRELOAD`), or `the system's`.
+pub fn allocator_name() -> String {
     if JEMALLOC {
-        "jemalloc"
-    } else {
-        "the system's"
+        return "jemalloc".into();
     }
+    #[cfg(target_os = "linux")]
+    {
+        let ours = current_malloc();
+        if ours.is_some() && ours == malloc_in("libc.so.6") {
+            return "glibc".into();
+        }
+        if wheel_purge().is_some() {
+            return "jemalloc (preloaded)".into();
+        }
+        if let Some(file) = ours.and_then(file_of) {
+            return format!("preloaded from {file}");
+        }
+    }
+    "the system's".into()
+}
+
+/// The address `malloc` resolves to for this process (the first definition in the global
+/// lookup order: a preloaded library's before the C library's).
+#[cfg(target_os = "linux")]
+fn current_malloc() -> Option<usize> {
+    // SAFETY: dlsym over the global scope with a NUL-terminated name; nothing is loaded.
+    let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+    (address != 0).then_some(address)
+}
+
+/// The address of `malloc` as the already loaded library `lib` defines it.
+#[cfg(target_os = "linux")]
+fn malloc_in(lib: &str) -> Option<usize> {
+    let name = std::ffi::CString::new(lib).ok()?;
+    // SAFETY: dlopen with RTLD_NOLOAD only looks up libraries already loaded (it loads nothing
+    // and runs no constructor), dlsym reads a symbol's address, dlclose drops the reference
+    // taken; the names are NUL-terminated.
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return None;
+        }
+        let address = libc::dlsym(handle, c"malloc".as_ptr()) as usize;
+        libc::dlclose(handle);
+        (address != 0).then_some(address)
+    }
+}
+
+/// The file of the loaded object that holds `address`.
+#[cfg(target_os = "linux")]
+fn file_of(address: usize) -> Option<String> {
+    // SAFETY: dladdr fills `info` for an address inside a loaded object; `dli_fname` is then a
+    // NUL-terminated string owned by the loader.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(address as *const libc::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned())
+    }
+}
+
+/// The wheel's purge function, when the wheel's library is this process's allocator: its
+/// `pensieve_jemalloc_purge`, found in the same file as the `malloc` the process uses (the
+/// library may be loaded without being the allocator: imported, or made global for BLAS).
+#[cfg(target_os = "linux")]
+fn wheel_purge() -> Option<unsafe extern "C" fn() -> bool> {
+    // SAFETY: dlsym over the global scope with a NUL-terminated name.
+    let purge = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"pensieve_jemalloc_purge".as_ptr()) } as usize;
+    if purge == 0 {
+        return None;
+    }
+    let malloc = current_malloc()?;
+    if file_of(malloc)? != file_of(purge)? {
+        return None;
+    }
+    // SAFETY: the wheel's library defines it as `extern "C" fn() -> bool`.
+    Some(unsafe { std::mem::transmute::<usize, unsafe extern "C" fn() -> bool>(purge) })
 }

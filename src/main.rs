@@ -26,15 +26,10 @@ fn main() -> std::process::ExitCode {
 #[cfg(target_os = "linux")]
 fn without_preloaded_allocators() {
     use std::os::unix::process::CommandExt;
-    let dropped = pensieve::alloc::preloaded_allocators();
+    let (dropped, kept) = pensieve::alloc::preloaded_allocators();
     if dropped.is_empty() {
         return;
     }
-    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
-    let kept: Vec<&str> = preload
-        .split([':', ' '])
-        .filter(|lib| !lib.is_empty() && !dropped.iter().any(|d| d == lib))
-        .collect();
     eprintln!(
         "pensieve: LD_PRELOAD brings another memory allocator ({}); pensieve has jemalloc built in, \
          and two allocators in one process crash it: starting again without {}",

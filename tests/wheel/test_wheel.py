@@ -70,12 +70,12 @@ def elsewhere(tmp_path) -> tuple[Path, Path]:
 class Served:
     """`pensieve serve` from the installed wheel, on a free port."""
 
-    def __init__(self, bin_dir: Path, args: list[str], home: Path, cwd: Path):
+    def __init__(self, bin_dir: Path, args: list[str], home: Path, cwd: Path, **env: str):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(bin_dir / "pensieve"), "serve", "--port", "0", *args],
             cwd=cwd,
-            env=clean_env(home),
+            env=clean_env(home, **env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -202,6 +202,58 @@ def test_serves_the_demo_model_and_a_gguf_file_on_every_api(installed, elsewhere
         answers_every_api(served, "SmolLM2-135M-Instruct.Q4_1")
     finally:
         assert served.stop() == 0, served.log()
+
+
+def threads(pid: int) -> list[str]:
+    return [(t / "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the preloaded allocator is Linux's (glibc)")
+def test_the_command_allocates_with_the_wheels_jemalloc_whatever_the_blas(installed, elsewhere):
+    home, cwd = elsewhere
+    # The default: the interpreter starts again with the extension module preloaded.
+    served = Served(installed, ["--model", "demo"], home, cwd)
+    try:
+        answers_every_api(served, "demo")
+        assert 'allocator="jemalloc (preloaded)"' in served.log(), served.log()
+        # jemalloc read the wheel's options: its background thread runs.
+        assert "jemalloc_bg_thd" in threads(served.proc.pid), threads(served.proc.pid)
+        # The same process (the command restarts itself in place), started with the preload:
+        # /proc shows the environment it was started with.
+        environ = Path(f"/proc/{served.proc.pid}/environ").read_bytes().split(b"\0")
+        assert any(e.startswith(b"LD_PRELOAD=") and e.endswith(b".so") for e in environ), environ
+    finally:
+        assert served.stop() == 0, served.log()
+    # With the preload, the extension's CBLAS functions come first for MLX: BLAS off (MLX's
+    # own) and the system's OpenBLAS still answer, through them.
+    blases = ["off"] + [p for p in ["/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"] if Path(p).exists()]
+    for blas in blases:
+        served = Served(installed, ["--model", "demo"], home, cwd, PENSIEVE_BACKEND__BLAS=blas)
+        try:
+            answers_every_api(served, "demo")
+            assert 'allocator="jemalloc (preloaded)"' in served.log(), served.log()
+        finally:
+            assert served.stop() == 0, served.log()
+    # PENSIEVE_ALLOCATOR=system: glibc's, no restart.
+    served = Served(installed, ["--model", "demo"], home, cwd, PENSIEVE_ALLOCATOR="system")
+    try:
+        answers_every_api(served, "demo")
+        assert 'allocator="glibc"' in served.log(), served.log()
+        assert "jemalloc_bg_thd" not in threads(served.proc.pid)
+    finally:
+        assert served.stop() == 0, served.log()
+
+
+def test_the_extension_module_imports_without_the_preload(installed, elsewhere):
+    # Imported by a program (not preloaded), the module's jemalloc stays unused and must still
+    # load: initial-exec TLS, jemalloc's default, would not ("cannot allocate memory in static
+    # TLS block").
+    home, cwd = elsewhere
+    out = subprocess.run(
+        [str(installed / "python"), "-c", "import pensieve_bridge._pensieve as p; print(p.__version__)"],
+        cwd=cwd, env=clean_env(home), capture_output=True, text=True,
+    )
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
 
 
 def test_the_release_workflows_smoke_test_passes_here():

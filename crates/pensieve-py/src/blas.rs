@@ -8,7 +8,9 @@
 //! library global (`RTLD_GLOBAL`) before MLX is imported, so that MLX's calls resolve here.
 //! Until then nothing calls these functions. Linux only: on macOS MLX uses Accelerate.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_void, CStr, CString};
+
+use crate::file_of;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::prelude::*;
@@ -32,21 +34,72 @@ pub fn forward_blas(sgemm: usize, dgemm: usize, cgemm: usize) -> PyResult<()> {
     Ok(())
 }
 
-fn target(slot: &AtomicUsize, name: &str) -> usize {
+fn target(slot: &AtomicUsize, name: &CStr) -> usize {
     match slot.load(Ordering::Acquire) {
         0 => {
-            // Only reachable if something made this library global without forward_blas.
-            eprintln!("pensieve: {name} was called before a BLAS was set to answer it");
-            std::process::abort()
+            // This library is global without forward_blas having been called: preloaded as the
+            // process's allocator (`alloc`), its functions come first for MLX whatever BLAS was
+            // chosen. The call goes where it would have gone without this library.
+            let address = next_definition(name);
+            if address == 0 {
+                eprintln!("pensieve: {name:?} was called and no BLAS answers it");
+                std::process::abort()
+            }
+            slot.store(address, Ordering::Release);
+            address
         }
         address => address,
     }
 }
 
+/// Where `name` is defined when this library's definition is left out: the next definition in
+/// the global lookup order (a BLAS loaded with `RTLD_GLOBAL`, as `backend.blas` does), else
+/// the first loaded object that defines it, with its dependencies (MLX's library, whose own
+/// reference BLAS answers it).
+fn next_definition(name: &CStr) -> usize {
+    let here = target as *const () as usize;
+    let ours = |address: usize| file_of(address).is_some_and(|f| Some(f) == file_of(here));
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT searches after this library.
+    let next = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+    if next != 0 && !ours(next) {
+        return next;
+    }
+    let mut objects: Vec<CString> = Vec::new();
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: the loader passes a valid `info` whose name is NUL-terminated (or null), and
+        // `data` is the vector below.
+        let objects = &mut *(data as *mut Vec<CString>);
+        let name = (*info).dlpi_name;
+        if !name.is_null() && *name != 0 {
+            objects.push(CStr::from_ptr(name).to_owned());
+        }
+        0
+    }
+    // SAFETY: the callback only reads `info` and pushes to the vector it is given.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut objects as *mut Vec<CString> as *mut c_void) };
+    for object in objects {
+        // SAFETY: RTLD_NOLOAD only finds an object already loaded; dlsym on its handle searches
+        // it and its dependencies; dlclose drops the reference taken.
+        let address = unsafe {
+            let handle = libc::dlopen(object.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+            if handle.is_null() {
+                continue;
+            }
+            let address = libc::dlsym(handle, name.as_ptr()) as usize;
+            libc::dlclose(handle);
+            address
+        };
+        if address != 0 && !ours(address) {
+            return address;
+        }
+    }
+    0
+}
+
 /// Defines `cblas_<name>` with CBLAS's `?gemm` signature, forwarding to the address in `slot`:
 /// `$scalar` is the type of `alpha` and `beta`, `$in`/`$out` those of the matrices.
 macro_rules! forward_gemm {
-    ($name:ident, $slot:ident, $scalar:ty, $in:ty, $out:ty, $doc:literal) => {
+    ($name:ident, $cname:literal, $slot:ident, $scalar:ty, $in:ty, $out:ty, $doc:literal) => {
         #[doc = $doc]
         ///
         /// # Safety
@@ -85,7 +138,7 @@ macro_rules! forward_gemm {
                 $out,
                 c_int,
             );
-            let f: Gemm = std::mem::transmute(target(&$slot, stringify!($name)));
+            let f: Gemm = std::mem::transmute(target(&$slot, $cname));
             f(
                 order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
             )
@@ -95,6 +148,7 @@ macro_rules! forward_gemm {
 
 forward_gemm!(
     cblas_sgemm,
+    c"cblas_sgemm",
     SGEMM,
     f32,
     *const f32,
@@ -103,6 +157,7 @@ forward_gemm!(
 );
 forward_gemm!(
     cblas_dgemm,
+    c"cblas_dgemm",
     DGEMM,
     f64,
     *const f64,
@@ -111,6 +166,7 @@ forward_gemm!(
 );
 forward_gemm!(
     cblas_cgemm,
+    c"cblas_cgemm",
     CGEMM,
     *const c_void,
     *const c_void,

@@ -9,12 +9,34 @@ use std::ffi::OsString;
 
 use pyo3::prelude::*;
 
+#[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
+mod alloc;
 #[cfg(target_os = "linux")]
 mod blas;
+
+// jemalloc's static library, which `alloc` calls by its prefixed names.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
+use tikv_jemalloc_sys as _;
+
+/// The file of the loaded object that holds `address`.
+#[cfg(target_os = "linux")]
+fn file_of(address: usize) -> Option<std::ffi::CString> {
+    // SAFETY: dladdr fills `info` for an address inside a loaded object; `dli_fname` is then a
+    // NUL-terminated string owned by the loader.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(address as *const std::ffi::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(info.dli_fname).to_owned())
+    }
+}
 
 /// Runs the `pensieve` command line (`argv[0]` is the program's name); returns its exit status.
 #[pyfunction]
 fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<u8> {
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
+    alloc::start();
     let prefix: OsString = py.import("sys")?.getattr("prefix")?.extract()?;
     pensieve::config::paths::run_inside_python(prefix.into());
     Ok(py.detach(move || pensieve::cli::run(argv)))
