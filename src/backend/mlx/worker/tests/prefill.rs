@@ -58,3 +58,41 @@ fn a_long_prompt_whose_client_left_leaves_no_progress_behind() {
     }
     assert_eq!(h.backend.status().active_generations, 0);
 }
+
+/// The bridge's step budget reads a long prompt a chunk a step beside decoding streams (the
+/// fake: a thousand tokens a step). The worker's part: each step's tokens reach their streams
+/// as that step ends, while the prompt is still being read, not when it is done.
+#[test]
+fn a_stream_gets_a_token_every_step_while_a_long_prompt_is_read_beside_it() {
+    let h = harness(4);
+    h.state.lock().unwrap().step_time = Duration::from_millis(5);
+    let mut stream = h.generate("stream", 100_000);
+    assert!(matches!(stream.events.blocking_recv(), Some(Event::Started { .. })));
+    assert!(matches!(stream.events.blocking_recv(), Some(Event::Text(_))));
+    let long = h.generate("read 30000", 1); // 30 steps of a thousand tokens
+    let (mut during, mut read_at) = (0u32, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match stream.events.blocking_recv() {
+            Some(Event::Text(_)) => {}
+            other => panic!("the stream ended: {other:?}"),
+        }
+        let progress = h.backend.status().models[0].prefill_progress.clone();
+        match progress.as_slice() {
+            [p] => {
+                during += 1;
+                read_at.push(p.done_tokens);
+            }
+            [] if !read_at.is_empty() => break,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{read_at:?}");
+    }
+    // A token for (nearly) every step of the prompt's 30, each seen while the prompt was read
+    // further and further: tokens did not wait for the prompt.
+    assert!(during >= 25, "{during} tokens while the prompt was read: {read_at:?}");
+    assert!(read_at.windows(2).all(|w| w[0] <= w[1]), "{read_at:?}");
+    assert!(read_at.first() < read_at.last(), "{read_at:?}");
+    assert_eq!(text(&events(long)), "w0 ");
+    drop(stream);
+}
