@@ -10,7 +10,7 @@ import pytest
 from conftest import add
 from mlx_lm.models.cache import BatchKVCache
 from pensieve_bridge.batch import Batcher
-from pensieve_bridge.prompt_batch import STEP, merge
+from pensieve_bridge.prompt_batch import STEP, PromptBatch, merge
 
 
 def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
@@ -98,3 +98,65 @@ def test_a_split_that_takes_every_prompt_moves_the_caches_without_copying_them(e
     assert all(x is y for x, y in zip((c.keys for c in moved.prompt_cache), before, strict=True))
     assert len(batch) == 0 and batch.prompt_cache == [] and len(moved) == 1
     gen._currently_processing.clear()
+
+
+def test_merge_writes_into_the_buffers_reserved_for_it_when_they_fit():
+    ours, theirs, other = cache([0], [20], seed=1), cache([0], [20], seed=1), cache([0], [300], seed=2)
+    keys = mx.zeros((2, 2, other.keys.shape[2], 4))
+    mx.eval(keys)
+    # Keys reserved in the right shape, values in a wrong one (the batch changed since).
+    other.reserved = {"keys": keys, "values": mx.zeros((3, 2, other.keys.shape[2], 4))}
+    theirs.extend(copy.deepcopy(other))
+    merge([ours], [other])
+    assert ours.keys is keys  # written in place
+    for name in ("keys", "values", "offset", "left_padding"):
+        assert mx.array_equal(getattr(ours, name), getattr(theirs, name)).item(), name
+    assert "reserved" not in other.__dict__
+
+
+def long_prompt_beside_a_stream(engine, watch=None):
+    """A 700-word prompt read in budgeted chunks beside a decoding stream, to its 50 tokens at
+    temperature 0: its pieces. ``watch(gen, moved)`` is called before each step until it has
+    moved into the decoding batch, and once after (``moved`` True)."""
+    b = Batcher(engine, 4, 0, max_decode_stall_ms=500)
+    stream, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 10_000, "temperature": 0}))
+    for _ in range(3):
+        b.step()
+    words = " ".join(f"w{i % 97}" for i in range(700))
+    long, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 50, "temperature": 0}))
+    out, steps, decoding = [], 0, False
+    while True:
+        if watch is not None and not decoding:
+            decoding = long in b._gen._generation_batch.uids
+            watch(b._gen, decoding)
+        stepped = [s for s in b.step() if s.uid == long]
+        out += [(p.kind, p.payload) for s in stepped for p in s.pieces]
+        if any(s.finish is not None for s in stepped):
+            break
+        steps += 1
+        assert steps < 3000
+    b.cancel([stream])
+    return out
+
+
+def test_a_long_prompt_moves_into_buffers_made_in_the_steps_before(engine, monkeypatch):
+    reserved, moved = [], []
+
+    def watch(gen, decoding):
+        if decoding:
+            moved[:] = [(c.keys, c.values) for c in gen._generation_batch.prompt_cache]
+            return
+        caches = gen._prompt_batch.prompt_cache
+        if caches and all(len(c.__dict__.get("reserved", {})) == 2 for c in caches):
+            reserved[:] = [dict(c.reserved) for c in caches]
+
+    out = long_prompt_beside_a_stream(engine, watch)
+    # Made before the move, and moved into: right after it, the decoding batch's arrays are
+    # those buffers.
+    assert reserved, "no buffers were made ahead"
+    assert len(moved) == len(reserved)
+    for (keys, values), r in zip(moved, reserved):
+        assert keys is r["keys"] and values is r["values"]
+    # The text is what the same batch gives without buffers made ahead.
+    monkeypatch.setattr(PromptBatch, "reserve", lambda self, generation, steps_left: 0)
+    assert long_prompt_beside_a_stream(engine) == out
