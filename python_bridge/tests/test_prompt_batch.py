@@ -13,13 +13,20 @@ from pensieve_bridge.batch import Batcher
 from pensieve_bridge.prompt_batch import STEP, PromptBatch, merge
 
 
-def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
+def beside_a_stream(engine):
+    """A batcher with a stream decoding (three steps in) and a 700-word prompt just added, 50
+    tokens at temperature 0: ``(batcher, stream, long, the long prompt's tokens)``."""
     b = Batcher(engine, 4, 0, max_decode_stall_ms=500)
     stream, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 10_000, "temperature": 0}))
     for _ in range(3):
         b.step()
     words = " ".join(f"w{i % 97}" for i in range(700))
     long, n, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 50, "temperature": 0}))
+    return b, stream, long, n
+
+
+def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
+    b, stream, long, n = beside_a_stream(engine)
     assert n > 4 * STEP, n
     gen = b._gen
     buffers, chunks = set(), 0
@@ -118,12 +125,7 @@ def long_prompt_beside_a_stream(engine, watch=None):
     """A 700-word prompt read in budgeted chunks beside a decoding stream, to its 50 tokens at
     temperature 0: its pieces. ``watch(gen, moved)`` is called before each step until it has
     moved into the decoding batch, and once after (``moved`` True)."""
-    b = Batcher(engine, 4, 0, max_decode_stall_ms=500)
-    stream, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 10_000, "temperature": 0}))
-    for _ in range(3):
-        b.step()
-    words = " ".join(f"w{i % 97}" for i in range(700))
-    long, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": words}]}), json.dumps({"max_tokens": 50, "temperature": 0}))
+    b, stream, long, _ = beside_a_stream(engine)
     out, steps, decoding = [], 0, False
     while True:
         if watch is not None and not decoding:
