@@ -104,7 +104,7 @@ pub fn allocator_name() -> String {
         if wheel_purge().is_some() {
             return "jemalloc (preloaded)".into();
         }
-        if let Some(file) = ours.and_then(file_of) {
+        if let Some(file) = malloc_file() {
             return format!("preloaded from {file}");
         }
     }
@@ -118,6 +118,13 @@ fn current_malloc() -> Option<usize> {
     // SAFETY: dlsym over the global scope with a NUL-terminated name; nothing is loaded.
     let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
     (address != 0).then_some(address)
+}
+
+/// The file of the loaded object whose `malloc` this process uses (the wheel's extension
+/// module checks with it whether it was preloaded as the allocator).
+#[cfg(target_os = "linux")]
+pub fn malloc_file() -> Option<String> {
+    current_malloc().and_then(file_of)
 }
 
 /// The address of `malloc` as the already loaded library `lib` defines it.
@@ -140,7 +147,7 @@ fn malloc_in(lib: &str) -> Option<usize> {
 
 /// The file of the loaded object that holds `address`.
 #[cfg(target_os = "linux")]
-fn file_of(address: usize) -> Option<String> {
+pub fn file_of(address: usize) -> Option<String> {
     // SAFETY: dladdr fills `info` for an address inside a loaded object; `dli_fname` is then a
     // NUL-terminated string owned by the loader.
     unsafe {
@@ -162,8 +169,7 @@ fn wheel_purge() -> Option<unsafe extern "C" fn() -> bool> {
     if purge == 0 {
         return None;
     }
-    let malloc = current_malloc()?;
-    if file_of(malloc)? != file_of(purge)? {
+    if malloc_file()? != file_of(purge)? {
         return None;
     }
     // SAFETY: the wheel's library defines it as `extern "C" fn() -> bool`.

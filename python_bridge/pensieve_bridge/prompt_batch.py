@@ -85,6 +85,8 @@ class PromptBatch(PromptProcessingBatch):
         buffers it made."""
         if len(self.uids) != 1 or not len(generation) or steps_left < 0:
             return 0
+        if steps_left - AHEAD > 2 * len(self.prompt_cache):
+            return 0  # more steps left than buffers (two a layer) could ever be to make
         todo = []
         for a, b in zip(generation.prompt_cache, self.prompt_cache):
             if not _mergeable(a, b):
@@ -124,10 +126,10 @@ def merge(into: list, caches: list) -> None:
             a.extend(b)
             continue
         top = max(a._idx, b._idx)
-        size = max(a.keys.shape[2], b.keys.shape[2])
         sides = [(a, top - a._idx), (b, top - b._idx)]
         for name in ("keys", "values"):
             shape, dtype = _merged(a, b, name)
+            size = shape[2]
             out = reserved.pop(name, None)
             if out is None or tuple(out.shape) != shape or out.dtype != dtype:
                 out = mx.zeros(shape, dtype)

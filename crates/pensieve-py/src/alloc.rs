@@ -184,11 +184,9 @@ pub extern "C" fn pensieve_jemalloc_purge() -> bool {
 /// Whether this library's `malloc` is the process's (preloaded): then jemalloc's background
 /// thread is started, which gives freed pages back to the system while the server idles.
 pub fn start() -> bool {
-    // SAFETY: dlsym over the global scope with a NUL-terminated name.
-    let first = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
     // By file: `malloc`'s address taken here would be the global one too, whichever it is.
-    let here = crate::file_of(start as *const () as usize);
-    if first == 0 || here.is_none() || crate::file_of(first) != here {
+    let here = pensieve::alloc::file_of(start as *const () as usize);
+    if here.is_none() || pensieve::alloc::malloc_file() != here {
         return false;
     }
     let mut on = true;

@@ -9,10 +9,9 @@
 //! Until then nothing calls these functions. Linux only: on macOS MLX uses Accelerate.
 
 use std::ffi::{c_int, c_void, CStr, CString};
-
-use crate::file_of;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use pensieve::alloc::file_of;
 use pyo3::prelude::*;
 
 static SGEMM: AtomicUsize = AtomicUsize::new(0);
@@ -57,8 +56,8 @@ fn target(slot: &AtomicUsize, name: &CStr) -> usize {
 /// the first loaded object that defines it, with its dependencies (MLX's library, whose own
 /// reference BLAS answers it).
 fn next_definition(name: &CStr) -> usize {
-    let here = target as *const () as usize;
-    let ours = |address: usize| file_of(address).is_some_and(|f| Some(f) == file_of(here));
+    let here = file_of(target as *const () as usize);
+    let ours = |address: usize| here.is_some() && file_of(address) == here;
     // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT searches after this library.
     let next = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
     if next != 0 && !ours(next) {

@@ -18,20 +18,6 @@ mod blas;
 #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
 use tikv_jemalloc_sys as _;
 
-/// The file of the loaded object that holds `address`.
-#[cfg(target_os = "linux")]
-fn file_of(address: usize) -> Option<std::ffi::CString> {
-    // SAFETY: dladdr fills `info` for an address inside a loaded object; `dli_fname` is then a
-    // NUL-terminated string owned by the loader.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(address as *const std::ffi::c_void, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        Some(std::ffi::CStr::from_ptr(info.dli_fname).to_owned())
-    }
-}
-
 /// Runs the `pensieve` command line (`argv[0]` is the program's name); returns its exit status.
 #[pyfunction]
 fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<u8> {
