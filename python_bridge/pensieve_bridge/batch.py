@@ -294,6 +294,7 @@ class Batcher:
                 remaining = {uid: seq[2] - seq[1] for uid, seq in zip(gen._prompt_batch.uids, gen._currently_processing)}
                 remaining.update((seq[0], sum(len(s) for s in seq[1])) for seq in gen._unprocessed_sequences)
                 gen._prompt_batch.remaining = remaining
+                gen._prompt_batch.decoding = decoding
                 if len(remaining) == 1 and len(gen._generation_batch):
                     # One prompt, moving into the decoding batch after its last chunk: the
                     # buffers of that move are made in the steps before it.

@@ -49,7 +49,8 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .constrain import widen
-from .prompt_batch import merge, settle
+from .draft import MOST as DRAFT_MOST
+from .prompt_batch import grow_ahead, merge, settle
 
 #: n-gram lengths looked up, longest first.
 NGRAMS = (3, 2)
@@ -299,6 +300,7 @@ class SpeculativeBatch(GenerationBatch):
 
     def filter(self, keep):
         super().filter(keep)
+        settle(self.prompt_cache)
         self._lookups = [self._lookups[i] for i in keep]
         self._drafters = [self._drafters[i] for i in keep]
         unmasked(self.prompt_cache, len(self.uids))
@@ -307,6 +309,9 @@ class SpeculativeBatch(GenerationBatch):
         if not self.uids:
             return []
         spec = self.speculation
+        # The caches' growth, made ahead: taken before a step that could outgrow them (its
+        # token, and a draft from the prompt, a draft model or a grammar's forced run).
+        grow_ahead(self.prompt_cache, 1 if spec is None else 1 + max(spec.max_draft, FORCED, DRAFT_MOST))
         if spec is None:
             return super().next()
         on = spec.max_draft > 0 or spec.draft is not None

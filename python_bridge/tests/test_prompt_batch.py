@@ -9,6 +9,7 @@ import mlx.core as mx
 import pytest
 from conftest import add
 from mlx_lm.models.cache import BatchKVCache
+from pensieve_bridge import prompt_batch, speculate
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.prompt_batch import STEP, PromptBatch, merge
 
@@ -25,28 +26,37 @@ def beside_a_stream(engine):
     return b, stream, long, n
 
 
-def test_a_long_prompt_read_in_small_chunks_allocates_its_cache_once(engine):
+def test_a_long_prompt_read_in_small_chunks_beside_a_stream_grows_its_cache_once_into_a_buffer_made_ahead(engine):
     b, stream, long, n = beside_a_stream(engine)
     assert n > 4 * STEP, n
     gen = b._gen
-    buffers, chunks = set(), 0
+    buffers, ahead, chunks = [], set(), 0
     while b.prefill_progress([long])[0] < n:
         b.step()
         caches = [c for c in gen._prompt_batch.prompt_cache if isinstance(c, BatchKVCache) and c.keys is not None]
         if caches:
             chunks += 1
-            # The buffer, and its size: a growth would make a new one.
-            buffers.add((id(caches[0].keys), caches[0].keys.shape[2]))
+            # The buffer, and its size: a growth makes a new one.
+            if (buffer := (id(caches[0].keys), caches[0].keys.shape[2])) not in buffers:
+                buffers.append(buffer)
+            if "ahead" in caches[0].__dict__:
+                ahead.add(id(caches[0].ahead[0]))
         assert chunks < 2000
     assert chunks >= 8, chunks  # read in many chunks beside the stream
-    assert len(buffers) == 1, sorted(buffers, key=lambda x: x[1])  # 256 at a time would be ~n / 256
-    ((_, size),) = buffers
-    assert n - 1 <= size < n + STEP, (size, n)
+    # mlx-lm's step for the first chunk, then the rest of the prompt at once (256 at a time
+    # would be ~n / 256 buffers), into the buffer made ahead for it.
+    assert [size for _, size in buffers][:1] == [STEP] and len(buffers) == 2, buffers
+    assert buffers[1][0] in ahead
+    assert n - 1 <= buffers[1][1] < n + STEP, (buffers, n)
     # Decoding, in the generation batch: its growth step is mlx-lm's again.
     for _ in range(3):
         b.step()
     assert long in gen._generation_batch.uids
-    assert all("step" not in c.__dict__ for c in gen._generation_batch.prompt_cache)
+    # Its growth step is mlx-lm's again, and a buffer made ahead is for the decoding batch's
+    # own next growth (not the prompt's).
+    for c in gen._generation_batch.prompt_cache:
+        assert "step" not in c.__dict__
+        assert "ahead" not in c.__dict__ or prompt_batch._fits(c, c.ahead, c.keys.shape[2] + 1)
     b.cancel([stream, long])
 
 
@@ -162,3 +172,48 @@ def test_a_long_prompt_moves_into_buffers_made_in_the_steps_before(engine, monke
     # The text is what the same batch gives without buffers made ahead.
     monkeypatch.setattr(PromptBatch, "reserve", lambda self, generation, steps_left: 0)
     assert long_prompt_beside_a_stream(engine) == out
+
+
+def test_a_cache_grown_into_a_buffer_made_ahead_gives_the_same_text(engine, monkeypatch):
+    out = long_prompt_beside_a_stream(engine)
+    monkeypatch.setattr(prompt_batch, "_make_ahead", lambda c, left: None)
+    assert long_prompt_beside_a_stream(engine) == out
+
+
+def decoded_alone(engine, watch=None):
+    """One stream decoding 700 tokens at temperature 0 past two of its cache's growths: its
+    pieces. ``watch(gen)`` is called before each step."""
+    b = Batcher(engine, 4, 0)
+    uid, _, _ = add(b, json.dumps({"messages": [{"role": "user", "content": "hi"}]}), json.dumps({"max_tokens": 700, "temperature": 0}))
+    out = []
+    for _ in range(3000):
+        if watch is not None:
+            watch(b._gen)
+        stepped = [s for s in b.step() if s.uid == uid]
+        out += [(p.kind, p.payload) for s in stepped for p in s.pieces]
+        if any(s.finish is not None for s in stepped):
+            return out
+    raise AssertionError("the stream did not finish")
+
+
+def test_a_decoding_batch_grows_its_caches_into_buffers_made_ahead(engine, monkeypatch):
+    grown, taken, ahead = [], [], {}
+
+    def watch(gen):
+        caches = gen._generation_batch.prompt_cache
+        if not caches or caches[0].keys is None:
+            return
+        c = caches[0]
+        if grown and grown[-1][1] != c.keys.shape[2]:
+            taken.append(ahead.get("keys") is c.keys)
+        if not grown or grown[-1][1] != c.keys.shape[2]:
+            grown.append((id(c.keys), c.keys.shape[2]))
+        if "ahead" in c.__dict__:
+            ahead["keys"] = c.ahead[0]
+
+    out = decoded_alone(engine, watch)
+    # Two growths or more, each into the buffer made for it in the steps before.
+    assert len(taken) >= 2 and all(taken), (grown, taken)
+    # The text is what mlx-lm's own growth gives.
+    monkeypatch.setattr(speculate, "grow_ahead", lambda caches, most: None)
+    assert decoded_alone(engine) == out
