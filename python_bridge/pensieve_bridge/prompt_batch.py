@@ -131,10 +131,15 @@ class PromptBatch(PromptProcessingBatch):
                     todo.append((b, name, shape, dtype))
         if not todo or len(todo) < steps_left - AHEAD:
             return 0
-        made = todo[: -(-len(todo) // max(1, steps_left - AHEAD + 1))]
+        made = _this_step(todo, steps_left - AHEAD + 1)
         for b, name, shape, dtype in made:
             b.__dict__.setdefault("reserved", {})[name] = _written(shape, dtype)
         return len(made)
+
+
+def _this_step(todo: list, steps: int) -> list:
+    """The first of ``todo`` to make this step, to spread them over ``steps`` steps."""
+    return todo[: -(-len(todo) // max(1, steps))]
 
 
 def _written(shape, dtype):
@@ -151,10 +156,13 @@ def grow_ahead(caches: list, most: int) -> None:
     makes their next growth (mlx-lm's step, 256 positions) ahead, on :data:`SIDE`, spread over
     the steps from :data:`GROW_AHEAD` positions left. mlx-lm's growth is the same copy, into new
     buffers whose pages fault in the step that grows."""
-    kv = [c for c in caches if type(c) is BatchKVCache and c.keys is not None]
-    if not kv:
+    first = next((c for c in caches if type(c) is BatchKVCache and c.keys is not None), None)
+    if first is None:
         return
-    room = min(c.keys.shape[2] - c._idx for c in kv)  # the same for every layer
+    room = first.keys.shape[2] - first._idx  # the same for every layer: they grow together
+    if room > GROW_AHEAD and room >= most:
+        return  # most steps: nothing to make or take
+    kv = [c for c in caches if type(c) is BatchKVCache and c.keys is not None]
     if room < most:
         for c in kv:
             _take_ahead(c, most)
@@ -166,17 +174,14 @@ def _spread_ahead(caches: list, left: int, steps: int) -> None:
     """Makes ahead (:func:`_make_ahead`) the buffers of as many of ``caches`` as spreads those
     still to make over ``steps`` steps: one layer's page faults a step, not every layer's."""
     todo = [c for c in caches if c._idx + left > c.keys.shape[2] and not _fits(c, c.__dict__.get("ahead"), c._idx + left)]
-    for c in todo[: -(-len(todo) // max(1, steps))]:
+    for c in _this_step(todo, steps):
         _make_ahead(c, left)
 
 
 def _make_ahead(c, left: int) -> None:
-    """Makes, on :data:`SIDE`, the buffers cache ``c`` will need for ``left`` more positions,
-    unless it has room for them or they are made already."""
-    need = c._idx + left
-    if c.keys is None or need <= c.keys.shape[2] or _fits(c, c.__dict__.get("ahead"), need):
-        return
-    size = -(-need // STEP) * STEP
+    """Makes, on :data:`SIDE`, the buffers cache ``c`` will need for ``left`` more positions
+    (:func:`_spread_ahead` chose it: it has no room for them, nor buffers made for them)."""
+    size = -(-(c._idx + left) // STEP) * STEP
     c.ahead = tuple(_written((*x.shape[:2], size, x.shape[3]), x.dtype) for x in (c.keys, c.values))
 
 
