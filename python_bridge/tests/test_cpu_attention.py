@@ -1,4 +1,4 @@
-"""Attention in base 2 on the CPU gives MLX's own attention, within float32 rounding, for every
+"""Attention computed by numpy on the CPU gives MLX's own attention, within float32 rounding, for every
 shape and mask it serves, and hands the others to MLX's."""
 
 import mlx.core as mx
@@ -14,10 +14,13 @@ def random(*shape):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
-@pytest.mark.parametrize("n,length", [(1, 1), (1, 300), (5, 37), (8, 6500), (64, 200)])
+@pytest.mark.parametrize("n,length", [(1, 1), (1, 300), (5, 37), (8, 6500), (64, 200), (300, 700)])
 @pytest.mark.parametrize("mask", [None, "causal", "bool2", "bool4", "bool4heads"])
-def test_the_same_attention_as_mlx(heads, kv_heads, n, length, mask, monkeypatch):
-    monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)  # every size in base 2, small ones too
+@pytest.mark.parametrize("block", [32 << 20, 1])
+def test_the_same_attention_as_mlx(heads, kv_heads, n, length, mask, block, monkeypatch):
+    monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)  # every size by numpy, small ones too
+    # 1 byte: a block per query (a long prompt's chunk over a long context is cut into blocks)
+    monkeypatch.setattr(cpu_attention, "BLOCK_BYTES", block)
     mx.random.seed(heads * 1000 + n * 10 + length)
     b, d = 2, 16
     q, k, v = random(b, heads, n, d), random(b, kv_heads, length, d), random(b, kv_heads, length, d)
@@ -49,7 +52,7 @@ def test_a_query_with_every_position_masked_is_finite(monkeypatch):
 def test_what_it_does_not_serve_goes_to_mlx(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_attention, "_mlx", lambda *a, **kw: calls.append(kw) or "mlx")
-    length = cpu_attention.MIN_WORK  # enough work for base 2, unless something else says no
+    length = cpu_attention.MIN_WORK  # enough work for numpy, unless something else says no
     q, k, v = random(1, 2, 3, 8), random(1, 2, length, 8), random(1, 2, length, 8)
     assert not isinstance(attention(q, k, v, scale=1.0, mask="causal"), str)
     assert not isinstance(attention(q, k, v, scale=1.0), str)
@@ -58,6 +61,5 @@ def test_what_it_does_not_serve_goes_to_mlx(monkeypatch):
     assert attention(q, k, v, scale=1.0, sinks=mx.zeros((2,))) == "mlx"
     assert attention(q, k, v, scale=1.0, mask=mx.zeros((1, 1, 3, length))) == "mlx"  # additive
     assert attention(q, k, v, scale=1.0, mask=mx.ones((1, 2, 1, 3, length), dtype=mx.bool_)) == "mlx"
-    assert attention(random(1, 2, cpu_attention.MAX_QUERIES + 1, 8), k, v, scale=1.0) == "mlx"
     assert attention(q, k[:, :, :10], v[:, :, :10], scale=1.0) == "mlx"  # 3 × 10: little exp to save
-    assert len(calls) == 6
+    assert len(calls) == 5
