@@ -345,7 +345,7 @@ class Batcher:
     def _enforce_limit(self, out: list) -> None:
         """After a step: when MLX's peak went over the limit, the largest running generation
         ends with :attr:`Finish.MEMORY` and leaves the batch."""
-        peak = mx.get_peak_memory()
+        peak = self.engine.step_peak()
         if peak <= self._limit or not self._running:
             return
         uid, running = max(self._running.items(), key=lambda item: item[1].tokens)

@@ -14,7 +14,8 @@ numpy (the keys and values are views of the cache's), and computes the same atte
 scores by one matrix product, the softmax in place with numpy's vectorised ``exp`` (~2 ns an
 element here), the weighted sum by another, the division last. Equal to MLX's within float32
 rounding (1e-7 for heads of 16, 1e-6 for heads of 64). A long prompt's chunk is computed in
-blocks of queries, at most :data:`BLOCK_BYTES` of scores at once. :func:`install` puts it in
+blocks of queries, at most :data:`BLOCK_BYTES` of scores at once; MLX's memory counters do not
+see them, so :data:`peak` does (the memory limit's step peak, ``Engine.step_peak``). :func:`install` puts it in
 place of ``mx.fast.scaled_dot_product_attention`` on a CPU, where mlx-lm's models call it; it
 serves the cases where it is the same computation (float32, no attention sinks, no mask or a
 causal or boolean one) over enough work, :data:`MIN_WORK`, and hands every other call to MLX's
@@ -45,6 +46,9 @@ BLOCK_BYTES = 32 << 20
 #: model through ``generate_step``: 667 against 500 tokens/s at 512 positions, 541 against 501
 #: at 1,024, 420 against 470 at 2,048).
 MIN_WORK = 2048
+#: The most that MLX held and this module's arrays took at once since :func:`reset_peak`, in
+#: bytes: MLX's own peak does not see numpy's memory (the engine's step peak reads both).
+peak = 0
 #: What a masked position scores: finite, so that a row with every position masked (a padding
 #: query) gives finite values, as MLX's own attention does, not NaN.
 MASKED = float(mx.finfo(mx.float32).min)
@@ -70,6 +74,8 @@ def attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
     hidden = None if mask is None or isinstance(mask, str) else _hidden(np.asarray(mask), kv_heads, rep)
     out = np.empty((b, kv_heads, rep, n, values.shape[-1]), dtype=np.float32)
     per_block = max(1, BLOCK_BYTES // (4 * b * heads * length))
+    global peak
+    peak = max(peak, mx.get_active_memory() + out.nbytes + 4 * b * heads * min(n, per_block) * length)
     for first in range(0, n, per_block):
         last = min(n, first + per_block)
         m = last - first
@@ -117,6 +123,12 @@ def _hide(scores: np.ndarray, hidden: np.ndarray) -> None:
     if columns.size:
         lo, hi = columns[0], columns[-1] + 1
         np.copyto(scores[..., lo:hi], MASKED, where=hidden[..., lo:hi])
+
+
+def reset_peak() -> None:
+    """Restarts :data:`peak`."""
+    global peak
+    peak = 0
 
 
 def install() -> bool:

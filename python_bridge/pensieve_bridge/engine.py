@@ -169,14 +169,18 @@ class Engine:
     def memory(self) -> MemoryCounters:
         """``(active, cache, peak)`` bytes as MLX counts them; the peak since start-up, although
         the batcher resets MLX's own peak counter at every step it watches a memory limit."""
-        return MemoryCounters(
-            mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, mx.get_peak_memory())
-        )
+        return MemoryCounters(mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, self.step_peak()))
+
+    def step_peak(self) -> int:
+        """The peak since :meth:`reset_peak`: MLX's, or what MLX held and the numpy arrays of
+        attention on a CPU (:mod:`cpu_attention`) took at once, when that was more."""
+        return max(mx.get_peak_memory(), cpu_attention.peak)
 
     def reset_peak(self) -> None:
-        """Restarts MLX's peak counter, keeping the peak so far for :meth:`memory`."""
-        self.peak_before_reset = max(self.peak_before_reset, mx.get_peak_memory())
+        """Restarts the peak counters, keeping the peak so far for :meth:`memory`."""
+        self.peak_before_reset = max(self.peak_before_reset, self.step_peak())
         mx.reset_peak_memory()
+        cpu_attention.reset_peak()
 
 
 def max_token_bytes(tokenizer) -> int:

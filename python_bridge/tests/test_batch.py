@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import add, full, reference_generate, running
 from pensieve_bridge.batch import Batcher
 from pensieve_bridge.protocol import Added, Finish
@@ -103,17 +104,18 @@ def test_a_stop_sequence_stops_the_sequence_inside_the_batch_and_is_part_of_the_
     assert out[uid].endswith(stop) and text[uid].startswith(out[uid]), (out[uid], text[uid])
 
 
-def test_a_step_over_the_memory_limit_stops_the_largest_generation_and_no_other(engine, monkeypatch):
+@pytest.mark.parametrize("attention", ["numpy", "mlx"])
+def test_a_step_over_the_memory_limit_stops_the_largest_generation_and_no_other(engine, attention, monkeypatch):
     import mlx.core as mx
     from pensieve_bridge import cpu_attention
 
-    # Attention by MLX itself: the scores of a whole chunk are then MLX's memory, which the limit
-    # reads (cpu_attention's numpy scores are not, and are at most its BLOCK_BYTES).
-    monkeypatch.setattr(cpu_attention, "MIN_WORK", 1 << 62)
+    if attention == "mlx":  # the scores are MLX's memory, not numpy's (cpu_attention)
+        monkeypatch.setattr(cpu_attention, "MIN_WORK", 1 << 62)
     b = Batcher(engine, 4, 0)
     idle = mx.get_active_memory()
     # A short prompt peaks at well under 1 MB over the weights; a 2,000-token prefill at about
-    # 80 MB (attention scores and logits of a whole chunk).
+    # 80 MB with MLX's attention (its scores and logits of a whole chunk), over 32 MB with
+    # numpy's (a block of scores).
     b.set_memory_limit(idle + (16 << 20))
     short, _, _ = add(b, chat("hi"), json.dumps({"max_tokens": 40, "temperature": 0}))
     b.step()
