@@ -4,7 +4,7 @@ shape and mask it serves, and hands the others to MLX's."""
 import mlx.core as mx
 import pytest
 from pensieve_bridge import cpu_attention
-from pensieve_bridge.cpu_attention import attention
+from pensieve_bridge.cpu_attention import _served_mask, attention
 
 MLX = cpu_attention._mlx
 
@@ -63,3 +63,35 @@ def test_what_it_does_not_serve_goes_to_mlx(monkeypatch):
     assert attention(q, k, v, scale=1.0, mask=mx.ones((1, 2, 1, 3, length), dtype=mx.bool_)) == "mlx"
     assert attention(q, k[:, :, :10], v[:, :, :10], scale=1.0) == "mlx"  # 3 × 10: little exp to save
     assert len(calls) == 5
+
+
+def test_strided_queries_and_keys_and_values_cut_from_a_larger_buffer(monkeypatch):
+    # As in a model: queries transposed from (batch, n, heads, d), keys and values the first
+    # positions of a cache's buffer; numpy reads them in place, by their strides.
+    monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)
+    q = random(2, 7, 9, 16).transpose(0, 2, 1, 3)
+    k, v = random(2, 3, 300, 16)[:, :, :200], random(2, 3, 300, 16)[:, :, :200]
+    left = mx.broadcast_to(mx.arange(200)[None, None, None, :] >= mx.array([0, 50])[:, None, None, None], (2, 1, 7, 200))
+    for mask in (None, "causal", left):
+        ours, theirs = attention(q, k, v, scale=0.25, mask=mask), MLX(q, k, v, scale=0.25, mask=mask)
+        assert mx.allclose(ours, theirs, atol=1e-5, rtol=1e-4).item(), mx.abs(ours - theirs).max().item()
+
+
+def test_the_demo_model_says_the_same_after_a_long_prompt_with_either_attention(engine, monkeypatch):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    prompt = mx.array([(i * 7919) % 1000 + 10 for i in range(3000)])
+
+    def tokens():
+        steps = generate_step(prompt, engine.model, max_tokens=24, sampler=make_sampler(0.0), prompt_cache=make_prompt_cache(engine.model))
+        return [int(t) for t, _ in steps]
+
+    assert mx.fast.scaled_dot_product_attention is attention  # installed by the engine on a CPU
+    calls = []
+    monkeypatch.setattr(cpu_attention, "_served_mask", lambda *a: calls.append(_served_mask(*a)) or calls[-1])
+    ours = tokens()
+    assert calls and all(calls)  # numpy computed the prompt's chunks and the decoding steps
+    monkeypatch.setattr(cpu_attention, "MIN_WORK", 1 << 62)
+    assert ours == tokens()
