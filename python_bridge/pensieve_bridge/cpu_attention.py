@@ -15,12 +15,13 @@ scores by one matrix product, the softmax in place with numpy's vectorised ``exp
 element here), the weighted sum by another, the division last. Equal to MLX's within float32
 rounding (1e-7 for heads of 16, 1e-6 for heads of 64). A long prompt's chunk is computed in
 blocks of queries, at most :data:`BLOCK_BYTES` of scores at once; MLX's memory counters do not
-see them, so :data:`peak` does (the memory limit's step peak, ``Engine.step_peak``). :func:`install` puts it in
-place of ``mx.fast.scaled_dot_product_attention`` on a CPU, where mlx-lm's models call it; it
-serves the cases where it is the same computation (float32, no attention sinks, no mask or a
-causal or boolean one) over enough work, :data:`MIN_WORK`, and hands every other call to MLX's
-own. The evaluation it needs ends MLX's lazy graph at each layer: below ``MIN_WORK`` that costs
-more than it saves.
+see them, :data:`peak` does (the memory limit reads it: ``Engine.step_peak``).
+
+:func:`install` puts it in place of ``mx.fast.scaled_dot_product_attention`` on a CPU, where
+mlx-lm's models call it; it serves the cases where it is the same computation (float32, no
+attention sinks, no mask or a causal or boolean one) over enough work, :data:`MIN_WORK`, and
+hands every other call to MLX's own. The evaluation it needs ends MLX's lazy graph at each
+layer: below ``MIN_WORK`` that costs more than it saves.
 
 Measured on one layer here, ``mx.fast`` / base 2 / this, in ms (4 heads of 16; 9 query heads on
 3 KV heads of 64, SmolLM2's shape):
@@ -30,8 +31,10 @@ Measured on one layer here, ``mx.fast`` / base 2 / this, in ms (4 heads of 16; 9
 | 4 heads of 16 | 0.32 / 0.31 / 0.13 | 1.01 / 0.98 / 0.22 | 5.76 / 3.74 / 1.24 | 37.0 / 22.1 / 6.2 | 303 / 369 / 168 |
 | 9 on 3 heads of 64 | 1.10 / 0.69 / 0.39 | 3.61 / 2.14 / 1.11 | 15.9 / 9.2 / 4.3 | 89 / 88 / 25 | 762 / 912 / 333 |
 
-In a model, SmolLM2 through mlx-lm's ``generate_step`` (BENCHMARKS.md): a 6,000-token prompt
-read in 59 s instead of 147, and decoding at that context 8 tokens/s instead of 5.
+In a model, through mlx-lm's ``generate_step`` (BENCHMARKS.md, fifth pass): SmolLM2 reads a
+6,000-token prompt in 55 s instead of 148 in base 2 (which left full chunks to MLX). Decoding at
+that context gains little (8 tokens/s either way): one query's attention was cheap in base 2
+already, and each layer's evaluation costs about what numpy saves.
 """
 
 from __future__ import annotations
