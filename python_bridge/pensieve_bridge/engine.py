@@ -77,7 +77,7 @@ class Engine:
         self.tool_format = tool_format.detect(self.tokenizer, self.render_chat)
         self.identity = self._identity(gguf_file)
         if cpu_attention.install():
-            self.notes.append("attention's softmax in base 2 on the CPU (MLX's exp is scalar there)")
+            self.notes.append("attention over long contexts computed by numpy on the CPU (MLX's exp is scalar there)")
         self.clear_cache()
         settle()
 
