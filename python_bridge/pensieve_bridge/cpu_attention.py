@@ -74,7 +74,8 @@ def attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
     # Query heads that share a KV head side by side: (b, kv_heads, rep, n, d).
     queries = np.asarray(q).reshape(b, kv_heads, rep, n, d)
     keys, values = np.asarray(k).swapaxes(-1, -2), np.asarray(v)
-    hidden = None if mask is None or isinstance(mask, str) else _hidden(np.asarray(mask), kv_heads, rep)
+    causal = isinstance(mask, str)  # "causal", the one name served
+    hidden = _hidden(np.asarray(mask), kv_heads, rep) if isinstance(mask, mx.array) else None
     out = np.empty((b, kv_heads, rep, n, values.shape[-1]), dtype=np.float32)
     per_block = max(1, BLOCK_BYTES // (4 * b * heads * length))
     global peak
@@ -84,7 +85,7 @@ def attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
         m = last - first
         scores = np.matmul((queries[:, :, :, first:last] * np.float32(scale)).reshape(b, kv_heads, rep * m, d), keys)
         grid = scores.reshape(b, kv_heads, rep, m, length)
-        if mask is not None and hidden is None:  # causal: query i sees the context and the chunk's first i + 1
+        if causal:  # query i sees the context and the chunk's first i + 1
             tail = grid[..., length - n + first :]
             tail[..., np.triu(np.ones((m, n - first), dtype=bool), 1)] = MASKED
         elif hidden is not None:

@@ -167,8 +167,9 @@ class Engine:
         return mx.get_cache_memory()
 
     def memory(self) -> MemoryCounters:
-        """``(active, cache, peak)`` bytes as MLX counts them; the peak since start-up, although
-        the batcher resets MLX's own peak counter at every step it watches a memory limit."""
+        """``(active, cache, peak)`` bytes as MLX counts them, the peak with attention's numpy
+        arrays (:meth:`step_peak`); the peak since start-up, although the batcher resets the
+        peak counters at every step it watches a memory limit."""
         return MemoryCounters(mx.get_active_memory(), mx.get_cache_memory(), max(self.peak_before_reset, self.step_peak()))
 
     def step_peak(self) -> int:
