@@ -11,9 +11,10 @@ spread of 200 identical requests.
    end by curl). Tokens/s is output tokens over the time from the request to the last token (prefill
    included on both sides); prints the medians and the ratio pensieve / in-process.
 2. REQUESTS (default 200) identical non-streamed requests one after another: p50, p99 and the
-   maximum latency, and p99 / p50. Each is followed by the same generation in process, whose
-   own p99 / p50 is the machine's noise floor over the same minutes (a shared machine's speed
-   moves by a third for seconds at a time, and that alone puts p99 at 1.3-1.7x p50).
+   maximum latency, and p99 / p50. Each is followed by the same generation in process, and by
+   a fixed pure-Python loop of about the same length on one thread: their own p99 / p50 is the
+   machine's noise floor over the same minutes (a shared machine's speed moves by a third for
+   seconds at a time, and that alone puts p99 at 1.3-1.7x p50, for the loop too).
 
 The server runs with `backend.prompt_lookup_tokens` as configured (default 10): the demo
 model's text rarely repeats its prompt, so this is the cost of speculation where it does not
@@ -99,7 +100,8 @@ def main() -> None:
             print(f"single stream, {TOKENS} tokens, {rounds} alternating rounds (median tokens/s):")
             print(f"  pensieve over HTTP (SSE) {a:7.1f}   mlx-lm stream_generate in process {b:7.1f}   ratio {a / b:.2f}")
             print(f"  spread: HTTP {min(remote):.0f}-{max(remote):.0f}, in process {min(local):.0f}-{max(local):.0f}")
-            latencies, floor = [], []
+            latencies, floor, loop = [], [], []
+            size = _calibrate(over_http(base, False)[1])
             for _ in range(requests):
                 n, secs = over_http(base, False)
                 latencies.append(secs)
@@ -107,9 +109,10 @@ def main() -> None:
                 for _ in stream_generate(model, tokenizer, prompt, max_tokens=TOKENS, sampler=make_sampler(0.0)):
                     pass
                 floor.append(time.perf_counter() - t)
+                loop.append(_work(size))
             print(f"{requests} identical requests ({TOKENS} tokens, not streamed), one after another, each followed by")
-            print("the same generation in process (the noise floor):")
-            for name, xs in (("pensieve", latencies), ("in process", floor)):
+            print("the same generation in process and a fixed pure-Python loop (the noise floor):")
+            for name, xs in (("pensieve", latencies), ("in process", floor), ("loop", loop)):
                 xs.sort()
                 p50 = statistics.median(xs)
                 p99 = xs[min(len(xs) - 1, int(0.99 * len(xs)))]
@@ -119,6 +122,20 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
+
+
+def _work(size: int) -> float:
+    """Seconds of a fixed pure-Python loop of ``size`` iterations (one thread, no memory to speak of)."""
+    t, total = time.perf_counter(), 0
+    for i in range(size):
+        total += i * i
+    return time.perf_counter() - t
+
+
+def _calibrate(seconds: float) -> int:
+    """Iterations of :func:`_work` that take about ``seconds``."""
+    size = 100_000
+    return max(1, int(size * seconds / min(_work(size) for _ in range(5))))
 
 
 if __name__ == "__main__":
