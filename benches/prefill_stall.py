@@ -10,8 +10,9 @@ MODEL is `demo` (default) or a path (the SmolLM2 GGUF); PROMPT_WORDS 3,000 (~6,5
 of the demo model; 2,100 words are ~6,100 of SmolLM2).
 Each round starts one server per setting (alternating which goes first; prompt lookup off, so
 that drafts do not make the stream's tokens come in bursts), starts a stream at temperature 0
-that runs to its max_tokens, takes the median of its first 50 gaps ("alone"), then sends the
-long prompt (streamed) and records every gap between the running stream's tokens from the
+that runs to its max_tokens, takes the median of its first ALONE gaps (default 300; "alone")
+and their own longest (the machine's noise over as many gaps as the demo model's prompt
+takes), then sends the long prompt (streamed) and records every gap between the running stream's tokens from the
 moment the long prompt is sent until its first token arrives. Prints p50/p99/max gap, max
 against the gap alone, and the long prompt's TTFT per setting (medians over rounds); each
 round also says where its three longest gaps fall, counted back from the long prompt's first
@@ -39,6 +40,8 @@ import served
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target/release/pensieve"
 AFTER = int(os.environ.get("AFTER", "0"))
+#: Gaps the stream decodes alone before the long prompt is sent (the first 10 are not counted).
+ALONE = int(os.environ.get("ALONE", "300"))
 SETTINGS = dict(s.split("=") for s in os.environ.get("SETTINGS", "budget 500 ms=500,no budget=0").split(","))
 
 
@@ -77,7 +80,7 @@ def one_round(model: str, stall: str, prompt_words: int) -> tuple[list[float], f
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        while len(stamps) < 50:  # enough of a gap alone to take its median
+        while len(stamps) < ALONE + 11:  # its gap alone, and how far noise alone takes it
             if not t.is_alive():
                 raise SystemExit(f"the running stream ended after {len(stamps)} tokens, before the long prompt was sent")
             time.sleep(0.01)
@@ -100,8 +103,8 @@ def one_round(model: str, stall: str, prompt_words: int) -> tuple[list[float], f
         before = [s for s in stamps if s < sent]
         points = ([before[-1]] if before else [sent]) + window + ([first] if running_still else [])
         gaps = [b - a for a, b in zip(points, points[1:])]
-        alone = [b - a for a, b in zip(before, before[1:])]
-        return gaps, first - sent, running_still, statistics.median(alone), after
+        alone = [b - a for a, b in zip(before[10:], before[11:])]
+        return gaps, first - sent, running_still, (statistics.median(alone), max(alone)), after
     finally:
         proc.terminate()
         proc.wait()
@@ -116,17 +119,21 @@ def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "demo"
     prompt_words = int(sys.argv[2]) if len(sys.argv) > 2 else 3000  # ~6,000 tokens
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    results = {name: {"p50": [], "p99": [], "max": [], "ttft": [], "alone": [], "covered": 0, "after": []} for name in SETTINGS}
+    results = {
+        name: {"p50": [], "p99": [], "max": [], "ttft": [], "alone": [], "alone_max": [], "covered": 0, "after": []}
+        for name in SETTINGS
+    }
     for r in range(rounds):
         order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
         for name in order:
-            gaps, ttft, covered, alone, after = one_round(model, SETTINGS[name], prompt_words)
+            gaps, ttft, covered, (alone, alone_max), after = one_round(model, SETTINGS[name], prompt_words)
             res = results[name]
             if after:
                 res["after"].append((statistics.median(after), max(after)))
                 print(f"round {r} {name}: beside the long prompt decoding, {len(after)} gaps: p50 "
                       f"{statistics.median(after) * 1000:.1f} ms, max {max(after) * 1000:.1f} ms", flush=True)
             res["alone"].append(alone)
+            res["alone_max"].append(alone_max / alone)
             res["p50"].append(statistics.median(gaps))
             res["p99"].append(pct(gaps, 0.99))
             res["max"].append(max(gaps))
@@ -136,7 +143,7 @@ def main() -> None:
             # (1: the last gap, which ends with that token; n: the first, from the prompt's arrival).
             longest = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:3]
             where = ", ".join(f"{gaps[i] * 1000:.1f} ms at {len(gaps) - i}" for i in longest)
-            print(f"round {r} {name}: max gap {max(gaps):.3f} s, p50 {statistics.median(gaps):.4f} s, TTFT {ttft:.1f} s, "
+            print(f"round {r} {name}: alone p50 {alone * 1000:.2f} ms, its longest {alone_max / alone:.1f}x; max gap {max(gaps):.3f} s, p50 {statistics.median(gaps):.4f} s, TTFT {ttft:.1f} s, "
                   f"{len(gaps)} gaps, stream ran through: {covered}; longest (gaps before the first token): {where}",
                   flush=True)
     print(f"\n{model}, a {prompt_words}-word prompt arriving while a stream decodes ({rounds} rounds, medians):")
@@ -145,6 +152,8 @@ def main() -> None:
         print(f"  {name:14s} gap alone {med['alone'] * 1000:.1f} ms, while the prompt is read: p50 {med['p50']:.3f} s  "
               f"p99 {med['p99']:.3f} s  max {med['max']:.3f} s ({med['max'] / med['alone']:.0f}x alone)   "
               f"long prompt TTFT {med['ttft']:.2f} s   (stream ran through {res['covered']}/{rounds})")
+        print(f"  {'':14s} p50 {med['p50'] / med['alone']:.1f}x alone, p99 {med['p99'] / med['alone']:.1f}x; "
+              f"alone, its own longest gap over {ALONE} gaps: {med['alone_max']:.1f}x its median (the noise)")
         if res["after"]:
             p50, longest = (statistics.median(x) for x in zip(*res["after"]))
             print(f"  {'':14s} then beside it decoding: p50 {p50 * 1000:.1f} ms, max {longest * 1000:.1f} ms ({longest / p50:.1f}x p50)")
