@@ -40,8 +40,10 @@ import served
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target/release/pensieve"
 AFTER = int(os.environ.get("AFTER", "0"))
-#: Gaps the stream decodes alone before the long prompt is sent (the first 10 are not counted).
+#: Gaps the stream decodes alone before the long prompt is sent, counted after its first SKIP.
 ALONE = int(os.environ.get("ALONE", "300"))
+#: The stream's first gaps, left out of its gap alone (its start, at the shortest context).
+SKIP = 10
 SETTINGS = dict(s.split("=") for s in os.environ.get("SETTINGS", "budget 500 ms=500,no budget=0").split(","))
 
 
@@ -80,7 +82,7 @@ def one_round(model: str, stall: str, prompt_words: int) -> tuple[list[float], f
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        while len(stamps) < ALONE + 11:  # its gap alone, and how far noise alone takes it
+        while len(stamps) < SKIP + ALONE + 1:  # its gap alone, and how far noise alone takes it
             if not t.is_alive():
                 raise SystemExit(f"the running stream ended after {len(stamps)} tokens, before the long prompt was sent")
             time.sleep(0.01)
@@ -103,7 +105,7 @@ def one_round(model: str, stall: str, prompt_words: int) -> tuple[list[float], f
         before = [s for s in stamps if s < sent]
         points = ([before[-1]] if before else [sent]) + window + ([first] if running_still else [])
         gaps = [b - a for a, b in zip(points, points[1:])]
-        alone = [b - a for a, b in zip(before[10:], before[11:])]
+        alone = [b - a for a, b in zip(before[SKIP:], before[SKIP + 1 :])]
         return gaps, first - sent, running_still, (statistics.median(alone), max(alone)), after
     finally:
         proc.terminate()
